@@ -1,0 +1,194 @@
+"""SIDTrie and trie-constrained beam search on a tiny random Llama (no tokenizer: ints only)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from ttds_ray.decoding import BeamResult, SIDTrie, beam_search
+
+torch.set_num_threads(1)
+
+N_LEVELS, N_CODES, FIRST_SID_ID = 3, 8, 100  # level l code k -> vocab id 100 + l*8 + k (ids 100..123)
+LEVEL_TOKEN_IDS = FIRST_SID_ID + torch.arange(N_LEVELS * N_CODES).view(N_LEVELS, N_CODES)  # (M, K)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharper than the 0.02-std init, so rankings are not near-ties
+        model.model.embed_tokens.weight.normal_(0.0, 1.0)
+    return model
+
+
+def random_codes(n_items: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    flat = rng.choice(N_CODES ** N_LEVELS, size=n_items, replace=False)  # distinct SIDs
+    return np.stack([flat // N_CODES ** 2, flat // N_CODES % N_CODES, flat % N_CODES], axis=1).astype(np.int64)
+
+
+def random_prompts(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (B, T) ids in [0, 100) and their mask."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.int64)
+    attention_mask = torch.zeros(len(lengths), width, dtype=torch.int64)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length:] = torch.randint(0, 100, (length,), generator=gen)
+        attention_mask[row, width - length:] = 1
+    return input_ids, attention_mask
+
+
+def brute_force_scores(model, prompt: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
+    """Summed log-probs of every item's M SID tokens after `prompt` (1-D, unpadded): float `(N,)`."""
+    sid_ids = LEVEL_TOKEN_IDS[torch.arange(N_LEVELS), torch.from_numpy(codes)]  # (N, M)
+    seqs = torch.cat([prompt.expand(len(codes), -1), sid_ids], dim=1)  # (N, T + M)
+    with torch.no_grad():
+        logp = model(input_ids=seqs).logits.float().log_softmax(-1)  # (N, T + M, V)
+    t = prompt.numel()
+    picked = logp[:, t - 1: t - 1 + N_LEVELS].gather(2, sid_ids.unsqueeze(-1)).squeeze(-1)  # (N, M)
+    return picked.sum(dim=1)
+
+
+def test_trie_never_emits_unknown_sid(tiny_llama):
+    codes = random_codes(40, seed=1)
+    trie = SIDTrie(codes, LEVEL_TOKEN_IDS)
+    catalogue = {tuple(row) for row in codes.tolist()}
+    for seed in range(3):
+        input_ids, attention_mask = random_prompts([5, 9, 3, 7], seed=seed)
+        result = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=10)
+        assert isinstance(result, BeamResult)
+        assert result.item_idx.shape == (4, 10) and result.scores.shape == (4, 10)
+        assert result.item_idx.dtype == torch.int64 and result.scores.dtype == torch.float32
+        for items, scores in zip(result.item_idx.tolist(), result.scores):
+            assert all(0 <= i < 40 for i in items)
+            assert all(tuple(codes[i].tolist()) in catalogue for i in items)
+            assert len(set(items)) == len(items)
+            assert torch.isfinite(scores).all() and (scores[:-1] >= scores[1:]).all()
+
+
+def test_beam_search_with_w_ge_n_items_matches_brute_force(tiny_llama):
+    codes = random_codes(12, seed=2)
+    trie = SIDTrie(codes, LEVEL_TOKEN_IDS)
+    input_ids, attention_mask = random_prompts([6, 4], seed=5)
+    result = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=16)
+    assert result.item_idx.shape == (2, 12)  # W' = min(W, n_items)
+    for row in range(2):
+        prompt = input_ids[row][attention_mask[row].bool()]
+        expected = brute_force_scores(tiny_llama, prompt, codes)  # (N,)
+        order = torch.argsort(expected, descending=True)
+        assert result.item_idx[row].tolist() == order.tolist()
+        torch.testing.assert_close(result.scores[row], expected[order], atol=1e-4, rtol=0)
+
+
+def test_left_padding_does_not_change_results(tiny_llama):
+    trie = SIDTrie(random_codes(40, seed=3), LEVEL_TOKEN_IDS)
+    batch_ids, batch_mask = random_prompts([4, 11], seed=7)  # row 0 is left-padded by 7
+    alone = beam_search(tiny_llama, trie, batch_ids[:1, -4:], batch_mask[:1, -4:], n_beams=8)
+    batched = beam_search(tiny_llama, trie, batch_ids, batch_mask, n_beams=8)
+    assert batched.item_idx[0].tolist() == alone.item_idx[0].tolist()
+    torch.testing.assert_close(batched.scores[0], alone.scores[0], atol=1e-4, rtol=0)
+
+
+def test_left_padding_keeps_absolute_positions():
+    """Llama's RoPE is blind to a constant position shift, so the test above cannot catch a
+    missing `position_ids`; GPT-2's learned absolute positions do (0.18 nats off without them)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight.normal_(0.0, 1.0)
+    trie = SIDTrie(random_codes(40, seed=3), LEVEL_TOKEN_IDS)
+    batch_ids, batch_mask = random_prompts([4, 11], seed=7)
+    alone = beam_search(model, trie, batch_ids[:1, -4:], batch_mask[:1, -4:], n_beams=8)
+    batched = beam_search(model, trie, batch_ids, batch_mask, n_beams=8)
+    assert batched.item_idx[0].tolist() == alone.item_idx[0].tolist()
+    torch.testing.assert_close(batched.scores[0], alone.scores[0], atol=1e-4, rtol=0)
+
+
+def test_beam_search_works_through_peft(tiny_llama):
+    peft = pytest.importorskip("peft")
+    trie = SIDTrie(random_codes(12, seed=4), LEVEL_TOKEN_IDS)
+    input_ids, attention_mask = random_prompts([3, 5], seed=9)
+    plain = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=5)
+    lora = peft.get_peft_model(tiny_llama, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    try:  # LoRA B is zero-initialised, so the wrapped model must give the same beams
+        wrapped = beam_search(lora, trie, input_ids, attention_mask, n_beams=5)
+    finally:
+        lora.unload()
+    assert wrapped.item_idx.tolist() == plain.item_idx.tolist()
+    torch.testing.assert_close(wrapped.scores, plain.scores, atol=1e-5, rtol=0)
+
+
+def test_trie_masks_and_steps_follow_the_catalogue():
+    codes = np.array([[0, 1, 2], [0, 1, 3], [5, 0, 0]])
+    trie = SIDTrie(codes, LEVEL_TOKEN_IDS)
+    assert trie.n_items == 3 and trie.n_nodes == 1 + 2 + 2 + 3
+    root = trie.root_nodes(2)
+    assert trie.allowed(root)[0].nonzero().view(-1).tolist() == [0, 5]
+    node = trie.step(root, torch.tensor([0, 4]))  # code 4 leads nowhere
+    assert node[1] == -1 and not trie.allowed(node)[1].any()
+    node = trie.step(trie.step(node, torch.tensor([1, 0])), torch.tensor([3, 0]))
+    assert trie.item_of_leaf(node).tolist() == [1, -1]
+    assert trie.item_of_leaf(root).tolist() == [-1, -1]  # inner node is not an item
+
+
+def test_trie_rejects_duplicate_sids_naming_them():
+    codes = np.array([[1, 2, 3], [4, 5, 6], [1, 2, 3]])
+    with pytest.raises(ValueError, match=r"\(1, 2, 3\) -> items \[0, 2\]"):
+        SIDTrie(codes, LEVEL_TOKEN_IDS)
+
+
+def test_trie_rejects_bad_codes_and_shapes():
+    with pytest.raises(ValueError, match="outside"):
+        SIDTrie(np.array([[0, 8, 0]]), LEVEL_TOKEN_IDS)
+    with pytest.raises(ValueError, match="outside"):
+        SIDTrie(np.array([[0, -1, 0]]), LEVEL_TOKEN_IDS)
+    with pytest.raises(ValueError, match="shape"):
+        SIDTrie(np.array([[0, 1]]), LEVEL_TOKEN_IDS)
+    with pytest.raises(ValueError, match="same vocab id"):
+        SIDTrie(np.array([[0, 1, 2]]), torch.zeros(3, 8, dtype=torch.int64))
+    trie = SIDTrie(np.array([[0, 1, 2]]), LEVEL_TOKEN_IDS)
+    with pytest.raises(ValueError, match=r"\(0, 1, 2\) -> items \[0, 1\]"):
+        trie.add_items(np.array([[0, 1, 2]]))  # clashes with an existing item
+    assert trie.n_items == 1
+
+
+def test_add_items_makes_cold_start_item_reachable(tiny_llama):
+    codes = random_codes(12, seed=6)
+    trie = SIDTrie(codes, LEVEL_TOKEN_IDS)
+    catalogue = {tuple(row) for row in codes.tolist()}
+    new_code = next((a, b, c) for a in range(8) for b in range(8) for c in range(8) if (a, b, c) not in catalogue)
+    new_idx = trie.add_items(np.array([new_code]))
+    assert new_idx.tolist() == [12] and trie.n_items == 13
+    input_ids, attention_mask = random_prompts([5], seed=11)
+    result = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=13)  # exhaustive
+    assert sorted(result.item_idx[0].tolist()) == list(range(13))
+    all_codes = np.concatenate([codes, np.array([new_code])])
+    expected = brute_force_scores(tiny_llama, input_ids[0], all_codes)
+    pos = result.item_idx[0].tolist().index(12)
+    torch.testing.assert_close(result.scores[0, pos], expected[12], atol=1e-4, rtol=0)
+
+
+def test_beam_search_rejects_right_padding(tiny_llama):
+    trie = SIDTrie(random_codes(5, seed=0), LEVEL_TOKEN_IDS)
+    input_ids = torch.tensor([[5, 6, 0]])
+    with pytest.raises(ValueError, match="LEFT-padded"):
+        beam_search(tiny_llama, trie, input_ids, torch.tensor([[1, 1, 0]]), n_beams=3)
+
+
+def test_more_beams_than_codes_per_level(tiny_llama):
+    """W > K: level-1 keeps all K prefixes, later levels fill up to W' = min(W, n_items)."""
+    codes = random_codes(40, seed=8)
+    trie = SIDTrie(codes, LEVEL_TOKEN_IDS)
+    input_ids, attention_mask = random_prompts([6], seed=3)
+    result = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=30)
+    assert result.item_idx.shape == (1, 30)
+    assert (result.item_idx >= 0).all() and len(set(result.item_idx[0].tolist())) == 30
+    expected = brute_force_scores(tiny_llama, input_ids[0], codes)
+    torch.testing.assert_close(result.scores[0], expected[result.item_idx[0]], atol=1e-4, rtol=0)

