@@ -131,9 +131,12 @@ def train_step(model: SASRec, opt: torch.optim.Optimizer, batch: dict) -> float:
     seq = torch.as_tensor(batch["seq"], dtype=torch.long, device=device)
     target = torch.as_tensor(batch["target"], dtype=torch.long, device=device)
     model.train()
-    hidden = model(seq)                                                    # (B, T, D)
-    logits = model.score_all(hidden.reshape(-1, hidden.shape[-1]))        # (B*T, N)
-    loss = F.cross_entropy(logits, target.reshape(-1), ignore_index=PAD)
+    start = int((seq != PAD).any(0).long().argmax())   # drop all-padding columns (pure speed-up)
+    seq, target = seq[:, start:], target[:, start:]                        # (B, T')
+    has_target = target != PAD                                             # (B, T')
+    assert has_target.any(), "batch has no targets"
+    hidden = model(seq)[has_target]                                        # (P, D), P real targets
+    loss = F.cross_entropy(model.score_all(hidden), target[has_target])    # softmax over (P, N)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -152,7 +152,7 @@ def fit_tower(cfg: TokenizerConfig, tcfg: TowerConfig, s: np.ndarray, c: np.ndar
                     pool[l].append(residuals[l].detach())
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
-            sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             n_batches += 1
         mean_terms = {k: v / n_batches for k, v in sums.items()}
         if epoch >= warmup and epoch < cfg.epochs - 1:

@@ -1,0 +1,58 @@
+"""Config loading: strict keys, typed values, dotted overrides, shipped YAML files validate."""
+from pathlib import Path
+
+import pytest
+
+from ttds_ray.config import ConfigError, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    p = _write(tmp_path, "data: {path: x}\ntokenizer:\n  item: {codebok_size: 8}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "tokenizer.item.codebok_size" in str(e.value)
+    assert "tokenizer.item.codebook_size" in str(e.value)
+    assert str(p) in str(e.value)
+
+
+def test_all_errors_are_reported_together(tmp_path):
+    p = _write(tmp_path, "data: {path: x, kcore: -1}\nllm: {lr: abc}\nbogus: 1\n")
+    msg = str(pytest.raises(ConfigError, load_config, p).value)
+    assert "data.kcore" in msg and "llm.lr" in msg and "bogus" in msg
+
+
+def test_overrides_are_typed_and_dotted(tmp_path):
+    p = _write(tmp_path, "data: {path: x}\n")
+    cfg = load_config(p, ["llm.lr=1e-4", "eval.max_users=7", "tokenizer.item.n_levels=2", "eval.ks=[1,3]"])
+    assert cfg.llm.lr == 1e-4 and cfg.eval.max_users == 7 and cfg.tokenizer.item.n_levels == 2
+    assert cfg.eval.ks == (1, 3)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["llm.lr"])
+    with pytest.raises(ConfigError, match="llm.lrr"):
+        load_config(p, ["llm.lrr=1"])
+
+
+def test_missing_file_and_missing_required_key(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="missing required key 'data'"):
+        load_config(_write(tmp_path, "seed: 1\n"))
+
+
+def test_tiny_backbone_refuses_lora(tmp_path):
+    with pytest.raises(ConfigError, match="finetune=full"):
+        load_config(_write(tmp_path, "data: {path: x}\nllm: {backbone: tiny, finetune: lora}\n"))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.data.path

@@ -1,0 +1,93 @@
+"""seqrec samples: windows, labels, and no validation/test target ever reaching training inputs."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from ttds_ray import cf, data
+from ttds_ray.config import TasksConfig
+from ttds_ray.tasks import PromptPieces, build_eval_prompts, build_seqrec_samples, collate, seqrec_windows
+from ttds_ray.towers import user_semantic_embeddings
+
+
+class FakeTok:
+    """Character-level stand-in: one id per character (ids 1000+ord)."""
+    def encode(self, text, add_special_tokens=False):
+        return [1000 + ord(ch) for ch in text]
+
+
+def test_windows_cover_sequence_and_respect_max_history():
+    w = seqrec_windows(45, max_history=20, stride=10, loss_on="all_items")
+    assert w[0] == (24, 45) and w[-1][0] == 0
+    assert all(e - s <= 21 for s, e in w)
+    assert seqrec_windows(4, max_history=2, stride=1, loss_on="target") == [(0, 2), (0, 3), (1, 4)]
+
+
+def test_labels_all_items_vs_target():
+    item_tokens = np.arange(30).reshape(10, 3) + 500          # item i -> 3 token ids
+    pieces = PromptPieces(((([7, 8]), [9]),))
+    seqs = [[1, 2, 3]]
+    dense = build_seqrec_samples(seqs, item_tokens, None, pieces, TasksConfig(), max_history=20, seed=0)
+    assert dense == [{"input_ids": [7, 8, 9] + list(range(503, 512)), "labels": [-100] * 3 + list(range(503, 512))}]
+    tgt = build_seqrec_samples(seqs, item_tokens, None, pieces, TasksConfig(seqrec_loss_on="target"),
+                               max_history=20, seed=0)
+    assert [s["labels"][-3:] for s in tgt] == [[506, 507, 508], [509, 510, 511]]
+    assert all(sum(l != -100 for l in s["labels"]) == 3 for s in tgt)
+
+
+def _raw(rows):
+    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    inter["order"] = np.arange(len(inter))
+    items = pd.DataFrame({"item_id": sorted(inter["item_id"].unique())})
+    items["title"] = "t " + items["item_id"]
+    items["text"] = items["title"]
+    return data.RawData(inter, items)
+
+
+def _training_inputs(raw):
+    prep = data.prepare(raw, kcore=0, seed=0)
+    splits = data.split_leave_one_out(prep.sequences)
+    train = [t.tolist() for t in splits.train_items]
+    n = len(prep.items)
+    item_tokens = np.arange(n * 2).reshape(n, 2) + 100
+    user_tokens = np.arange(len(train) * 2).reshape(-1, 2) + 900
+    samples = build_seqrec_samples(train, item_tokens, user_tokens, PromptPieces.build(FakeTok()), TasksConfig(),
+                                   max_history=20, seed=0)
+    text = np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32)
+    user_s = user_semantic_embeddings(text, train)
+    batches = list(cf.make_training_batches(train, 8, 4, np.random.default_rng(0)))
+    return splits, samples, user_s, batches
+
+
+def test_changing_a_test_or_valid_item_leaves_every_training_input_identical():
+    rows = [(u, it, t) for u, seq in {"a": "pqrst", "b": "qrsp", "c": "rstq", "d": "stpqr", "e": "tpq"}.items()
+            for t, it in enumerate(seq)]
+    base = _training_inputs(_raw(rows))
+    for changed in (rows[:4] + [("a", "q", 4)] + rows[5:],    # user a's test item t -> q
+                    rows[:3] + [("a", "p", 3)] + rows[4:]):   # user a's valid item s -> p
+        other = _training_inputs(_raw(changed))
+        assert other[1] == base[1]                                      # seqrec samples
+        assert other[2].tobytes() == base[2].tobytes()                  # user semantic inputs
+        assert all((x["seq"] == y["seq"]).all() and (x["target"] == y["target"]).all()
+                   for x, y in zip(other[3], base[3]))                   # SASRec batches
+        assert not (other[0].test_target == base[0].test_target).all() or \
+            not (other[0].valid_target == base[0].valid_target).all()   # the change is real
+
+
+def test_no_sample_contains_a_heldout_target_position():
+    """Every sample is a window of train_items: its item tokens match a contiguous slice of them."""
+    rows = [(f"u{u}", f"i{(u * 7 + t) % 13}", t) for u in range(6) for t in range(9)]
+    splits, samples, _, _ = _training_inputs(_raw(rows))
+    for s in samples:
+        assert all(l == -100 or l >= 100 for l in s["labels"])
+    n_tokens = sum(sum(1 for l in s["labels"] if l != -100) for s in samples)
+    assert n_tokens > 0
+
+
+def test_eval_prompt_uses_last_history_items_and_collate_left_pads():
+    item_tokens = np.arange(20).reshape(10, 2) + 500
+    pieces = PromptPieces((([1], [2]),))
+    p = build_eval_prompts([[1, 2, 3]], item_tokens, np.array([[900, 901]]), pieces, TasksConfig(), max_history=2)
+    assert p == [[1, 900, 901, 2, 504, 505, 506, 507]]
+    b = collate([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}], pad_id=0, max_length=10)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
