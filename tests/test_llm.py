@@ -42,9 +42,10 @@ def test_sid_tokens_are_atomic_and_survive_save_load(tok_and_vocab, tmp_path):
     assert torch.equal(llm.sid_vocab_from_tokenizer(back, 3, 8, 2, 4).item_token_ids, vocab.item_token_ids)
 
 
-def test_lora_step_trains_the_new_token_rows(tok_and_vocab):
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_one_step_trains_the_new_token_rows_only(tok_and_vocab, finetune):
     tok, vocab, base = tok_and_vocab
-    cfg = LLMConfig(**TINY, finetune="lora", lr=1e-2, warmup_steps=0)
+    cfg = LLMConfig(**TINY, finetune=finetune, lr=1e-2, warmup_steps=0)
     model = _model(cfg, base, tok, vocab)
     emb = lambda: model.get_input_embeddings()(vocab.item_token_ids.flatten()).detach().clone()  # noqa: E731
     before = emb()

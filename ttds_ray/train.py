@@ -47,9 +47,9 @@ def init_ray(cfg: TTDSConfig) -> None:
     addr = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
     if addr:
-        ray.init(address=addr, runtime_env=env, log_to_driver=False)
+        ray.init(address=addr, runtime_env=env)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, log_to_driver=False, runtime_env=env)
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, runtime_env=env)
 
 
 def _threads(cfg: TTDSConfig) -> None:
@@ -66,6 +66,14 @@ def _trainer(loop, cfg: TTDSConfig, run: RunDir, stage: str, *, num_workers: int
         run_config=RunConfig(name=f"{stage}-{cfg.hash()}", storage_path=str((run.root / "ray_results").resolve()),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
+
+
+def _progress(stage: str, metrics: dict) -> None:
+    """One progress line from rank 0 (reaches the driver's console through Ray's log forwarding)."""
+    if ray.train.get_context().get_world_rank() == 0:
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                         if not k.startswith(("rec_", "s_", "c_")))
+        print(f"[{stage}] {shown}", flush=True)
 
 
 def _report(metrics: dict, files: dict[str, bytes] | None = None) -> None:
@@ -170,6 +178,7 @@ def _cf_loop(config: dict) -> None:
         losses = [cf.train_step(model, opt, b) for b in
                   cf.make_training_batches(seqs, cfg.cf.max_len, cfg.cf.batch_size, rng)]
         metrics = {"epoch": epoch, "loss": float(np.mean(losses))}
+        _progress("cf", metrics)
         if epoch % every == every - 1 or epoch == cfg.cf.epochs - 1:
             base = getattr(model, "module", model)
             _report(metrics, {"model.safetensors": _state_bytes(base.state_dict()),
@@ -215,6 +224,7 @@ def _tokenizer_loop(config: dict) -> None:
 
         def on_epoch(epoch, terms, name=name):
             if epoch % every == every - 1:
+                _progress(f"tokenizer/{name}", {"epoch": epoch, **terms})
                 _report({"tower": name, "epoch": epoch, **terms})
 
         tower = towers.fit_tower(cfg.tokenizer, tcfg, x[f"{name}_s"], x[f"{name}_c"], seed=cfg.seed,
@@ -319,6 +329,7 @@ def _llm_loop(config: dict) -> None:
     base = getattr(model, "module", model)
     meta = {"backbone": cfg.llm.backbone, "finetune": cfg.llm.finetune, "base_vocab_size": base_vocab,
             "vocab_size": len(tok)}
+    t_start, start_step = time.time(), step
     for epoch in range(start_epoch, cfg.llm.epochs):
         ep_losses = []
         for batch in shard.iter_batches(batch_size=cfg.llm.batch_size, batch_format="numpy",
@@ -329,6 +340,9 @@ def _llm_loop(config: dict) -> None:
             ep_losses.append(llm.train_step(model, opt, sched, b, sid_ids=sid_ids))
             losses.append(ep_losses[-1])
             step += 1
+            if step % 50 == 0:
+                _progress("llm", {"epoch": epoch, "step": f"{step}/{total}", "loss": float(np.mean(losses[-50:])),
+                                  "sec_per_step": round((time.time() - t_start) / (step - start_step), 3)})
             if step >= total:
                 break
         metrics = {"epoch": epoch, "step": step, "loss": float(np.mean(ep_losses)) if ep_losses else None}

@@ -1,0 +1,103 @@
+"""End to end: jobs/train.py on a small real slice (Scientific, 300 users), and its refusals of bad input."""
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SHARED_DATA
+
+REPO = Path(__file__).resolve().parents[1]
+SCI = SHARED_DATA / "amazon_scientific_lcrec"
+
+
+def _slice(tmp_path: Path, n_users: int = 300) -> Path:
+    inter = json.loads(gzip.open(SCI / "Scientific.inter.json.gz").read())
+    items = json.loads(gzip.open(SCI / "Scientific.item.json.gz").read())
+    keep = {u: inter[u] for u in list(inter)[:n_users]}
+    used = {str(i) for seq in keep.values() for i in seq}
+    d = tmp_path / "sci300"
+    d.mkdir()
+    (d / "Sci.inter.json").write_text(json.dumps(keep))
+    (d / "Sci.item.json").write_text(json.dumps({k: v for k, v in items.items() if k in used}))
+    return d
+
+
+def _config(tmp_path: Path, data_path: Path, extra: str = "") -> Path:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"""
+name: e2e
+output_dir: {tmp_path / 'runs'}
+data: {{path: {data_path}, kcore: 0}}
+cf: {{epochs: 2}}
+tokenizer: {{epochs: 6, item: {{n_levels: 3, codebook_size: 16, latent_dim: 8, hidden_dim: 32}},
+            user: {{n_levels: 2, codebook_size: 8, latent_dim: 8, hidden_dim: 32}}}}
+llm: {{backbone: tiny, finetune: full, loss_vocab: sid, tiny_hidden: 32, tiny_layers: 1, tiny_heads: 2,
+      epochs: 1, max_steps: 8, batch_size: 8}}
+eval: {{max_users: 30, batch_size: 16}}
+ray: {{num_cpus: 2, torch_threads: 1}}
+{extra}
+""")
+    return cfg
+
+
+def _run(cfg: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(cfg), *overrides],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
+
+
+@pytest.mark.slow
+def test_train_job_end_to_end_on_real_slice(tmp_path):
+    cfg = _config(tmp_path, _slice(tmp_path))
+    res = _run(cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs" / "e2e"
+    for stage in ("data", "embeddings", "cf", "tokenizer", "llm", "eval"):
+        assert (run / stage / "MANIFEST.json").is_file(), stage
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["n_users_evaluated"] == 30 and m["n_users_total"] == 300
+    for model in ("TTDS", "SASRec", "Popularity"):
+        assert 0.0 <= m["models"][model]["HR@10"] <= 1.0 and m["models"][model]["n_users"] == 30
+    assert (run / "llm" / "loss.png").stat().st_size > 1000
+    assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
+    import pyarrow.parquet as pq
+    sids = pq.read_table(run / "tokenizer" / "item_sids.parquet").column("sid").to_pylist()
+    assert len(sids) == len(set(sids)) == m["n_items"]
+    ranked = np.stack(pq.read_table(run / "eval" / "rankings.parquet").column("ranked").to_numpy(zero_copy_only=False))
+    assert ranked.shape == (30, 20) and ranked.min() >= 0 and ranked.max() < m["n_items"]
+    # a second call finds every stage complete and only re-reads the metrics
+    again = _run(cfg)
+    assert again.returncode == 0 and "already complete" in again.stderr
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "missing_path", "wrong_format", "empty_history",
+                                  "item_without_text"])
+def test_bad_input_stops_before_training_with_one_clear_message(tmp_path, case):
+    data_path = _slice(tmp_path, n_users=20)
+    extra, overrides, expect = "", [], ""
+    if case == "unknown_key":
+        overrides, expect = ["llm.loss_vocabb=sid"], "llm.loss_vocabb"
+    elif case == "missing_path":
+        overrides, expect = [f"data.path={tmp_path / 'nowhere'}"], "nowhere"
+    elif case == "wrong_format":
+        (data_path / "Sci.inter.json").write_text("[1, 2, 3]")
+        expect = "Sci.inter.json"
+    elif case == "empty_history":
+        inter = json.loads((data_path / "Sci.inter.json").read_text())
+        inter[next(iter(inter))] = []
+        (data_path / "Sci.inter.json").write_text(json.dumps(inter))
+        expect = "Sci.inter.json"
+    elif case == "item_without_text":
+        items = json.loads((data_path / "Sci.item.json").read_text())
+        del items[next(iter(items))]
+        (data_path / "Sci.item.json").write_text(json.dumps(items))
+        expect = "Sci.item.json"
+    res = _run(_config(tmp_path, data_path, extra), *overrides)
+    assert res.returncode == 2, res.stderr[-2000:]
+    err = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and expect in res.stderr, res.stderr[-2000:]
+    run = tmp_path / "runs" / "e2e"
+    assert not run.exists()
