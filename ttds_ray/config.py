@@ -84,6 +84,9 @@ class TokenizerConfig(_Section):
     tau: float = Field(0.1, gt=0, description="InfoNCE temperature.")
     code_temp: float = Field(1.0, gt=0, description="t in P_l(k|z) = softmax(-||r-e_k||^2 / t).")
     kmeans_iters: int = Field(20, ge=1, description="k-means iterations for codebook initialisation.")
+    final_kmeans_refit: bool = Field(True, description="Refit the codebooks by k-means on the final latents "
+                                     "before export (jointly trained codebooks drift with dead-code re-seeding; "
+                                     "see docs/DESIGN-NOTES.md).")
     sinkhorn_iters: int = Field(50, ge=1, description="Sinkhorn iterations of the balanced last level.")
     sinkhorn_eps: float = Field(0.05, gt=0, description="Entropic regularisation of Sinkhorn, relative to the "
                                 "median distance.")

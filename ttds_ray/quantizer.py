@@ -18,23 +18,48 @@ class CollisionError(ValueError):
     """Two items would share a semantic ID and no free code is left under their prefix."""
 
 
-def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, generator: torch.Generator | None = None
-           ) -> torch.Tensor:
-    """Lloyd's k-means. ``x`` float ``(N, D)`` -> centroids ``(k, D)``; empty clusters get a random point."""
+def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, generator: torch.Generator | None = None,
+           n_init: int = 4) -> torch.Tensor:
+    """Best of ``n_init`` runs (lowest inertia) of :func:`_kmeans_once`."""
+    best, best_inertia = None, float("inf")
+    for _ in range(n_init):
+        cent = _kmeans_once(x, k, iters=iters, generator=generator)
+        inertia = float(torch.cdist(x, cent).min(1).values.pow(2).sum())
+        if inertia < best_inertia:
+            best, best_inertia = cent, inertia
+    return best
+
+
+def _kmeans_once(x: torch.Tensor, k: int, *, iters: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Lloyd's k-means with greedy k-means++ seeding (Arthur & Vassilvitskii 2007).
+
+    ``x`` float ``(N, D)`` -> centroids ``(k, D)``. Empty clusters are re-seeded on the point
+    farthest from its centroid. With fewer points than codes, the extra centroids are jittered copies.
+    """
     n = x.shape[0]
-    idx = torch.randperm(n, generator=generator)[: min(k, n)]
-    cent = x[idx].clone()
-    if k > n:  # fewer points than codes: duplicate with jitter
+    if k >= n:
         extra = x[torch.randint(n, (k - n,), generator=generator)]
-        cent = torch.cat([cent, extra + 1e-3 * torch.randn(extra.shape, generator=generator)])
+        return torch.cat([x.clone(), extra + 1e-3 * torch.randn(extra.shape, generator=generator)])
+    cent = x[torch.randint(n, (1,), generator=generator)].clone()
+    d2 = torch.cdist(x, cent).pow(2).squeeze(1)                       # (N,) distance to nearest seed
+    trials = 2 + int(np.log(k))                                        # greedy k-means++ (as scikit-learn)
+    for _ in range(1, k):
+        p = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
+        cand = x[torch.multinomial(p, trials, replacement=True, generator=generator)]   # (trials, D)
+        new_d2 = torch.minimum(d2[None], torch.cdist(cand, x).pow(2))  # (trials, N)
+        best = int(new_d2.sum(1).argmin())
+        cent = torch.cat([cent, cand[best:best + 1]])
+        d2 = new_d2[best]
     for _ in range(iters):
-        assign = torch.cdist(x, cent).argmin(1)                        # (N,)
+        dist = torch.cdist(x, cent)                                    # (N, k)
+        assign = dist.argmin(1)
         sums = torch.zeros_like(cent).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=k).float()
-        empty = counts == 0
-        cent = torch.where(empty[:, None], cent, sums / counts.clamp(min=1)[:, None])
-        if empty.any():
-            cent[empty] = x[torch.randint(n, (int(empty.sum()),), generator=generator)]
+        cent = torch.where((counts > 0)[:, None], sums / counts.clamp(min=1)[:, None], cent)
+        empty = (counts == 0).nonzero().flatten()
+        if len(empty):
+            far = dist.gather(1, assign[:, None]).squeeze(1).topk(len(empty)).indices
+            cent[empty] = x[far]
     return cent
 
 
@@ -146,19 +171,22 @@ def unique_codes(codes: np.ndarray, last_cost: np.ndarray, *, sinkhorn_iters: in
                  ) -> tuple[np.ndarray, dict]:
     """Make item semantic IDs unique (DESIGN §1.3).
 
-    The last level is assigned by balanced optimal transport (Sinkhorn) over the catalogue, then
-    each remaining collision is resolved deterministically: within a group of items sharing a full
-    ID, the item with the highest transport mass keeps the code; the others, in order of decreasing
-    mass then item index, move to the nearest code still free under their (L−1)-prefix.
+    Items are grouped by their (L−1)-prefix. In every group whose greedy last-level codes collide,
+    the last level is re-assigned by balanced optimal transport (Sinkhorn, uniform marginals over
+    the group's items and the K codes, as LC-Rec's uniform semantic mapping, applied per prefix so
+    that it targets collisions). Any collision left is resolved deterministically: the item with
+    the highest transport mass keeps the code; the others, by decreasing mass then item index,
+    move to the nearest code still free under their prefix.
 
     Args:
-        codes: int64 ``(N, L)`` greedy codes (the last column is replaced).
+        codes: int64 ``(N, L)`` greedy codes.
         last_cost: float ``(N, K)`` squared distance of each item's last residual to each code.
         item_names: optional raw ids used in error messages.
 
     Returns:
-        ``(codes (N, L) int64 unique rows, stats)``; stats has ``collisions_greedy`` (items that
-        share their greedy ID with an earlier item), ``collisions_sinkhorn`` and ``collisions_final`` (0).
+        ``(codes (N, L) int64 unique rows, stats)``; stats counts items that share their ID with an
+        earlier item after each step: ``collisions_greedy``, ``collisions_sinkhorn`` (before the
+        deterministic resolver) and ``collisions_final`` (always 0).
 
     Raises:
         CollisionError: more items share an (L−1)-prefix than there are codes K; names the prefix.
@@ -170,9 +198,8 @@ def unique_codes(codes: np.ndarray, last_cost: np.ndarray, *, sinkhorn_iters: in
         return int(n - len(np.unique(c, axis=0)))
 
     stats = {"collisions_greedy": n_dup(codes)}
-    prefixes = [tuple(r) for r in codes[:, :-1].tolist()]
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(prefixes):
+    for i, p in enumerate(map(tuple, codes[:, :-1].tolist())):
         groups[p].append(i)
     for p, members in groups.items():
         if len(members) > k:
@@ -180,25 +207,28 @@ def unique_codes(codes: np.ndarray, last_cost: np.ndarray, *, sinkhorn_iters: in
             raise CollisionError(
                 f"{len(members)} items share the semantic-ID prefix {p} but the last level has only "
                 f"K={k} codes (e.g. items {ex}); raise tokenizer.item.codebook_size or n_levels")
-    plan = sinkhorn(torch.as_tensor(last_cost, dtype=torch.float64), iters=sinkhorn_iters, eps=sinkhorn_eps
-                    ).numpy()                                          # (N, K)
     out = codes.copy()
-    out[:, -1] = plan.argmax(1)
+    mass = np.zeros(n)
+    for members in groups.values():
+        idx = np.asarray(members)
+        if len(idx) > 1 and len(np.unique(codes[idx, -1])) < len(idx):
+            plan = sinkhorn(torch.as_tensor(last_cost[idx], dtype=torch.float64), iters=sinkhorn_iters,
+                            eps=sinkhorn_eps).numpy()                 # (n_group, K)
+            out[idx, -1] = plan.argmax(1)
+            mass[idx] = plan.max(1)
     stats["collisions_sinkhorn"] = n_dup(out)
-    for p, members in groups.items():
+    for members in groups.values():
         taken: dict[int, int] = {}
-        order = sorted(members, key=lambda i: (-plan[i, out[i, -1]], i))
         losers = []
-        for i in order:
-            c = int(out[i, -1])
-            if c in taken:
+        for i in sorted(members, key=lambda i: (-mass[i], i)):
+            if int(out[i, -1]) in taken:
                 losers.append(i)
             else:
-                taken[c] = i
+                taken[int(out[i, -1])] = i
         for i in losers:
-            free = [c for c in np.argsort(last_cost[i], kind="stable") if int(c) not in taken]
-            out[i, -1] = free[0]
-            taken[int(free[0])] = i
+            free = next(int(c) for c in np.argsort(last_cost[i], kind="stable") if int(c) not in taken)
+            out[i, -1] = free
+            taken[free] = i
     stats["collisions_final"] = n_dup(out)
     assert stats["collisions_final"] == 0, "collision resolver left duplicates"
     return out, stats

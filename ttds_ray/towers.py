@@ -7,6 +7,7 @@ Dimensions: N entities, B batch, D_s / D_c input dims, Z latent, L levels, K cod
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -161,6 +162,8 @@ def fit_tower(cfg: TokenizerConfig, tcfg: TowerConfig, s: np.ndarray, c: np.ndar
         if on_epoch is not None:
             on_epoch(epoch, mean_terms)
     tower.eval()
+    if cfg.final_kmeans_refit:
+        tower.rq.kmeans_init(tower.latent(s_t, c_t), iters=cfg.kmeans_iters, seed=seed)
     return tower
 
 
@@ -229,8 +232,35 @@ class SIDTable:
         return table
 
 
+@torch.no_grad()
+def encode_codes(tower: Tower, s: np.ndarray, c: np.ndarray, *, batch_size: int | None = None,
+                 order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy RQ codes and last-level squared distances of every entity, in float64.
+
+    The result does not depend on ``batch_size`` or on the ``order`` entities are visited in
+    (a permutation of 0..N-1): each row is computed independently in float64 and stored at its index.
+
+    Returns:
+        ``codes`` int64 ``(N, L)``; ``last_cost`` float64 ``(N, K)``.
+    """
+    n = len(s)
+    order = np.arange(n) if order is None else np.asarray(order)
+    bs = batch_size or n
+    t64 = copy.deepcopy(tower).double().eval()
+    codes = np.zeros((n, tower.rq.n_levels), dtype=np.int64)
+    cost = np.zeros((n, tower.rq.codebook_size), dtype=np.float64)
+    for start in range(0, n, bs):
+        idx = order[start:start + bs]
+        z = t64.latent(torch.as_tensor(s[idx], dtype=torch.float64), torch.as_tensor(c[idx], dtype=torch.float64))
+        cd, last = t64.rq.encode(z)
+        codes[idx] = cd.numpy()
+        cost[idx] = ((last[:, None, :] - t64.rq.codebooks[-1][None]) ** 2).sum(-1).numpy()
+    return codes, cost
+
+
 def export_item_sids(tower: Tower, s: np.ndarray, c: np.ndarray, cfg: TokenizerConfig,
-                     item_names: list[str] | None = None) -> tuple[SIDTable, dict]:
+                     item_names: list[str] | None = None, *, batch_size: int | None = None,
+                     order: np.ndarray | None = None) -> tuple[SIDTable, dict]:
     """Unique item IDs: greedy RQ codes, Sinkhorn-balanced last level, deterministic resolver.
 
     Returns:
@@ -239,10 +269,8 @@ def export_item_sids(tower: Tower, s: np.ndarray, c: np.ndarray, cfg: TokenizerC
     Raises:
         CollisionError: a prefix holds more items than K (names the prefix).
     """
-    z = tower.latent(torch.as_tensor(s), torch.as_tensor(c))
-    codes, last_res = tower.rq.encode(z)
-    cost = torch.cdist(last_res.double(), tower.rq.codebooks[-1].detach().double()).pow(2).numpy()
-    out, stats = unique_codes(codes.numpy(), cost, sinkhorn_iters=cfg.sinkhorn_iters,
+    codes, cost = encode_codes(tower, s, c, batch_size=batch_size, order=order)
+    out, stats = unique_codes(codes, cost, sinkhorn_iters=cfg.sinkhorn_iters,
                               sinkhorn_eps=cfg.sinkhorn_eps, item_names=item_names)
     table = SIDTable(out.astype(np.int64), tower.rq.codebook_size)
     assert table.n_shared() == 0, "item semantic IDs are not unique at export"
@@ -252,9 +280,8 @@ def export_item_sids(tower: Tower, s: np.ndarray, c: np.ndarray, cfg: TokenizerC
 
 def export_user_sids(tower: Tower, s: np.ndarray, c: np.ndarray) -> tuple[SIDTable, dict]:
     """User IDs (greedy RQ codes; may be shared). Stats include ``shared_share``."""
-    z = tower.latent(torch.as_tensor(s), torch.as_tensor(c))
-    codes, _ = tower.rq.encode(z)
-    table = SIDTable(codes.numpy().astype(np.int64), tower.rq.codebook_size)
+    codes, _ = encode_codes(tower, s, c)
+    table = SIDTable(codes, tower.rq.codebook_size)
     stats = {"shared_share": table.n_shared() / max(1, len(table.codes))}
     stats.update(code_usage(table.codes, table.codebook_size))
     return table, stats
@@ -286,3 +313,20 @@ def load_tower(path: Path, d_s: int, d_c: int, tcfg: TowerConfig) -> Tower:
     tower = Tower(d_s, d_c, tcfg)
     tower.load_state_dict(st_load(Path(path).read_bytes()))
     return tower.eval()
+
+
+@torch.no_grad()
+def reconstruction_errors(tower: Tower, s: np.ndarray, c: np.ndarray) -> dict[str, float]:
+    """Per-modality reconstruction MSE (standardised units) over all entities, eval mode.
+
+    Keys: ``rec_{s,c}_{fused,quant,from_s,from_c}``: decoded from the fused posterior mean, from the
+    quantized latent, and from each single-modality mean (cross-modal).
+    """
+    s_t, c_t = tower.normalise(torch.as_tensor(s), torch.as_tensor(c))
+    q_s, q_c, q = tower.vae.encode(s_t, c_t)
+    z_q, _, _, _ = tower.rq(q.mu, beta=0.0)
+    out = {}
+    for name, z in (("fused", q.mu), ("quant", z_q), ("from_s", q_s.mu), ("from_c", q_c.mu)):
+        rs, rc = tower.vae.reconstruction(z, s_t, c_t)
+        out[f"rec_s_{name}"], out[f"rec_c_{name}"] = float(rs), float(rc)
+    return out

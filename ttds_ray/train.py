@@ -25,6 +25,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from . import cf, data, embeddings, llm, tasks, towers
+from .plots import plot_code_usage, plot_curve, plot_terms
 from .artifacts import RunDir, atomic_write_bytes, read_json, write_json
 from .config import ConfigError, TTDSConfig, config_from_dict
 
@@ -214,15 +215,18 @@ def tower_inputs(run: RunDir) -> dict[str, np.ndarray]:
 
 
 def _tokenizer_loop(config: dict) -> None:
-    """Ray Train worker: fit the item tower, then the user tower; checkpoint both."""
+    """Ray Train worker: fit the item tower, then the user tower; checkpoint both and the loss history."""
     cfg = config_from_dict(config["cfg"])
     _threads(cfg)
     x = tower_inputs(RunDir(config["run_dir"]))
-    files = {}
+    files, history = {}, {}
     for name, tcfg in (("item", cfg.tokenizer.item), ("user", cfg.tokenizer.user)):
         every = max(1, cfg.tokenizer.epochs // 10)
+        history[name] = {}
 
         def on_epoch(epoch, terms, name=name):
+            for k, v in terms.items():
+                history[name].setdefault(k, []).append(v)
             if epoch % every == every - 1:
                 _progress(f"tokenizer/{name}", {"epoch": epoch, **terms})
                 _report({"tower": name, "epoch": epoch, **terms})
@@ -230,18 +234,18 @@ def _tokenizer_loop(config: dict) -> None:
         tower = towers.fit_tower(cfg.tokenizer, tcfg, x[f"{name}_s"], x[f"{name}_c"], seed=cfg.seed,
                                  on_epoch=on_epoch)
         files[f"{name}_tower.safetensors"] = _state_bytes(tower.state_dict())
+    files["history.json"] = json.dumps(history).encode()
     _report({"tower": "done"}, files)
 
 
 def stage_tokenizer(cfg: TTDSConfig, run: RunDir) -> None:
-    """Train the twin towers (Ray Train, 1 worker), export unique item IDs and user IDs."""
+    """Train the twin towers (Ray Train, 1 worker), export unique item IDs and user IDs + diagnostics."""
     prepared, _ = _splits(run)
     result = _trainer(_tokenizer_loop, cfg, run, "tokenizer", num_workers=1).fit()
     files = _ckpt_files(result.checkpoint)
+    history = json.loads(files["history.json"])
     x = tower_inputs(run)
-    hist = result.metrics_dataframe
     with run.write_stage("tokenizer", config_hash=cfg.hash()) as (d, numbers):
-        tables = {}
         for name, tcfg in (("item", cfg.tokenizer.item), ("user", cfg.tokenizer.user)):
             tower = towers.Tower(x[f"{name}_s"].shape[1], x[f"{name}_c"].shape[1], tcfg)
             tower.load_state_dict(_load_state(files[f"{name}_tower.safetensors"]))
@@ -255,13 +259,18 @@ def stage_tokenizer(cfg: TTDSConfig, run: RunDir) -> None:
                 table, stats = towers.export_user_sids(tower, x["user_s"], x["user_c"])
                 ids = prepared.sequences["user_id"].tolist()
             table.save(d / f"{name}_sids.parquet", ids, prefix="i" if name == "item" else "u")
+            stats["n_entities"] = len(table.codes)
+            stats["sid_sha256"] = table.content_hash()
+            stats.update(towers.reconstruction_errors(tower, x[f"{name}_s"], x[f"{name}_c"]))
+            stats["final_terms"] = {k: v[-1] for k, v in history[name].items() if v}
             numbers[name] = stats
-            tables[name] = table.content_hash()
-        numbers["sid_sha256"] = tables
+            plot_code_usage(table.codes, table.codebook_size, d / f"{name}_code_usage.png",
+                            title=f"{name} tower: entities per code")
+            plot_terms(history[name], d / f"{name}_losses.png", title=f"{name} tower loss terms")
         write_json(d / "tokenizer_stats.json", numbers)
-        if hist is not None and len(hist):
-            hist.to_csv(d / "tokenizer_history.csv", index=False)
-    log.info("tokenizer: %s", json.dumps(numbers))
+        write_json(d / "history.json", history)
+    log.info("tokenizer: %s", json.dumps({k: {m: v[m] for m in ("codes_used", "entropy") if m in v}
+                                          for k, v in numbers.items()}))
 
 
 def load_sid_tables(run: RunDir) -> tuple[towers.SIDTable, towers.SIDTable]:
@@ -382,30 +391,6 @@ def stage_llm(cfg: TTDSConfig, run: RunDir) -> None:
         write_json(d / "losses.json", losses)
         plot_curve(losses, d / "loss.png", title=f"LLM training loss ({cfg.llm.backbone})", ylabel="NLL (nats/token)")
     log.info("llm: %d steps, final loss %.4f", len(losses), np.mean(losses[-20:]) if losses else float("nan"))
-
-
-def plot_curve(values: list[float], path: Path, *, title: str, ylabel: str) -> None:
-    """Line plot (raw + moving average) saved as PNG, atomically."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    v = np.asarray(values, dtype=float)
-    ax.plot(v, lw=0.6, alpha=0.4, label="step")
-    if len(v) >= 10:
-        k = max(2, len(v) // 50)
-        ax.plot(np.arange(k - 1, len(v)), np.convolve(v, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
-    ax.set(title=title, xlabel="optimiser step", ylabel=ylabel)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- stage: eval
