@@ -58,6 +58,11 @@ def test_training_windows_targets_are_next_items_and_never_padding():
     win = training_windows(seqs, max_len=4)
     np.testing.assert_array_equal(win["seq"], [[-1, -1, 5, 6], [6, 7, 8, 9]])
     np.testing.assert_array_equal(win["target"], [[-1, -1, 6, 7], [7, 8, 9, 10]])
+    strided = training_windows(seqs, max_len=4, stride=4)  # user 3's history cut into 3 windows
+    np.testing.assert_array_equal(strided["seq"], [[-1, -1, 5, 6], [6, 7, 8, 9], [2, 3, 4, 5],
+                                                   [-1, -1, 0, 1]])
+    np.testing.assert_array_equal(strided["target"], [[-1, -1, 6, 7], [7, 8, 9, 10], [3, 4, 5, 6],
+                                                      [-1, -1, 1, 2]])
     rng = np.random.default_rng(0)
     batches = list(make_training_batches(seqs, 4, 1, rng))
     assert len(batches) == 2

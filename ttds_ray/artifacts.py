@@ -92,8 +92,12 @@ class RunDir:
             raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
         return self.root / stage
 
-    def is_complete(self, stage: str) -> bool:
-        return (self.stage_dir(stage) / "MANIFEST.json").is_file()
+    def is_complete(self, stage: str, config_hash: str | None = None) -> bool:
+        """True if the stage finished (and, if ``config_hash`` is given, was built from that config)."""
+        path = self.stage_dir(stage) / "MANIFEST.json"
+        if not path.is_file():
+            return False
+        return config_hash is None or read_json(path).get("config_hash") == config_hash
 
     def manifest(self, stage: str) -> dict:
         return read_json(self.require(stage) / "MANIFEST.json")

@@ -16,6 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ttds-ray: train, evaluate and manage TTDS generative recommenders on Ray.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: fetch public data into the local cache.")
 app.add_typer(data_app, name="data")
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Semantic-ID tokenizer (twin towers) diagnostics.")
+app.add_typer(tokenizer_app, name="tokenizer")
 
 
 def _fail(e: Exception) -> None:
@@ -36,7 +38,7 @@ def _metrics_table(metrics: dict) -> str:
 @app.command()
 def train(config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/)."),
           overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. llm.lr=1e-4 eval.max_users=100"),
-          overwrite: bool = typer.Option(False, help="Rebuild a run directory made by a different config."),
+          overwrite: bool = typer.Option(False, help="Rebuild every stage, even those already finished with the same settings."),
           stop_after: Optional[str] = typer.Option(None, help="Stop after this stage (data|embeddings|cf|tokenizer|llm)."),
           ) -> None:
     """Run the main job: data -> embeddings -> SASRec -> twin towers -> LoRA LLM -> eval."""
@@ -87,6 +89,51 @@ def show_metrics(run_dir: Path = typer.Argument(..., help="A run directory (runs
         _fail(FileNotFoundError(f"{path} does not exist; the run has not finished its eval stage"))
     metrics = json.loads(path.read_text())
     typer.echo(_metrics_table(metrics))
+
+
+def tokenizer_report_table(stats: dict) -> str:
+    """Markdown table of ``tokenizer/tokenizer_stats.json``: one column per tower."""
+    towers = [t for t in ("item", "user") if t in stats]
+
+    def fmt(v):
+        if isinstance(v, list):
+            return " / ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in v)
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    rows = [("entities", "n_entities"), ("codes used per level", "codes_used"),
+            ("normalised entropy per level", "entropy"), ("collisions, greedy", "collisions_greedy"),
+            ("collisions, after Sinkhorn", "collisions_sinkhorn"), ("collisions, final", "collisions_final"),
+            ("share of users with a shared ID", "shared_share"),
+            ("recon MSE s (fused / quantized)", ("rec_s_fused", "rec_s_quant")),
+            ("recon MSE c (fused / quantized)", ("rec_c_fused", "rec_c_quant")),
+            ("cross-modal recon MSE s<-c / c<-s", ("rec_s_from_c", "rec_c_from_s"))]
+    for term in ("align_inst", "align_dist", "align_code", "kl", "rq"):
+        rows.append((f"final {term}", ("final_terms", term)))
+    lines = ["| | " + " | ".join(towers) + " |", "|---" * (len(towers) + 1) + "|"]
+    for label, key in rows:
+        cells = []
+        for t in towers:
+            st = stats[t]
+            if isinstance(key, tuple) and key[0] == "final_terms":
+                v = st.get("final_terms", {}).get(key[1], "-")
+            elif isinstance(key, tuple):
+                v = [st[k] for k in key] if all(k in st for k in key) else "-"
+            else:
+                v = st.get(key, "-")
+            cells.append(fmt(v))
+        if any(c != "-" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@tokenizer_app.command("report")
+def tokenizer_report(run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>).")) -> None:
+    """Print the tokenizer diagnostics of a run: code usage, entropy, collisions, reconstruction, alignment."""
+    path = run_dir / "tokenizer" / "tokenizer_stats.json"
+    if not path.is_file():
+        _fail(FileNotFoundError(f"{path} does not exist; the run has not finished its tokenizer stage"))
+    typer.echo(tokenizer_report_table(json.loads(path.read_text())))
+    typer.echo(f"plots: {run_dir / 'tokenizer'}/{{item,user}}_code_usage.png, {{item,user}}_losses.png")
 
 
 def main() -> None:

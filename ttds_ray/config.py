@@ -148,6 +148,11 @@ class RayConfig(_Section):
                               "last checkpoint (FailureConfig).")
 
 
+#: Config sections each pipeline stage reads, in stage order (see TTDSConfig.stage_hash).
+STAGE_SECTIONS_ORDER = ("data", "embeddings", "cf", "tokenizer", "llm", "eval")
+STAGE_SECTIONS = (("data",), ("embeddings",), ("cf",), ("tokenizer",), ("llm", "tasks"), ("eval",))
+
+
 class TTDSConfig(_Section):
     """The whole run. YAML mirrors this nesting; overrides are dotted (``llm.lr=1e-4``)."""
     name: str = Field("ttds", description="Run name; the run directory is <output_dir>/<name>.")
@@ -178,8 +183,18 @@ class TTDSConfig(_Section):
         return self.model_dump(mode="json")
 
     def hash(self) -> str:
-        """sha256 (first 12 hex) of the resolved config, for manifests."""
+        """sha256 (first 12 hex) of the resolved config."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def stage_hash(self, stage: str) -> str:
+        """sha256 (first 12 hex) of the config sections ``stage`` and every upstream stage read.
+
+        A finished stage is reused when this hash matches its manifest, so changing ``llm.lr``
+        retrains the LLM and re-evaluates but keeps data, embeddings, SASRec and the towers.
+        """
+        d = self.to_dict()
+        keys = ["seed"] + [k for s in STAGE_SECTIONS[:STAGE_SECTIONS_ORDER.index(stage) + 1] for k in s]
+        return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

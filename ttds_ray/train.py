@@ -64,7 +64,7 @@ def _trainer(loop, cfg: TTDSConfig, run: RunDir, stage: str, *, num_workers: int
         loop, train_loop_config=loop_config, datasets=datasets,
         scaling_config=ScalingConfig(num_workers=num_workers or cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(name=f"{stage}-{cfg.hash()}", storage_path=str((run.root / "ray_results").resolve()),
+        run_config=RunConfig(name=f"{stage}-{cfg.stage_hash(stage)}", storage_path=str((run.root / "ray_results").resolve()),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
 
@@ -120,7 +120,7 @@ def stage_data(cfg: TTDSConfig, run: RunDir) -> None:
                                                             batch_format="pandas")
     inter = ds.to_pandas()
     prepared = data.prepare(data.RawData(inter, raw.items), kcore=cfg.data.kcore, seed=cfg.seed)
-    with run.write_stage("data", config_hash=cfg.hash(), numbers=dict(prepared.stats)) as (d, _):
+    with run.write_stage("data", config_hash=cfg.stage_hash("data"), numbers=dict(prepared.stats)) as (d, _):
         prepared.save(d)
     log.info("data: %s", json.dumps(prepared.stats))
 
@@ -149,7 +149,7 @@ def stage_embeddings(cfg: TTDSConfig, run: RunDir) -> None:
     out = out.sort_values("item_idx")
     emb = np.stack(out["emb"].to_numpy()).astype(np.float32)
     assert emb.shape[0] == len(prepared.items)
-    with run.write_stage("embeddings", config_hash=cfg.hash(), numbers={"shape": list(emb.shape)}) as (d, _):
+    with run.write_stage("embeddings", config_hash=cfg.stage_hash("embeddings"), numbers={"shape": list(emb.shape)}) as (d, _):
         embeddings.save_npy(d / "item_text.npy", emb)
 
 
@@ -197,7 +197,7 @@ def stage_cf(cfg: TTDSConfig, run: RunDir) -> None:
     model.eval()
     train_seqs = [s.tolist() for s in splits.train_items]
     emb = cf.cf_embeddings(model, train_seqs)
-    with run.write_stage("cf", config_hash=cfg.hash(), numbers={"final_loss": result.metrics.get("loss")}) as (d, _):
+    with run.write_stage("cf", config_hash=cfg.stage_hash("cf"), numbers={"final_loss": result.metrics.get("loss")}) as (d, _):
         cf.save_sasrec(model, cfg.cf, len(prepared.items), d)
         emb.save(d)
     log.info("cf: SASRec trained, final loss %.4f", result.metrics.get("loss", float("nan")))
@@ -245,7 +245,7 @@ def stage_tokenizer(cfg: TTDSConfig, run: RunDir) -> None:
     files = _ckpt_files(result.checkpoint)
     history = json.loads(files["history.json"])
     x = tower_inputs(run)
-    with run.write_stage("tokenizer", config_hash=cfg.hash()) as (d, numbers):
+    with run.write_stage("tokenizer", config_hash=cfg.stage_hash("tokenizer")) as (d, numbers):
         for name, tcfg in (("item", cfg.tokenizer.item), ("user", cfg.tokenizer.user)):
             tower = towers.Tower(x[f"{name}_s"].shape[1], x[f"{name}_c"].shape[1], tcfg)
             tower.load_state_dict(_load_state(files[f"{name}_tower.safetensors"]))
@@ -382,7 +382,7 @@ def stage_llm(cfg: TTDSConfig, run: RunDir) -> None:
                       extra={"n_samples": len(samples)}).fit()
     files = _ckpt_files(result.checkpoint)
     losses = json.loads(files["state.json"])["losses"]
-    with run.write_stage("llm", config_hash=cfg.hash(), numbers={
+    with run.write_stage("llm", config_hash=cfg.stage_hash("llm"), numbers={
             "n_samples": len(samples), "mean_tokens": float(np.mean(lens)), "steps": len(losses),
             "final_loss": float(np.mean(losses[-20:])) if losses else None}) as (d, _):
         for name, blob in files.items():
@@ -423,7 +423,7 @@ def stage_eval(cfg: TTDSConfig, run: RunDir, *, progress: bool = True) -> dict:
                    "Popularity": evaluate_popularity(splits, n_items, rows, "test", cfg)},
     }
     metrics["eval_wall_s"] = round(time.time() - t0, 1)
-    with run.write_stage("eval", config_hash=cfg.hash(), numbers={"HR@10": ttds_m.get("HR@10")}) as (d, _):
+    with run.write_stage("eval", config_hash=cfg.stage_hash("eval"), numbers={"HR@10": ttds_m.get("HR@10")}) as (d, _):
         write_json(d / "metrics.json", metrics)
         pd.DataFrame({"user_idx": splits.user_idx[rows], "target": splits.test_target[rows],
                       "ranked": list(ranked)}).to_parquet(d / "rankings.parquet")
@@ -436,18 +436,9 @@ STAGE_FUNCS = {"data": stage_data, "embeddings": stage_embeddings, "cf": stage_c
                "llm": stage_llm, "eval": stage_eval}
 
 
-def _check_run_dir(cfg: TTDSConfig, run: RunDir, overwrite: bool) -> None:
-    saved = run.root / "config.yaml"
-    if saved.is_file():
-        old = yaml.safe_load(saved.read_text())
-        if old != cfg.to_dict():
-            if not overwrite:
-                raise ConfigError(f"run directory {run.root} was made by a different config; pick another "
-                                  "name=..., or pass --overwrite to rebuild it")
-            for s in STAGE_FUNCS:
-                shutil.rmtree(run.stage_dir(s), ignore_errors=True)
-            shutil.rmtree(run.root / "ray_results", ignore_errors=True)
-    atomic_write_bytes(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+def _save_config(cfg: TTDSConfig, run: RunDir) -> None:
+    """Write the resolved config; stages built from other settings are rebuilt (see stage_hash)."""
+    atomic_write_bytes(run.root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
 
 def _validate_inputs(cfg: TTDSConfig) -> None:
@@ -459,17 +450,21 @@ def _validate_inputs(cfg: TTDSConfig) -> None:
 
 
 def run_training(cfg: TTDSConfig, *, overwrite: bool = False, stop_after: str | None = None) -> dict:
-    """Run every unfinished stage in order; returns eval/metrics.json (or {} if stopped earlier).
+    """Run every stage not already finished with the same settings, in order.
+
+    A stage is reused when its manifest's ``config_hash`` equals ``cfg.stage_hash(stage)``;
+    otherwise it is rebuilt and swapped in atomically when done (the old version stays until then).
+    ``overwrite`` rebuilds every stage. Returns eval/metrics.json (or {} if stopped earlier).
 
     Raises:
         ConfigError / data.DataError / llm.BackboneUnavailable: before anything is trained.
     """
     t0 = time.time()
-    if not (cfg.run_dir / "data" / "MANIFEST.json").is_file():
+    if not RunDir(cfg.run_dir).is_complete("data", cfg.stage_hash("data")):
         _validate_inputs(cfg)
     run = RunDir(cfg.run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
-    _check_run_dir(cfg, run, overwrite)
+    _save_config(cfg, run)
     handler = logging.FileHandler(run.root / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger("ttds_ray").addHandler(handler)
@@ -477,10 +472,14 @@ def run_training(cfg: TTDSConfig, *, overwrite: bool = False, stop_after: str | 
     try:
         init_ray(cfg)
         walls = {}
+        rebuild = overwrite                     # once a stage is rebuilt, everything downstream is too
         for stage, fn in STAGE_FUNCS.items():
-            if run.is_complete(stage):
+            if run.is_complete(stage, cfg.stage_hash(stage)) and not rebuild:
                 log.info("%s: already complete, skipped", stage)
             else:
+                if rebuild:                     # no resuming from an older run's Ray Train checkpoints
+                    shutil.rmtree(run.root / "ray_results" / f"{stage}-{cfg.stage_hash(stage)}", ignore_errors=True)
+                rebuild = True
                 ts = time.time()
                 log.info("%s: starting", stage)
                 fn(cfg, run)
