@@ -53,7 +53,7 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(hidden, n_heads, dim_feedforward=hidden, dropout=dropout,
                                        activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(n_layers))
+            for _ in range(n_layers))  # FFN width D, as SASRec's point-wise feed-forward
         self.final_norm = nn.LayerNorm(hidden)
         nn.init.normal_(self.item_emb.weight, std=hidden ** -0.5)
         with torch.no_grad():
@@ -65,8 +65,15 @@ class SASRec(nn.Module):
                    max_len=cfg.max_len, dropout=cfg.dropout)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """Args: seq: int64 `(B, T)` item_idx, -1 = padding (left). Returns: float `(B, T, D)`,
-        zero at padded positions."""
+        """Encode left-padded histories.
+
+        Args:
+            seq: int64 `(B, T)`, item_idx in [0, N), -1 = padding (left), T <= max_len.
+
+        Returns:
+            float32 `(B, T, D)`: hidden state after each item (after the final LayerNorm), zero at
+            padded positions. `[:, t]` depends only on items at positions <= t.
+        """
         B, T = seq.shape
         assert T <= self.max_len, f"sequence length {T} exceeds max_len {self.max_len}"
         real = seq >= 0                                                    # (B, T)
@@ -77,7 +84,8 @@ class SASRec(nn.Module):
         # all-padding rows stay finite (their outputs are zeroed and nothing real attends to them).
         causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()
         allowed = (causal & real.unsqueeze(1)) | torch.eye(T, dtype=torch.bool, device=seq.device)
-        mask = torch.zeros(B, T, T, device=seq.device).masked_fill(~allowed, float("-inf"))
+        mask = torch.zeros(B, T, T, dtype=x.dtype, device=seq.device)
+        mask = mask.masked_fill(~allowed, float("-inf"))                   # (B, T, T) additive
         mask = mask.repeat_interleave(self.n_heads, dim=0)                 # (B*H, T, T)
         for block in self.blocks:
             x = block(x, src_mask=mask) * real.unsqueeze(-1)
@@ -148,7 +156,9 @@ def make_optimizer(model: SASRec, cfg: CFConfig) -> torch.optim.Optimizer:
 def train_step(model: SASRec, opt: torch.optim.Optimizer, batch: dict) -> float:
     """One AdamW step of full-softmax cross-entropy at every position that has a target.
 
-    Args: batch: {"seq", "target"} int64 `(B, T)` tensors or arrays, -1 = padding / no target.
+    Args:
+        model: a SASRec, or one wrapped by DistributedDataParallel (`ray.train.torch.prepare_model`).
+        batch: {"seq", "target"} int64 `(B, T)` tensors or arrays, -1 = padding / no target.
     Returns: the mean loss (nats) over the positions with a target.
     """
     device = next(model.parameters()).device
@@ -160,7 +170,8 @@ def train_step(model: SASRec, opt: torch.optim.Optimizer, batch: dict) -> float:
     has_target = target != PAD                                             # (B, T')
     assert has_target.any(), "batch has no targets"
     hidden = model(seq)[has_target]                                        # (P, D), P real targets
-    loss = F.cross_entropy(model.score_all(hidden), target[has_target])    # softmax over (P, N)
+    base = getattr(model, "module", model)         # unwrap DistributedDataParallel (Ray Train)
+    loss = F.cross_entropy(base.score_all(hidden), target[has_target])     # softmax over (P, N)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -57,9 +57,12 @@ class CFConfig(_Section):
     max_len: int = Field(50, ge=2, description="Items of history SASRec reads.")
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    window_stride: Optional[int] = Field(50, ge=1, description="Training windows end every N items of a "
+                                         "history (N = max_len trains every target once); None = only the "
+                                         "last max_len+1 items. On MovieLens-100K: HR@10 0.104 -> 0.129.")
 
 
 class TowerConfig(_Section):

@@ -177,7 +177,8 @@ def _cf_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed + start)
     for epoch in range(start, cfg.cf.epochs):
         losses = [cf.train_step(model, opt, b) for b in
-                  cf.make_training_batches(seqs, cfg.cf.max_len, cfg.cf.batch_size, rng)]
+                  cf.make_training_batches(seqs, cfg.cf.max_len, cfg.cf.batch_size, rng,
+                                               stride=cfg.cf.window_stride)]
         metrics = {"epoch": epoch, "loss": float(np.mean(losses))}
         _progress("cf", metrics)
         if epoch % every == every - 1 or epoch == cfg.cf.epochs - 1:
