@@ -5,7 +5,12 @@ On a running cluster:   ray job submit --address http://127.0.0.1:8265 --working
                             python jobs/train.py --config configs/quickstart.yaml
 Overrides are dotted:   python jobs/train.py --config configs/quickstart.yaml llm.epochs=2 eval.max_users=100
 """
-from ttds_ray.cli import app
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo (or the job's working_dir copy)
+
+from ttds_ray.cli import app  # noqa: E402
 
 if __name__ == "__main__":
-    app(["train", *__import__("sys").argv[1:]])
+    app(["train", *sys.argv[1:]])
