@@ -47,8 +47,8 @@ def init_ray(cfg: TTDSConfig) -> None:
         return
     addr = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
-    if addr:
-        ray.init(address=addr, runtime_env=env)
+    if addr:  # a running cluster (e.g. inside `ray job submit`): keep the job's own runtime_env
+        ray.init(address=addr)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, runtime_env=env)
 
