@@ -311,16 +311,18 @@ def build_samples(cfg: TTDSConfig, run: RunDir, tok, vocab: llm.SIDVocab) -> lis
 
 
 def _llm_loop(config: dict) -> None:
-    """Ray Train worker: LoRA (or full) fine-tuning on the seqrec samples streamed from Ray Data."""
+    """Ray Train worker: LoRA (or full) fine-tuning on the seqrec samples of its Ray Data shard."""
     cfg = config_from_dict(config["cfg"])
     _threads(cfg)
     torch.manual_seed(cfg.seed)
     run = RunDir(config["run_dir"])
     model, tok, vocab, base_vocab = build_recommender_lm(cfg, run)
     sid_ids = vocab.item_token_ids.flatten() if cfg.llm.loss_vocab == "sid" else None
-    ctx = ray.train.get_context()
-    n_local = config["n_samples"] // ctx.get_world_size()
-    steps_per_epoch = max(1, n_local // cfg.llm.batch_size)
+    # The shard is read once through Ray Data and kept in the worker (token-id samples are small);
+    # re-reading it every epoch cost a whole core on 2-core machines. Epochs shuffle locally.
+    shard = ray.train.get_dataset_shard("train")
+    local = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in shard.iter_rows()]
+    steps_per_epoch = max(1, len(local) // cfg.llm.batch_size)
     total = min(cfg.llm.max_steps or 10 ** 12, steps_per_epoch * cfg.llm.epochs)
     opt, sched = llm.make_optimizer(model, cfg.llm, total)
     files = _ckpt_files(ray.train.get_checkpoint())
@@ -335,18 +337,16 @@ def _llm_loop(config: dict) -> None:
         for _ in range(step):
             sched.step()
     model = ray.train.torch.prepare_model(model)
-    shard = ray.train.get_dataset_shard("train")
     base = getattr(model, "module", model)
     meta = {"backbone": cfg.llm.backbone, "finetune": cfg.llm.finetune, "base_vocab_size": base_vocab,
             "vocab_size": len(tok)}
     t_start, start_step = time.time(), step
+    bs = cfg.llm.batch_size
     for epoch in range(start_epoch, cfg.llm.epochs):
         ep_losses = []
-        for batch in shard.iter_batches(batch_size=cfg.llm.batch_size, batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * cfg.llm.batch_size,
-                                        local_shuffle_seed=cfg.seed + epoch, drop_last=True):
-            samples = [{"input_ids": i, "labels": l} for i, l in zip(batch["input_ids"], batch["labels"])]
-            b = tasks.collate(samples, tok.pad_token_id, cfg.llm.max_length)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(local))
+        for i in range(len(order) // bs):
+            b = tasks.collate([local[j] for j in order[i * bs:(i + 1) * bs]], tok.pad_token_id, cfg.llm.max_length)
             ep_losses.append(llm.train_step(model, opt, sched, b, sid_ids=sid_ids))
             losses.append(ep_losses[-1])
             step += 1
@@ -378,9 +378,8 @@ def stage_llm(cfg: TTDSConfig, run: RunDir) -> None:
     lens = [len(s["input_ids"]) for s in samples]
     log.info("llm: %d seqrec samples, mean %.1f tokens; example prompt: %s", len(samples), np.mean(lens),
              tok.decode(samples[0]["input_ids"]))
-    ds = ray.data.from_items(samples).random_shuffle(seed=cfg.seed)
-    result = _trainer(_llm_loop, cfg, run, "llm", datasets={"train": ds},
-                      extra={"n_samples": len(samples)}).fit()
+    ds = ray.data.from_items(samples)
+    result = _trainer(_llm_loop, cfg, run, "llm", datasets={"train": ds}).fit()
     files = _ckpt_files(result.checkpoint)
     losses = json.loads(files["state.json"])["losses"]
     with run.write_stage("llm", config_hash=cfg.stage_hash("llm"), numbers={
