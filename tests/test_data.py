@@ -184,6 +184,10 @@ def test_item_without_text_row_or_any_text_names_the_item_file(tmp_path):
     with pytest.raises(DataError, match=r"1 logged items have an empty title and no other text in "
                                         r".*X\.item\.json.*'1'"):
         read_lcrec(inter, item)
+    inter.write_text(json.dumps({"0": [0, 1, 7, 0]}))
+    raw = read_lcrec(inter, item, drop_textless=True)        # data.drop_items_without_text=true
+    assert raw.n_dropped_textless == 1 and "1" not in set(raw.interactions["item_id"])
+    assert prepare(raw, kcore=0, seed=0).stats["n_dropped_textless_items"] == 1
 
 
 def test_empty_title_falls_back_to_other_text(tmp_path, caplog):

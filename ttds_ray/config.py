@@ -35,6 +35,8 @@ class DataConfig(_Section):
     kcore: int = Field(5, ge=0, description="Iterative k-core filter on users and items (DESIGN §2); 0 = off.")
     max_history: int = Field(20, ge=1, description="Items of history given to the models (LETTER protocol: 20).")
     min_rating: Optional[float] = Field(None, description="Drop interactions rated below this (RecBole logs only).")
+    drop_items_without_text: bool = Field(False, description="Drop logged items whose row has no text at all "
+                                          "(e.g. 55 Games items) instead of stopping; counted in data/stats.json.")
 
     @field_validator("path")
     @classmethod
@@ -74,7 +76,7 @@ class TowerConfig(_Section):
 
 
 class TokenizerConfig(_Section):
-    item: TowerConfig = TowerConfig()
+    item: TowerConfig = TowerConfig(n_levels=4, codebook_size=256)
     user: TowerConfig = TowerConfig(n_levels=2, codebook_size=64)
     epochs: int = Field(200, ge=1, description="Passes over the entities of a tower.")
     batch_size: int = Field(512, ge=2)

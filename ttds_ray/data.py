@@ -58,6 +58,7 @@ class RawData:
     """
     interactions: pd.DataFrame
     items: pd.DataFrame
+    n_dropped_textless: int = 0   # logged items dropped for having no text (data.drop_items_without_text)
 
     @property
     def n_titles_filled(self) -> int:
@@ -179,7 +180,7 @@ def _item_row(item_id: object, title: str, fields: dict[str, object]) -> tuple[s
     return str(item_id).strip(), title, _text(title, fields) if title else "", filled and bool(title)
 
 
-def read_lcrec(inter_file: str | Path, item_file: str | Path) -> RawData:
+def read_lcrec(inter_file: str | Path, item_file: str | Path, *, drop_textless: bool = False) -> RawData:
     """Read the LC-Rec/LETTER layout: ``{user: [item, ...]}`` (chronological) + ``{item: {title, ...}}``.
 
     An item with an empty title gets one from its other text (:func:`_fallback_title`); the count is
@@ -215,10 +216,11 @@ def read_lcrec(inter_file: str | Path, item_file: str | Path) -> RawData:
         title = _as_text(fields.pop("title", None)) or _as_text(fields.pop("name", None))
         rows.append(_item_row(item_id, title, fields))
     items = pd.DataFrame(rows, columns=["item_id", "title", "text", "title_filled"])
-    return _checked(normalize_interactions_batch(log), items, item_file)
+    return _checked(normalize_interactions_batch(log), items, item_file, drop_textless)
 
 
-def read_recbole(inter_file: str | Path, item_file: str | Path, min_rating: float | None = None) -> RawData:
+def read_recbole(inter_file: str | Path, item_file: str | Path, min_rating: float | None = None, *,
+                 drop_textless: bool = False) -> RawData:
     """Read RecBole atomic files: TSV with typed headers (``user_id:token``, ``item_id:token``, ...).
 
     The item title is the first column whose name contains 'title' (else 'name'); the other
@@ -248,7 +250,7 @@ def read_recbole(inter_file: str | Path, item_file: str | Path, min_rating: floa
     rows = [_item_row(r["item_id"], r[title_col], {k: v for k, v in r.items() if k != title_col})
             for r in meta.to_dict("records")]
     items = pd.DataFrame(rows, columns=["item_id", "title", "text", "title_filled"])
-    return _checked(normalize_interactions_batch(log), items, item_file)
+    return _checked(normalize_interactions_batch(log), items, item_file, drop_textless)
 
 
 def _read_tsv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
@@ -271,8 +273,12 @@ def _numeric(col: pd.Series, path: Path, name: str) -> pd.Series:
         raise DataError(f"column {name!r} of {path} is not numeric ({e})") from e
 
 
-def _checked(log: pd.DataFrame, items: pd.DataFrame, item_file: Path) -> RawData:
-    """Every logged item needs exactly one row, with a title or other text, in ``item_file``."""
+def _checked(log: pd.DataFrame, items: pd.DataFrame, item_file: Path, drop_textless: bool = False) -> RawData:
+    """Every logged item needs exactly one row, with a title or other text, in ``item_file``.
+
+    With ``drop_textless``, logged items whose row has no text at all are dropped from the log (with a
+    warning and a count) instead of stopping the job; items with no row still stop it.
+    """
     dup = items["item_id"][items["item_id"].duplicated()]
     if len(dup):
         raise DataError(f"{item_file} lists {len(dup)} item ids twice (e.g. {list(dup[:3])}); "
@@ -284,15 +290,25 @@ def _checked(log: pd.DataFrame, items: pd.DataFrame, item_file: Path) -> RawData
                         f"add their text or drop them from the log")
     is_logged = items["item_id"].isin(logged)
     textless = items["item_id"][(items["title"] == "") & is_logged]
+    n_dropped = 0
+    if len(textless) and drop_textless:
+        n_before = len(log)
+        log = log[~log["item_id"].isin(textless)]
+        n_dropped = len(textless)
+        logger.warning("dropped %d logged items with no text in %s (%d interactions; e.g. %s) because "
+                       "data.drop_items_without_text is set", n_dropped, item_file, n_before - len(log),
+                       list(textless[:3]))
+        textless = textless[:0]
     if len(textless):
         raise DataError(f"{len(textless)} logged items have an empty title and no other text in {item_file} "
-                        f"(e.g. {list(textless[:5])}); add a title or other text, or drop them from the log")
+                        f"(e.g. {list(textless[:5])}); add a title or other text, or set data.drop_items_without_text=true")
     filled = items[items["title_filled"] & is_logged]
     if len(filled):
         logger.warning("%d logged items in %s have an empty title; built one from their other text "
                     "(e.g. %s)", len(filled), item_file,
                     ", ".join(f"{i!r} -> {t!r}" for i, t in zip(filled["item_id"][:3], filled["title"][:3])))
-    return RawData(log, items.astype({"item_id": str, "title": str, "text": str, "title_filled": bool}))
+    return RawData(log, items.astype({"item_id": str, "title": str, "text": str, "title_filled": bool}),
+                   n_dropped_textless=n_dropped)
 
 
 def read_raw(cfg: DataConfig) -> RawData:
@@ -308,8 +324,8 @@ def read_raw(cfg: DataConfig) -> RawData:
     if fmt == "lcrec":
         if cfg.min_rating is not None:
             raise DataError(f"{inter_file} has no ratings (LC-Rec layout); unset data.min_rating")
-        return read_lcrec(inter_file, item_file)
-    return read_recbole(inter_file, item_file, cfg.min_rating)
+        return read_lcrec(inter_file, item_file, drop_textless=cfg.drop_items_without_text)
+    return read_recbole(inter_file, item_file, cfg.min_rating, drop_textless=cfg.drop_items_without_text)
 
 
 def normalize_interactions_batch(batch: pd.DataFrame) -> pd.DataFrame:
@@ -456,7 +472,7 @@ def prepare(raw: RawData, *, kcore: int, seed: int) -> Prepared:
     stats = {"n_users": len(user_map), "n_items": len(item_map), "n_interactions": len(log),
              "n_raw_interactions": n_raw, "n_dropped_duplicates": n_raw - n_dedup,
              "n_dropped_kcore": n_dedup - n_kcore, "n_dropped_short_users": int(n_short),
-             "n_titles_filled": n_filled,
+             "n_titles_filled": n_filled, "n_dropped_textless_items": raw.n_dropped_textless,
              "avg_len": round(len(log) / len(user_map), 4), "kcore": kcore, "seed": seed}
     return Prepared(items, sequences, stats)
 

@@ -6,6 +6,7 @@ with the same config are skipped; an interrupted stage resumes from its last Ray
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -119,7 +120,7 @@ def stage_data(cfg: TTDSConfig, run: RunDir) -> None:
     ds = ray.data.from_pandas(raw.interactions).map_batches(data.normalize_interactions_batch,
                                                             batch_format="pandas")
     inter = ds.to_pandas()
-    prepared = data.prepare(data.RawData(inter, raw.items), kcore=cfg.data.kcore, seed=cfg.seed)
+    prepared = data.prepare(dataclasses.replace(raw, interactions=inter), kcore=cfg.data.kcore, seed=cfg.seed)
     with run.write_stage("data", config_hash=cfg.stage_hash("data"), numbers=dict(prepared.stats)) as (d, _):
         prepared.save(d)
     log.info("data: %s", json.dumps(prepared.stats))
