@@ -2,11 +2,12 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from ttds_ray import cf, data
-from ttds_ray.config import TasksConfig
+from ttds_ray.config import CFConfig, TasksConfig, TokenizerConfig, TowerConfig
 from ttds_ray.tasks import PromptPieces, build_eval_prompts, build_seqrec_samples, collate, seqrec_windows
-from ttds_ray.towers import user_semantic_embeddings
+from ttds_ray.towers import export_user_sids, fit_tower, user_semantic_embeddings
 
 
 class FakeTok:
@@ -54,14 +55,27 @@ def _training_inputs(raw):
                                    max_history=20, seed=0)
     text = np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32)
     user_s = user_semantic_embeddings(text, train)
-    batches = list(cf.make_training_batches(train, 8, 4, np.random.default_rng(0)))
-    return splits, samples, user_s, batches
+    batches = list(cf.make_training_batches(train, 8, 4, np.random.default_rng(0), stride=2))
+    return splits, samples, user_s, batches, train, n
+
+
+def _user_ids(train, n_items, user_s):
+    """SASRec on the training split -> user tower -> user semantic IDs (the whole user side)."""
+    torch.manual_seed(0)
+    sasrec = cf.fit_sasrec(CFConfig(hidden=8, epochs=2, max_len=8, batch_size=4), train, n_items, seed=0,
+                           window_stride=2)
+    user_c = cf.cf_embeddings(sasrec, train).users
+    tcfg = TokenizerConfig(epochs=3, batch_size=8)
+    tower = fit_tower(tcfg, TowerConfig(n_levels=2, codebook_size=2, latent_dim=4, hidden_dim=8), user_s, user_c,
+                      seed=0)
+    return user_c, export_user_sids(tower, user_s, user_c)[0]
 
 
 def test_changing_a_test_or_valid_item_leaves_every_training_input_identical():
     rows = [(u, it, t) for u, seq in {"a": "pqrst", "b": "qrsp", "c": "rstq", "d": "stpqr", "e": "tpq"}.items()
             for t, it in enumerate(seq)]
     base = _training_inputs(_raw(rows))
+    base_c, base_ids = _user_ids(base[4], base[5], base[2])
     for changed in (rows[:4] + [("a", "q", 4)] + rows[5:],    # user a's test item t -> q
                     rows[:3] + [("a", "p", 3)] + rows[4:]):   # user a's valid item s -> p
         other = _training_inputs(_raw(changed))
@@ -69,6 +83,9 @@ def test_changing_a_test_or_valid_item_leaves_every_training_input_identical():
         assert other[2].tobytes() == base[2].tobytes()                  # user semantic inputs
         assert all((x["seq"] == y["seq"]).all() and (x["target"] == y["target"]).all()
                    for x, y in zip(other[3], base[3]))                   # SASRec batches
+        user_c, ids = _user_ids(other[4], other[5], other[2])
+        assert user_c.tobytes() == base_c.tobytes()                     # collaborative user inputs
+        assert ids.content_hash() == base_ids.content_hash()            # user semantic IDs
         assert not (other[0].test_target == base[0].test_target).all() or \
             not (other[0].valid_target == base[0].valid_target).all()   # the change is real
 
@@ -76,7 +93,7 @@ def test_changing_a_test_or_valid_item_leaves_every_training_input_identical():
 def test_no_sample_contains_a_heldout_target_position():
     """Every sample is a window of train_items: its item tokens match a contiguous slice of them."""
     rows = [(f"u{u}", f"i{(u * 7 + t) % 13}", t) for u in range(6) for t in range(9)]
-    splits, samples, _, _ = _training_inputs(_raw(rows))
+    splits, samples, *_ = _training_inputs(_raw(rows))
     for s in samples:
         assert all(l == -100 or l >= 100 for l in s["labels"])
     n_tokens = sum(sum(1 for l in s["labels"] if l != -100) for s in samples)

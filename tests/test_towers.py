@@ -109,3 +109,32 @@ def test_export_is_independent_of_batch_size_and_order():
     order = np.random.default_rng(3).permutation(len(s))
     for bs in (1, 7, 64):
         assert export_item_sids(tower, s, c, cfg, batch_size=bs, order=order)[0].content_hash() == ref
+
+
+def test_ids_recomputed_from_the_checkpoint_in_a_fresh_process_are_identical(tmp_path):
+    import subprocess
+    import sys
+
+    from ttds_ray.towers import save_tower
+
+    s, c, _ = _clusters(n_clusters=8, per=16)
+    cfg = TokenizerConfig(epochs=5, batch_size=64)
+    tcfg = TowerConfig(n_levels=3, codebook_size=8, latent_dim=8, hidden_dim=32)
+    tower = fit_tower(cfg, tcfg, s, c, seed=0)
+    save_tower(tower, tmp_path / "item_tower.safetensors")
+    np.save(tmp_path / "s.npy", s)
+    np.save(tmp_path / "c.npy", c)
+    ref = export_item_sids(tower, s, c, cfg)[0].content_hash()
+    code = f"""
+import numpy as np
+from ttds_ray.config import TokenizerConfig, TowerConfig
+from ttds_ray.towers import export_item_sids, load_tower
+s, c = np.load({str(tmp_path / 's.npy')!r}), np.load({str(tmp_path / 'c.npy')!r})
+tower = load_tower({str(tmp_path / 'item_tower.safetensors')!r}, 32, 16, TowerConfig(**{tcfg.model_dump()!r}))
+order = np.random.default_rng(7).permutation(len(s))
+for bs in (1, 7, 64):
+    print(export_item_sids(tower, s, c, TokenizerConfig(epochs=5, batch_size=64), batch_size=bs, order=order)[0].content_hash())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [ref] * 3
