@@ -33,7 +33,7 @@ name: e2e
 output_dir: {tmp_path / 'runs'}
 data: {{path: {data_path}, kcore: 0}}
 cf: {{epochs: 2}}
-tokenizer: {{epochs: 6, item: {{n_levels: 3, codebook_size: 16, latent_dim: 8, hidden_dim: 32}},
+tokenizer: {{epochs: 6, item: {{n_levels: 3, codebook_size: 32, latent_dim: 8, hidden_dim: 32}},
             user: {{n_levels: 2, codebook_size: 8, latent_dim: 8, hidden_dim: 32}}}}
 llm: {{backbone: tiny, finetune: full, loss_vocab: sid, tiny_hidden: 32, tiny_layers: 1, tiny_heads: 2,
       epochs: 1, max_steps: 8, batch_size: 8}}
@@ -74,7 +74,8 @@ def test_train_job_end_to_end_on_real_slice(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_path", "wrong_format", "empty_history",
-                                  "item_without_text"])
+                                  "item_without_text", "kcore_empties_data", "unknown_backbone",
+                                  "id_space_too_small", "binary_config"])
 def test_bad_input_stops_before_training_with_one_clear_message(tmp_path, case):
     data_path = _slice(tmp_path, n_users=20)
     extra, overrides, expect = "", [], ""
@@ -95,7 +96,17 @@ def test_bad_input_stops_before_training_with_one_clear_message(tmp_path, case):
         del items[next(iter(items))]
         (data_path / "Sci.item.json").write_text(json.dumps(items))
         expect = "Sci.item.json"
-    res = _run(_config(tmp_path, data_path, extra), *overrides)
+    elif case == "kcore_empties_data":
+        overrides, expect = ["data.kcore=1000"], "data.kcore"
+    elif case == "unknown_backbone":
+        overrides, expect = [f"llm.backbone={tmp_path / 'no_model'}"], "no_model"
+    elif case == "id_space_too_small":
+        overrides, expect = ["tokenizer.item.n_levels=1", "tokenizer.item.codebook_size=2"], "codebook_size"
+    cfg = _config(tmp_path, data_path, extra)
+    if case == "binary_config":
+        cfg.write_bytes(b"\xff\xfe\x00binary")
+        expect = "job.yaml"
+    res = _run(cfg, *overrides)
     assert res.returncode == 2, res.stderr[-2000:]
     err = [l for l in res.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and expect in res.stderr, res.stderr[-2000:]

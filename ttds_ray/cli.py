@@ -39,9 +39,9 @@ def _metrics_table(metrics: dict) -> str:
 def train(config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/)."),
           overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. llm.lr=1e-4 eval.max_users=100"),
           overwrite: bool = typer.Option(False, help="Rebuild every stage, even those already finished with the same settings."),
-          stop_after: Optional[str] = typer.Option(None, help="Stop after this stage (data|embeddings|cf|tokenizer|llm)."),
+          stop_after: Optional[str] = typer.Option(None, help="Stop after a stage: data, embeddings, cf, tokenizer or llm."),
           ) -> None:
-    """Run the main job: data -> embeddings -> SASRec -> twin towers -> LoRA LLM -> eval."""
+    """Run the main job: data -> embeddings -> SASRec -> twin towers -> LLM (LoRA or full) -> eval."""
     from .config import ConfigError, load_config
     from .data import DataError
 
@@ -78,6 +78,9 @@ def data_fetch(name: str = typer.Argument(..., help="Dataset name: movielens-100
         path = DATASETS[name](cache_dir or default_cache_dir())
     except DataError as e:
         _fail(e)
+    except OSError as e:
+        _fail(DataError(f"cannot write the data cache: {e}; pass --cache-dir or set TTDS_DATA_CACHE to a "
+                        "writable directory"))
     typer.echo(str(path))
 
 

@@ -285,14 +285,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist; pass --config with a YAML file "
+            what = "is a directory, not a file" if p.is_dir() else "does not exist"
+            raise ConfigError(f"config file '{p}' {what}; pass --config with a YAML file "
                               "(see configs/quickstart.yaml)")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML text: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping at top level")
         source = str(p)
-    tree = _merge(tree, parse_overrides(overrides or []))
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+        source = f"{source} + command-line overrides {list(overrides)}"
     return config_from_dict(tree, source)

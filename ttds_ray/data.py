@@ -80,10 +80,11 @@ def detect_format(path: str | Path, name: str | None = None) -> tuple[str, Path,
     Raises:
         DataError: path missing; no dataset, or several and ``name`` is None; item file missing.
     """
-    p = Path(path)
+    p = resolve_data_path(path)
     if not p.exists():
         raise DataError(f"dataset path {p} does not exist; run `ttds-ray data fetch movielens-100k` "
-                        f"or point data.path at a directory holding {_LAYOUTS}")
+                        f"(its files land in {default_cache_dir()}/movielens-100k, written 'cache:movielens-100k' "
+                        f"in a config) or point data.path at a directory holding {_LAYOUTS}")
     pattern = re.compile(r"^(?P<prefix>.+)\.(?P<kind>inter|item)(?P<json>\.json)?(\.gz)?$")
     files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
     found: dict[tuple[str, str], dict[str, Path]] = {}  # (prefix, fmt) -> {kind: file}
@@ -547,6 +548,12 @@ _ML100K_SHA256 = {
     "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
     "ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
 }
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """``cache:NAME`` -> ``default_cache_dir() / NAME`` (where ``ttds-ray data fetch NAME`` writes); else ``path``."""
+    text = str(path)
+    return default_cache_dir() / text[len("cache:"):] if text.startswith("cache:") else Path(text)
 
 
 def default_cache_dir() -> Path:

@@ -90,12 +90,39 @@ def smollm2_dir() -> Path:
     return out
 
 
+def check_backbone(backbone: str) -> None:
+    """Check, without loading weights, that a backbone is available offline.
+
+    Raises:
+        BackboneUnavailable: with what to install or which path to pass.
+    """
+    if backbone in ("tiny", "smollm2"):
+        smollm2_gguf_path()
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(backbone)
+    except (OSError, ValueError) as e:
+        raise BackboneUnavailable(
+            f"llm.backbone={backbone!r} is not a local model directory nor a model cached in HF_HOME "
+            f"({type(e).__name__}); this machine has no hub access: pass a directory holding config.json + "
+            "weights, or use 'tiny' / 'smollm2'") from None
+
+
 def load_tokenizer(backbone: str):
-    """Tokenizer for a backbone; 'tiny' shares SmolLM2's tokenizer."""
+    """Tokenizer for a backbone; 'tiny' shares SmolLM2's tokenizer.
+
+    Raises:
+        BackboneUnavailable: the tokenizer cannot be found offline.
+    """
     from transformers import AutoTokenizer
 
     src = str(smollm2_dir()) if backbone in ("tiny", "smollm2") else backbone
-    tok = AutoTokenizer.from_pretrained(src)
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise BackboneUnavailable(f"cannot load the tokenizer of llm.backbone={backbone!r}: {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

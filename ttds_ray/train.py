@@ -443,11 +443,25 @@ def _save_config(cfg: TTDSConfig, run: RunDir) -> None:
 
 
 def _validate_inputs(cfg: TTDSConfig) -> None:
-    """Fail before any training on a bad dataset or a missing model package."""
-    data.read_raw(cfg.data)
+    """Fail before any training (and before the run directory is touched) on bad input.
+
+    Reads and prepares the dataset (seconds), checks that the item ID space can hold the catalogue,
+    and that the text encoder and the backbone can be found offline.
+
+    Raises:
+        data.DataError, CollisionError, EncoderUnavailable, llm.BackboneUnavailable.
+    """
+    from .quantizer import CollisionError
+
+    prepared = data.prepare(data.read_raw(cfg.data), kcore=cfg.data.kcore, seed=cfg.seed)
+    t = cfg.tokenizer.item
+    n_items = len(prepared.items)
+    if n_items > t.codebook_size ** t.n_levels:
+        raise CollisionError(f"{n_items} items cannot get unique semantic IDs from {t.n_levels} levels x "
+                             f"{t.codebook_size} codes ({t.codebook_size ** t.n_levels} IDs); raise "
+                             "tokenizer.item.codebook_size or tokenizer.item.n_levels")
     embeddings.minilm_path()
-    if cfg.llm.backbone in ("tiny", "smollm2"):
-        llm.smollm2_gguf_path()
+    llm.check_backbone(cfg.llm.backbone)
 
 
 def run_training(cfg: TTDSConfig, *, overwrite: bool = False, stop_after: str | None = None) -> dict:
@@ -464,7 +478,11 @@ def run_training(cfg: TTDSConfig, *, overwrite: bool = False, stop_after: str | 
     if not RunDir(cfg.run_dir).is_complete("data", cfg.stage_hash("data")):
         _validate_inputs(cfg)
     run = RunDir(cfg.run_dir)
-    run.root.mkdir(parents=True, exist_ok=True)
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run directory {run.root}: {e}; set output_dir to a writable "
+                          "directory") from None
     _save_config(cfg, run)
     handler = logging.FileHandler(run.root / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
