@@ -10,7 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo (or the job's working_dir copy)
 
-from ttds_ray.cli import app  # noqa: E402
+import typer  # noqa: E402
+
+from ttds_ray.cli import train  # noqa: E402
 
 if __name__ == "__main__":
-    app(["train", *sys.argv[1:]])
+    typer.run(train)
