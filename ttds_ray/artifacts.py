@@ -86,6 +86,8 @@ class RunDir:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        #: stage -> time.time() when the pipeline started it; MANIFEST wall_s counts from there
+        self.stage_started: dict[str, float] = {}
 
     def stage_dir(self, stage: str) -> Path:
         if stage not in STAGES:
@@ -127,7 +129,7 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{stage}.", suffix=".tmp"))
         nums: dict = dict(numbers or {})
-        t0 = time.time()
+        t0 = self.stage_started.get(stage, time.time())
         try:
             yield tmp, nums
             inputs = {s: self.manifest(s)["digest"] for s in STAGES[:STAGES.index(stage)]

@@ -499,7 +499,7 @@ def run_training(cfg: TTDSConfig, *, overwrite: bool = False, stop_after: str | 
                 if rebuild:                     # no resuming from an older run's Ray Train checkpoints
                     shutil.rmtree(run.root / "ray_results" / f"{stage}-{cfg.stage_hash(stage)}", ignore_errors=True)
                 rebuild = True
-                ts = time.time()
+                ts = run.stage_started[stage] = time.time()
                 log.info("%s: starting", stage)
                 fn(cfg, run)
                 walls[stage] = round(time.time() - ts, 1)
