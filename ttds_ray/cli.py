@@ -40,6 +40,11 @@ def train(config: Path = typer.Option(..., "--config", "-c", help="YAML config (
           overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. llm.lr=1e-4 eval.max_users=100"),
           overwrite: bool = typer.Option(False, help="Rebuild every stage, even those already finished with the same settings."),
           stop_after: Optional[str] = typer.Option(None, help="Stop after a stage: data, embeddings, cf, tokenizer or llm."),
+          static_index: bool = typer.Option(False, "--static-index", help="Ablation: fix the item index before LLM "
+                                            "training (no dynamic re-indexing rounds; same LLM budget)."),
+          reuse_from: Optional[Path] = typer.Option(None, help="Another run directory whose finished stages "
+                                                    "built from the same settings are hard-linked in instead of "
+                                                    "recomputed (e.g. a static/dynamic pair sharing the tokenizer)."),
           ) -> None:
     """Run the main job: data -> embeddings -> SASRec -> twin towers -> LLM (LoRA or full) -> eval."""
     from .config import ConfigError, load_config
@@ -47,7 +52,7 @@ def train(config: Path = typer.Option(..., "--config", "-c", help="YAML config (
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, (overrides or []) + (["dynamic.static_index=true"] if static_index else []))
     except ConfigError as e:
         _fail(e)
     from .llm import BackboneUnavailable
@@ -56,7 +61,7 @@ def train(config: Path = typer.Option(..., "--config", "-c", help="YAML config (
     from .train import run_training
 
     try:
-        metrics = run_training(cfg, overwrite=overwrite, stop_after=stop_after)
+        metrics = run_training(cfg, overwrite=overwrite, stop_after=stop_after, reuse_from=reuse_from)
     except (ConfigError, DataError, BackboneUnavailable, EncoderUnavailable, CollisionError) as e:
         _fail(e)
     if metrics:

@@ -29,8 +29,9 @@ def _plt():
     return plt
 
 
-def plot_curve(values: list[float], path: Path, *, title: str, ylabel: str, xlabel: str = "optimiser step") -> None:
-    """Raw values plus a moving average."""
+def plot_curve(values: list[float], path: Path, *, title: str, ylabel: str, xlabel: str = "optimiser step",
+               marks: list[int] = ()) -> None:
+    """Raw values plus a moving average; ``marks`` draws dashed vertical lines (e.g. re-index steps)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     v = np.asarray(values, dtype=float)
@@ -38,6 +39,8 @@ def plot_curve(values: list[float], path: Path, *, title: str, ylabel: str, xlab
     if len(v) >= 10:
         k = max(2, len(v) // 50)
         ax.plot(np.arange(k - 1, len(v)), np.convolve(v, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
+    for i, m in enumerate(marks):
+        ax.axvline(m, ls="--", lw=0.8, color="gray", label="re-index" if i == 0 else None)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.legend()
     ax.grid(alpha=0.3)

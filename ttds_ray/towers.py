@@ -3,6 +3,8 @@
 Reads ``embeddings/item_text.npy`` and ``cf/{cf_items,cf_users}.npy`` plus users' training histories.
 Writes ``tokenizer/``: ``item_tower.safetensors``, ``user_tower.safetensors``, ``towers.json``,
 ``item_sids.parquet``, ``user_sids.parquet``, ``sid_tables.json`` (content hashes), ``tokenizer_stats.json``.
+Also the tokenizer step of dynamic semantic indexing (DESIGN §1.6): :func:`refine_item_tower` updates
+the item tower under guidance from the frozen LLM; :func:`count_changed` counts re-indexed items.
 Dimensions: N entities, B batch, D_s / D_c input dims, Z latent, L levels, K codes.
 """
 from __future__ import annotations
@@ -176,6 +178,179 @@ def _rec_tensors(tower: Tower, s: torch.Tensor, c: torch.Tensor, beta_kl: float)
         out[f"s_{name}"], out[f"c_{name}"] = tower.vae.reconstruction(zz, s, c)
     out["kl"] = beta_kl * kl_std_normal(q)
     return out
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """M guidance examples from the frozen LLM for a tokenizer step (DESIGN §1.6, step 1).
+
+    Example m is one seqrec target: the item, the LLM's last hidden state at the position that
+    predicts the target's first SID token, and the LLM's softmax there restricted to the K level-1
+    item tokens ``<i1_0> .. <i1_{K-1}>`` (renormalised over them).
+
+    Attributes:
+        target_idx: int64 ``(M,)`` item indices in ``[0, N)``.
+        hidden: float32 ``(M, D_llm)``.
+        p_level1: float32 ``(M, K)``, non-negative, rows sum to 1; column k is token ``<i1_k>``.
+    """
+    target_idx: np.ndarray
+    hidden: np.ndarray
+    p_level1: np.ndarray
+
+    def __post_init__(self):
+        m = len(self.target_idx)
+        if np.ndim(self.target_idx) != 1 or m == 0:
+            raise ValueError(f"target_idx must be a non-empty 1-D array, got shape {np.shape(self.target_idx)}")
+        if np.ndim(self.hidden) != 2 or len(self.hidden) != m:
+            raise ValueError(f"hidden must be (M={m}, D_llm), got {np.shape(self.hidden)}")
+        if np.ndim(self.p_level1) != 2 or len(self.p_level1) != m:
+            raise ValueError(f"p_level1 must be (M={m}, K), got {np.shape(self.p_level1)}")
+        sums = np.asarray(self.p_level1, dtype=np.float64).sum(1)
+        if (np.asarray(self.p_level1) < 0).any() or not np.allclose(sums, 1.0, atol=1e-3):
+            raise ValueError("p_level1 rows must be probability distributions (>= 0, summing to 1); "
+                             f"row sums range {sums.min():.4f}..{sums.max():.4f}")
+
+
+def guidance_terms(tower: Tower, proj: nn.Linear, s: torch.Tensor, c: torch.Tensor, hidden: torch.Tensor,
+                   p_level1: torch.Tensor, *, code_temp: float, tau: float, kl: bool = True,
+                   nce: bool = True) -> dict[str, torch.Tensor]:
+    """Recommender-guided terms of one guidance batch (DESIGN §1.6 (a), (b)), graph-connected.
+
+    Uses the fused posterior mean μ of q(z|s,c) of each target item (no sampling).
+
+    - ``guide_kl`` (if ``kl``): sym-KL(P_1(·|μ), p_level1), mean over the batch (nats), where
+      P_1(k|μ) = softmax_k(−||r_1 − e^1_k||² / code_temp) with r_1 = μ; gradients reach the
+      encoders and the level-1 codebook; ``p_level1`` is a constant.
+    - ``guide_nce`` (if ``nce``): symmetric in-batch InfoNCE(proj(hidden), μ) at temperature ``tau``
+      (cosine logits; needs B >= 2). Repeated targets in one batch act as false negatives.
+
+    This mirrors ETEGRec's recommendation-oriented alignment (sequence–item and preference–semantic
+    alignment between a recommender and its item tokenizer), the nearest published peer.
+
+    Args:
+        s: ``(B, D_s)``, c: ``(B, D_c)`` raw inputs of the target items; hidden: ``(B, D_llm)``;
+        p_level1: ``(B, K)``.
+    """
+    s, c = tower.normalise(s, c)
+    mu = tower.vae.encode(s, c)[2].mu                                   # (B, Z) = r_1
+    out = {}
+    if kl:
+        p1 = tower.rq.soft_assign([mu], code_temp)[0]                   # (B, K), level-1 codebook only
+        out["guide_kl"] = sym_kl_categorical(p1, p_level1)
+    if nce:
+        out["guide_nce"] = info_nce(proj(hidden), mu, tau)
+    return out
+
+
+def _cycled_batches(m: int, size: int, g: torch.Generator):
+    """Endless index batches ``(size,)`` over ``0..m-1``: consecutive seeded permutations, concatenated."""
+    buf = torch.empty(0, dtype=torch.long)
+    while True:
+        while len(buf) < size:
+            buf = torch.cat([buf, torch.randperm(m, generator=g)])
+        yield buf[:size]
+        buf = buf[size:]
+
+
+def refine_item_tower(tower: Tower, cfg: TokenizerConfig, s: np.ndarray, c: np.ndarray, guidance: Guidance, *,
+                      epochs: int, lr: float, gamma_kl: float, gamma_nce: float, tau: float, seed: int,
+                      batch_size: int | None = None,
+                      on_epoch: Callable[[int, dict], None] | None = None) -> tuple[Tower, nn.Linear, dict]:
+    """Tokenizer step of dynamic semantic indexing (DESIGN §1.6, step 1): the LLM is frozen.
+
+    A deep copy of ``tower`` is trained for ``epochs`` on :func:`tower_loss` (weights from ``cfg``)
+    plus ``gamma_kl · guide_kl + gamma_nce · guide_nce`` (:func:`guidance_terms`), jointly with a new
+    projection ``proj: nn.Linear(D_llm, Z)``. Each step takes one item batch (a seeded permutation
+    per epoch; a last partial batch is dropped, as in :func:`fit_tower`) and one guidance batch of
+    ``min(batch size, M)`` examples (seeded permutations, cycled). A weight of 0 skips its term.
+    There is no dead-code re-seeding and no k-means refit: code k of level l keeps denoting the LLM
+    token ``<i{l}_{k}>``, so the LLM's learnt token rows stay meaningful across rounds.
+    Sampling as in :func:`fit_tower` (train mode). Deterministic given ``seed``: global-RNG draws
+    happen inside ``torch.random.fork_rng`` seeded with ``seed``, so the caller's RNG is untouched.
+
+    Args:
+        tower: a fitted item tower (codebooks initialised); not modified.
+        s: float32 ``(N, D_s)``; c: float32 ``(N, D_c)``: all items, indexed by ``guidance.target_idx``.
+        lr: AdamW learning rate of tower and projection. tau: temperature of ``guide_nce``.
+        batch_size: items per step (default ``cfg.batch_size``), capped at N.
+        on_epoch: called as ``on_epoch(epoch, mean_terms)``.
+
+    Returns:
+        ``(new_tower (eval mode), proj, mean_terms)``; ``mean_terms`` are the last epoch's means over
+        its steps of every :func:`tower_loss` term, ``guide_kl`` / ``guide_nce`` (present only with a
+        weight > 0) and ``loss`` (the total that was minimised).
+
+    Raises:
+        ValueError: untrained codebooks, mismatched guidance shapes or indices out of range,
+            or ``gamma_nce > 0`` with fewer than 2 guidance examples.
+    """
+    if not bool(tower.rq.initialised):
+        raise ValueError("refine_item_tower needs a fitted tower (codebooks not initialised); run fit_tower first")
+    s_t, c_t = torch.as_tensor(s, dtype=torch.float32), torch.as_tensor(c, dtype=torch.float32)
+    n, m, k = s_t.shape[0], len(guidance.target_idx), tower.rq.codebook_size
+    tgt = torch.as_tensor(np.asarray(guidance.target_idx), dtype=torch.long)
+    hid = torch.as_tensor(guidance.hidden, dtype=torch.float32)
+    p_llm = torch.as_tensor(guidance.p_level1, dtype=torch.float32)
+    if p_llm.shape[1] != k:
+        raise ValueError(f"guidance.p_level1 has {p_llm.shape[1]} columns but the tower has K={k} level-1 codes")
+    if int(tgt.min()) < 0 or int(tgt.max()) >= n:
+        raise ValueError(f"guidance.target_idx must lie in [0, {n}); got {int(tgt.min())}..{int(tgt.max())}")
+    if gamma_nce > 0 and m < 2:
+        raise ValueError(f"in-batch InfoNCE needs at least 2 guidance examples, got {m}")
+    bs = min(batch_size or cfg.batch_size, n)
+    gb = min(bs, m)
+    g_items, g_guide = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    guide_batches = _cycled_batches(m, gb, g_guide)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = copy.deepcopy(tower).float()
+        proj = nn.Linear(hid.shape[1], new.rq.dim)
+        opt = torch.optim.AdamW([*new.parameters(), *proj.parameters()], lr=lr)
+        mean_terms: dict[str, float] = {}
+        for epoch in range(epochs):
+            new.train()
+            perm = torch.randperm(n, generator=g_items)
+            sums: dict[str, float] = {}
+            n_batches = 0
+            for start in range(0, n - bs + 1, bs):
+                idx = perm[start:start + bs]
+                loss, terms, _, _ = tower_loss(new, s_t[idx], c_t[idx], cfg)
+                if gamma_kl > 0 or gamma_nce > 0:
+                    j = next(guide_batches)
+                    gt = guidance_terms(new, proj, s_t[tgt[j]], c_t[tgt[j]], hid[j], p_llm[j],
+                                        code_temp=cfg.code_temp, tau=tau, kl=gamma_kl > 0, nce=gamma_nce > 0)
+                    for name, w in (("guide_kl", gamma_kl), ("guide_nce", gamma_nce)):
+                        if name in gt:
+                            loss = loss + w * gt[name]
+                            terms[name] = float(gt[name].detach())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                for key, v in terms.items():
+                    sums[key] = sums.get(key, 0.0) + v
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                n_batches += 1
+            mean_terms = {key: v / n_batches for key, v in sums.items()}
+            if on_epoch is not None:
+                on_epoch(epoch, mean_terms)
+    new.eval()
+    proj.eval()
+    return new, proj, mean_terms
+
+
+def count_changed(old_codes: np.ndarray, new_codes: np.ndarray) -> int:
+    """Items whose full semantic ID differs between two ID tables (DESIGN §1.6 step 2).
+
+    Args:
+        old_codes, new_codes: int ``(N, L)``, row i = item i.
+
+    Raises:
+        ValueError: the shapes differ or are not 2-D.
+    """
+    old_codes, new_codes = np.asarray(old_codes), np.asarray(new_codes)
+    if old_codes.shape != new_codes.shape or old_codes.ndim != 2:
+        raise ValueError(f"code tables must both be (N, L); got {old_codes.shape} and {new_codes.shape}")
+    return int((old_codes != new_codes).any(1).sum())
 
 
 @dataclass(frozen=True)

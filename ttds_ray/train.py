@@ -25,7 +25,7 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from . import cf, data, embeddings, llm, tasks, towers
+from . import cf, data, dynamic, embeddings, llm, tasks, towers
 from .plots import plot_code_usage, plot_curve, plot_terms
 from .artifacts import RunDir, atomic_write_bytes, read_json, write_json
 from .config import ConfigError, TTDSConfig, config_from_dict
@@ -129,28 +129,34 @@ def stage_data(cfg: TTDSConfig, run: RunDir) -> None:
 # ----------------------------------------------------------------------------- stage: embeddings
 
 class _TextEncoderUDF:
-    """Ray Data callable class: loads the sentence encoder once per actor."""
+    """Ray Data callable class: item text -> semantic embeddings with the configured encoder."""
 
-    def __init__(self, batch_size: int, max_chars: int):
-        self.batch_size, self.max_chars = batch_size, max_chars
+    def __init__(self, ecfg: dict):
+        from .config import EmbeddingsConfig
+        self.cfg = EmbeddingsConfig(**ecfg)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        emb = embeddings.encode_texts(batch["text"].tolist(), batch_size=self.batch_size,
-                                      max_chars=self.max_chars)
+        texts = batch["text"].tolist()
+        if self.cfg.text_encoder == "llm":
+            emb = llm.encode_texts_llm(self.cfg.llm_backbone, [t[:self.cfg.max_text_chars] for t in texts],
+                                       max_tokens=self.cfg.llm_max_tokens)
+        else:
+            emb = embeddings.encode_texts(texts, batch_size=self.cfg.batch_size, max_chars=self.cfg.max_text_chars)
         return pd.DataFrame({"item_idx": batch["item_idx"].to_numpy(), "emb": list(emb)})
 
 
 def stage_embeddings(cfg: TTDSConfig, run: RunDir) -> None:
-    """Item text -> all-MiniLM-L6-v2 embeddings, batch inference with Ray Data map_batches."""
+    """Item text -> semantic embeddings (all-MiniLM-L6-v2, or the backbone LLM's mean-pooled hidden
+    states), batch inference with Ray Data map_batches."""
     prepared = data.Prepared.load(run.require("data"))
     ds = ray.data.from_pandas(prepared.items[["item_idx", "text"]])
-    out = ds.map_batches(_TextEncoderUDF, fn_constructor_args=(cfg.embeddings.batch_size,
-                                                               cfg.embeddings.max_text_chars),
+    out = ds.map_batches(_TextEncoderUDF, fn_constructor_args=(cfg.embeddings.model_dump(),),
                          batch_size=1024, batch_format="pandas", concurrency=1).to_pandas()
     out = out.sort_values("item_idx")
     emb = np.stack(out["emb"].to_numpy()).astype(np.float32)
     assert emb.shape[0] == len(prepared.items)
-    with run.write_stage("embeddings", config_hash=cfg.stage_hash("embeddings"), numbers={"shape": list(emb.shape)}) as (d, _):
+    with run.write_stage("embeddings", config_hash=cfg.stage_hash("embeddings"),
+                         numbers={"shape": list(emb.shape), "text_encoder": cfg.embeddings.text_encoder}) as (d, _):
         embeddings.save_npy(d / "item_text.npy", emb)
 
 
@@ -301,54 +307,132 @@ def build_recommender_lm(cfg: TTDSConfig, run: RunDir):
     return model, tok, vocab, base_vocab
 
 
-def build_samples(cfg: TTDSConfig, run: RunDir, tok, vocab: llm.SIDVocab) -> list[dict]:
-    """seqrec samples (training split only) as token ids."""
-    _, splits = _splits(run)
-    item_t, user_t = load_sid_tables(run)
-    pieces = tasks.PromptPieces.build(tok)
-    return tasks.build_seqrec_samples([s.tolist() for s in splits.train_items], vocab.item_tokens(item_t.codes),
-                                      vocab.user_tokens(user_t.codes), pieces, cfg.tasks,
-                                      max_history=cfg.data.max_history, seed=cfg.seed)
+def task_context(cfg: TTDSConfig, run: RunDir, tok) -> tasks.TaskContext:
+    """Everything the tuning-task builders read: training split, titles, item text (DESIGN §1.5)."""
+    prepared, splits = _splits(run)
+    return tasks.TaskContext(train_seqs=[s.tolist() for s in splits.train_items],
+                             titles=prepared.items["title"].tolist(), item_text=prepared.items["text"].tolist(),
+                             tok=tok, max_history=cfg.data.max_history, use_user_sid=cfg.tasks.use_user_sid)
+
+
+def _ckpt_table(files: dict[str, bytes], name: str) -> np.ndarray | None:
+    return _load_state(files[name])["codes"].numpy() if name in files else None
+
+
+def _broadcast_codes(codes: np.ndarray) -> np.ndarray:
+    """Rank 0's item codes on every rank (the rounds are deterministic; this guards against drift)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return codes
+    t = torch.as_tensor(codes, dtype=torch.long).contiguous()
+    dist.broadcast(t, src=0)
+    return t.numpy()
 
 
 def _llm_loop(config: dict) -> None:
-    """Ray Train worker: LoRA (or full) fine-tuning on the seqrec samples of its Ray Data shard."""
+    """Ray Train worker: LoRA (or full) fine-tuning on the tuning tasks of its Ray Data shard, with the
+    dynamic re-indexing rounds of DESIGN §1.6 between LLM segments (none under ``static_index``).
+
+    Checkpoints (trainable weights, item codes, item tower, step/epoch/batch, round log) are written at
+    every round and epoch end; a resumed worker continues from the exact batch.
+    """
     cfg = config_from_dict(config["cfg"])
     _threads(cfg)
     torch.manual_seed(cfg.seed)
     run = RunDir(config["run_dir"])
     model, tok, vocab, base_vocab = build_recommender_lm(cfg, run)
+    prepared, splits = _splits(run)
+    item_t, user_t = load_sid_tables(run)
+    item_codes, user_tok = item_t.codes, vocab.user_tokens(user_t.codes)
     sid_ids = vocab.item_token_ids.flatten() if cfg.llm.loss_vocab == "sid" else None
     # The shard is read once through Ray Data and kept in the worker (token-id samples are small);
     # re-reading it every epoch cost a whole core on 2-core machines. Epochs shuffle locally.
-    shard = ray.train.get_dataset_shard("train")
-    local = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in shard.iter_rows()]
-    steps_per_epoch = max(1, len(local) // cfg.llm.batch_size)
-    total = min(cfg.llm.max_steps or 10 ** 12, steps_per_epoch * cfg.llm.epochs)
+    local: dict[int, list[dict]] = {}
+    for r in ray.train.get_dataset_shard("train").iter_rows():
+        local.setdefault(int(r["epoch"]), []).append({"ids": list(r["ids"]), "resp": list(r["resp"])})
+    total, spe, bs = config["total_steps"], config["steps_per_epoch"], cfg.llm.batch_size
     opt, sched = llm.make_optimizer(model, cfg.llm, total)
+    reindex_at = dynamic.reindex_steps(total, cfg.dynamic)
+    tower, x, title_vecs = None, None, None
+    if reindex_at:
+        x = tower_inputs(run)
+        tower = towers.load_tower(run.require("tokenizer") / "item_tower.safetensors", x["item_s"].shape[1],
+                                  x["item_c"].shape[1], cfg.tokenizer.item)
+    if cfg.llm.alpha_tok > 0:
+        title_vecs = llm.title_vectors(model, tok, prepared.items["title"].tolist())
     files = _ckpt_files(ray.train.get_checkpoint())
-    step, start_epoch, losses = 0, 0, []
+    step, epoch0, batch0, losses, rounds = 0, 0, 0, [], []
     if files:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         state = _load_state(files["trainable.safetensors"])
         assert set(state) == trainable, "checkpoint does not match the model's trainable parameters"
         model.load_state_dict(state, strict=False)
         meta = json.loads(files["state.json"])
-        step, start_epoch, losses = meta["step"], meta["epoch"] + 1, meta["losses"]
+        step, epoch0, batch0, losses, rounds = (meta["step"], meta["epoch"], meta["batch"], meta["losses"],
+                                                meta["rounds"])
+        item_codes = _ckpt_table(files, "item_codes.safetensors")
+        if tower is not None and "item_tower.safetensors" in files:
+            tower.load_state_dict(_load_state(files["item_tower.safetensors"]))
         for _ in range(step):
             sched.step()
     model = ray.train.torch.prepare_model(model)
     base = getattr(model, "module", model)
+    item_tok = vocab.item_tokens(item_codes)
+    pieces = tasks.PromptPieces.build(tok)
+    train_seqs = [s.tolist() for s in splits.train_items]
+    item_names = prepared.items["item_id"].tolist()
     meta = {"backbone": cfg.llm.backbone, "finetune": cfg.llm.finetune, "base_vocab_size": base_vocab,
             "vocab_size": len(tok)}
+
+    def checkpoint(epoch: int, batch: int, final: bool, metrics: dict) -> None:
+        trainable = {n: p for n, p in base.named_parameters() if p.requires_grad}
+        out = {"trainable.safetensors": _state_bytes(trainable),
+               "item_codes.safetensors": _state_bytes({"codes": torch.as_tensor(item_codes)}),
+               "state.json": json.dumps({"step": step, "epoch": epoch, "batch": batch, "losses": losses,
+                                         "rounds": rounds}).encode()}
+        if tower is not None:
+            out["item_tower.safetensors"] = _state_bytes(tower.state_dict())
+        if final:
+            with tempfile.TemporaryDirectory() as d:
+                llm.save_llm(base, tok, Path(d), meta)
+                out.update({str(p.relative_to(d)): p.read_bytes() for p in Path(d).rglob("*") if p.is_file()})
+        _report(metrics, out)
+
+    def aux_loss(rng: np.random.Generator):
+        if title_vecs is None:
+            return None
+        items = torch.as_tensor(rng.choice(len(item_codes), size=min(bs, len(item_codes)), replace=False))
+        ids = torch.as_tensor(item_tok[items.numpy()])
+        return lambda: cfg.llm.alpha_tok * llm.token_alignment_loss(base, ids, title_vecs[items])
+
     t_start, start_step = time.time(), step
-    bs = cfg.llm.batch_size
-    for epoch in range(start_epoch, cfg.llm.epochs):
+    n_epochs = max(local) + 1 if local else 0
+    for epoch in range(epoch0, n_epochs):
+        ep = local.get(epoch, [])
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(ep))
+        rng = np.random.default_rng([cfg.seed, epoch, 1])
         ep_losses = []
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(local))
-        for i in range(len(order) // bs):
-            b = tasks.collate([local[j] for j in order[i * bs:(i + 1) * bs]], tok.pad_token_id, cfg.llm.max_length)
-            ep_losses.append(llm.train_step(model, opt, sched, b, sid_ids=sid_ids))
+        for i in range(batch0 if epoch == epoch0 else 0, min(spe, len(order) // bs)):
+            if len(rounds) < len(reindex_at) and step >= reindex_at[len(rounds)]:
+                r = len(rounds)
+                users, hist, tgt = dynamic.guidance_prompts(train_seqs, cfg.dynamic.guide_samples,
+                                                            max_history=cfg.data.max_history, seed=cfg.seed + 1000 + r)
+                prompts = tasks.build_eval_prompts(hist, item_tok, user_tok[users], pieces, cfg.tasks,
+                                                   max_history=cfg.data.max_history)
+                res = dynamic.run_round(base, tower, towers.SIDTable(item_codes, item_t.codebook_size),
+                                        prompts=prompts, targets=tgt, pad_id=tok.pad_token_id,
+                                        level1_token_ids=vocab.item_token_ids[0], item_s=x["item_s"],
+                                        item_c=x["item_c"], tok_cfg=cfg.tokenizer, dyn_cfg=cfg.dynamic,
+                                        seed=cfg.seed + r, item_names=item_names)
+                tower, item_codes = res.tower, _broadcast_codes(res.table.codes)
+                item_tok = vocab.item_tokens(item_codes)
+                rounds.append({"round": r + 1, "step": step, **res.stats})
+                _progress("llm/reindex", {"round": r + 1, "step": step, "changed": res.stats["changed"],
+                                          "wall_s": res.stats["wall_s"]})
+                checkpoint(epoch, i, False, {"epoch": epoch, "step": step, "round": r + 1})
+            rows = [ep[j] for j in order[i * bs:(i + 1) * bs]]
+            b = tasks.collate(tasks.render_batch(rows, item_tok, user_tok), tok.pad_token_id, cfg.llm.max_length)
+            ep_losses.append(llm.train_step(model, opt, sched, b, sid_ids=sid_ids, aux_loss=aux_loss(rng)))
             losses.append(ep_losses[-1])
             step += 1
             if step % 50 == 0:
@@ -356,42 +440,75 @@ def _llm_loop(config: dict) -> None:
                                   "sec_per_step": round((time.time() - t_start) / (step - start_step), 3)})
             if step >= total:
                 break
-        metrics = {"epoch": epoch, "step": step, "loss": float(np.mean(ep_losses)) if ep_losses else None}
-        done = step >= total or epoch == cfg.llm.epochs - 1
-        trainable = {n: p for n, p in base.named_parameters() if p.requires_grad}
-        files = {"trainable.safetensors": _state_bytes(trainable),
-                 "state.json": json.dumps({"step": step, "epoch": epoch, "losses": losses}).encode()}
-        if done:
-            with tempfile.TemporaryDirectory() as d:
-                llm.save_llm(base, tok, Path(d), meta)
-                files.update({str(p.relative_to(d)): p.read_bytes() for p in Path(d).rglob("*") if p.is_file()})
-        _report(metrics, files)
+        done = step >= total or epoch == n_epochs - 1
+        checkpoint(epoch + 1, 0, done, {"epoch": epoch, "step": step,
+                                        "loss": float(np.mean(ep_losses)) if ep_losses else None})
         if done:
             break
 
 
+def llm_budget(n_samples: int, cfg: TTDSConfig) -> tuple[int, int, int]:
+    """``(steps_per_epoch, total_steps, n_epochs)`` per worker: ``llm.epochs`` passes over the samples,
+    capped by ``llm.max_steps``; static and dynamic runs of a config get the same budget."""
+    spe = max(1, n_samples // (cfg.llm.batch_size * cfg.ray.num_workers))
+    total = min(cfg.llm.max_steps or 10 ** 12, spe * cfg.llm.epochs)
+    return spe, total, -(-total // spe)
+
+
 def stage_llm(cfg: TTDSConfig, run: RunDir) -> None:
-    """Fine-tune the recommender LM as a Ray Train job fed by a Ray Dataset of samples."""
+    """Fine-tune the recommender LM as a Ray Train job fed by a Ray Dataset of tuning-task samples
+    (templates re-sampled per epoch), with dynamic re-indexing rounds unless ``dynamic.static_index``."""
     tok = llm.load_tokenizer(cfg.llm.backbone)
     item_t, user_t = load_sid_tables(run)
     vocab = llm.add_sid_tokens(tok, item_t.n_levels, item_t.codebook_size, user_t.n_levels, user_t.codebook_size)
-    samples = build_samples(cfg, run, tok, vocab)
-    lens = [len(s["input_ids"]) for s in samples]
-    log.info("llm: %d seqrec samples, mean %.1f tokens; example prompt: %s", len(samples), np.mean(lens),
-             tok.decode(samples[0]["input_ids"]))
-    ds = ray.data.from_items(samples)
-    result = _trainer(_llm_loop, cfg, run, "llm", datasets={"train": ds}).fit()
+    ctx = task_context(cfg, run, tok)
+    first = tasks.build_task_samples(ctx, cfg.tasks, seed=cfg.seed, epoch=0)
+    if not first:
+        raise ConfigError("no training samples: every tasks.weights entry is 0 or the training split is empty")
+    spe, total, n_epochs = llm_budget(len(first), cfg)
+    stats = tasks.task_stats(first, item_t.n_levels, user_t.n_levels)
+    item_tok, user_tok = vocab.item_tokens(item_t.codes), vocab.user_tokens(user_t.codes)
+    for name, st in stats.items():
+        ex = next(s for s in first if s["task"] == name)
+        log.info("llm: task %-15s %6d samples/epoch, mean %.1f tokens; e.g. %s", name, st["n"], st["mean_tokens"],
+                 tasks.example_text(ex, tok, item_tok, user_tok))
+    rows = []
+    for epoch in range(n_epochs):
+        samples = first if epoch == 0 else tasks.build_task_samples(ctx, cfg.tasks, seed=cfg.seed, epoch=epoch)
+        rows += [{"epoch": epoch, "ids": s["ids"], "resp": s["resp"]} for s in samples]
+    log.info("llm: %d steps (%d per epoch, %d epoch(s)); re-index after steps %s", total, spe, n_epochs,
+             dynamic.reindex_steps(total, cfg.dynamic))
+    ds = ray.data.from_items(rows)
+    result = _trainer(_llm_loop, cfg, run, "llm", datasets={"train": ds},
+                      extra={"total_steps": total, "steps_per_epoch": spe}).fit()
     files = _ckpt_files(result.checkpoint)
-    losses = json.loads(files["state.json"])["losses"]
+    state = json.loads(files["state.json"])
+    losses, rounds = state["losses"], state["rounds"]
+    codes = _ckpt_table(files, "item_codes.safetensors")
     with run.write_stage("llm", config_hash=cfg.stage_hash("llm"), numbers={
-            "n_samples": len(samples), "mean_tokens": float(np.mean(lens)), "steps": len(losses),
+            "n_samples_per_epoch": len(first), "tasks": stats, "steps": len(losses), "static_index":
+            cfg.dynamic.is_static, "changed_per_round": [r["changed"] for r in rounds],
             "final_loss": float(np.mean(losses[-20:])) if losses else None}) as (d, _):
         for name, blob in files.items():
-            if name.split("/")[0] in ("tokenizer", "adapter", "model", "llm_meta.json"):
+            if name.split("/")[0] in ("tokenizer", "adapter", "model", "llm_meta.json", "item_tower.safetensors"):
                 atomic_write_bytes(d / name, blob)
+        prepared = data.Prepared.load(run.require("data"))
+        towers.SIDTable(codes, item_t.codebook_size).save(d / "item_sids.parquet", prepared.items["item_id"].tolist(),
+                                                          prefix="i")
         write_json(d / "losses.json", losses)
-        plot_curve(losses, d / "loss.png", title=f"LLM training loss ({cfg.llm.backbone})", ylabel="NLL (nats/token)")
-    log.info("llm: %d steps, final loss %.4f", len(losses), np.mean(losses[-20:]) if losses else float("nan"))
+        write_json(d / "rounds.json", rounds)
+        write_json(d / "task_stats.json", stats)
+        plot_curve(losses, d / "loss.png", title=f"LLM training loss ({cfg.llm.backbone})", ylabel="NLL (nats/token)",
+                   marks=[r["step"] for r in rounds])
+    log.info("llm: %d steps, final loss %.4f, items re-indexed per round %s", len(losses),
+             np.mean(losses[-20:]) if losses else float("nan"), [r["changed"] for r in rounds])
+
+
+def load_final_item_sids(run: RunDir) -> towers.SIDTable:
+    """The item index the LLM was trained with last: ``llm/item_sids.parquet`` (re-indexed by the dynamic
+    rounds), else the tokenizer stage's table."""
+    p = run.root / "llm" / "item_sids.parquet"
+    return towers.SIDTable.load(p) if run.is_complete("llm") and p.is_file() else load_sid_tables(run)[0]
 
 
 # ----------------------------------------------------------------------------- stage: eval
@@ -407,7 +524,8 @@ def stage_eval(cfg: TTDSConfig, run: RunDir, *, progress: bool = True) -> dict:
     n_items = len(prepared.items)
     rows = select_eval_users(len(splits), cfg.eval.max_users, cfg.seed)
     model, tok, meta = llm.load_llm(run.require("llm"), cfg.llm)
-    item_t, user_t = load_sid_tables(run)
+    _, user_t = load_sid_tables(run)
+    item_t = load_final_item_sids(run)
     vocab = llm.sid_vocab_from_tokenizer(tok, item_t.n_levels, item_t.codebook_size, user_t.n_levels,
                                          user_t.codebook_size)
     ranker = TTDSRanker(model, SIDTrie(item_t.codes, vocab.item_token_ids), tok.pad_token_id, cfg.eval.n_beams,
@@ -460,11 +578,51 @@ def _validate_inputs(cfg: TTDSConfig) -> None:
         raise CollisionError(f"{n_items} items cannot get unique semantic IDs from {t.n_levels} levels x "
                              f"{t.codebook_size} codes ({t.codebook_size ** t.n_levels} IDs); raise "
                              "tokenizer.item.codebook_size or tokenizer.item.n_levels")
-    embeddings.minilm_path()
+    if cfg.embeddings.text_encoder == "llm":
+        llm.check_backbone(cfg.embeddings.llm_backbone)
+    else:
+        embeddings.minilm_path()
     llm.check_backbone(cfg.llm.backbone)
 
 
-def run_training(cfg: TTDSConfig, *, overwrite: bool = False, stop_after: str | None = None) -> dict:
+def reuse_stages(cfg: TTDSConfig, src: Path, run: RunDir) -> list[str]:
+    """Hard-link (or copy) the finished stages of run directory ``src`` that were built from the same
+    settings as ``cfg`` into ``run``, in stage order, stopping at the first that differs.
+
+    Returns:
+        The stages taken over. Each is linked into a temp sibling and renamed in (atomic).
+
+    Raises:
+        ConfigError: ``src`` is not a run directory.
+    """
+    src_run = RunDir(src)
+    if not (Path(src) / "data" / "MANIFEST.json").is_file():
+        raise ConfigError(f"--reuse-from {src}: not a run directory with a finished data stage")
+    taken = []
+    for stage in STAGE_FUNCS:
+        h = cfg.stage_hash(stage)
+        if not src_run.is_complete(stage, h):
+            break
+        if not run.is_complete(stage, h):
+            dst = run.stage_dir(stage)
+            tmp = dst.with_name(f".{stage}.reuse-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+
+            def link(a, b):
+                try:
+                    os.link(a, b)
+                except OSError:
+                    shutil.copy2(a, b)
+            shutil.copytree(src_run.stage_dir(stage), tmp, copy_function=link)
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(tmp, dst)
+        taken.append(stage)
+    return taken
+
+
+def run_training(cfg: TTDSConfig, *, overwrite: bool = False, stop_after: str | None = None,
+                 reuse_from: str | Path | None = None) -> dict:
     """Run every stage not already finished with the same settings, in order.
 
     A stage is reused when its manifest's ``config_hash`` equals ``cfg.stage_hash(stage)``;
@@ -484,6 +642,8 @@ def run_training(cfg: TTDSConfig, *, overwrite: bool = False, stop_after: str | 
         raise ConfigError(f"cannot create the run directory {run.root}: {e}; set output_dir to a writable "
                           "directory") from None
     _save_config(cfg, run)
+    if reuse_from is not None and not overwrite:
+        log.info("reused from %s: %s", reuse_from, reuse_stages(cfg, Path(reuse_from), run))
     handler = logging.FileHandler(run.root / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger("ttds_ray").addHandler(handler)
