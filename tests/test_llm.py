@@ -1,21 +1,38 @@
-"""Recommender LM: SID tokens in the vocabulary, LoRA training of new rows, save/reload, losses."""
+"""Recommender LM: SID tokens in the vocabulary, LoRA training of new rows, save/reload (also in a fresh
+process), the mixed SID/text loss, token-grain alignment, frozen-LLM guidance and the LLM text encoder."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+import transformers
 
 from ttds_ray import llm
 from ttds_ray.config import LLMConfig
+from ttds_ray.decoding import SIDTrie
+from ttds_ray.evaluate import TTDSRanker
 
 torch.set_num_threads(1)
 TINY = dict(backbone="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2)
+LEVELS, K, USER_LEVELS, USER_K = 3, 8, 2, 4
+N_ITEMS, N_USERS, TOP = 30, 20, 10
 
 
 @pytest.fixture(scope="module")
 def tok_and_vocab():
     tok = llm.load_tokenizer("tiny")
     base = len(tok)
-    vocab = llm.add_sid_tokens(tok, 3, 8, 2, 4)
+    vocab = llm.add_sid_tokens(tok, LEVELS, K, USER_LEVELS, USER_K)
     return tok, vocab, base
+
+
+def _cfg(finetune: str, **kw) -> LLMConfig:
+    # LLMConfig itself allows tiny + lora (only TTDSConfig refuses it): the code paths are the same.
+    return LLMConfig(**TINY, finetune=finetune, lr=1e-2, warmup_steps=0, **kw)
 
 
 def _model(cfg, base, tok, vocab):
@@ -31,64 +48,172 @@ def _batch(vocab):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def test_sid_tokens_are_atomic_and_survive_save_load(tok_and_vocab, tmp_path):
+def _effective_rows(model, n_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input embedding and lm_head weight ``(V, D)`` as the model computes with them (peft rows merged),
+    read through the modules' forward, not through llm's helpers."""
+    with torch.no_grad():
+        inp = model.get_input_embeddings()(torch.arange(n_vocab))                  # (V, D)
+        out = model.get_output_embeddings()(torch.eye(inp.shape[1])).T             # (V, D)
+    return inp.clone(), out.clone()
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_sid_tokens_are_atomic_and_round_trip_before_and_after_save_load(tok_and_vocab, tmp_path):
     tok, vocab, _ = tok_and_vocab
-    text = "".join(f"<i{l + 1}_{k}>" for l, k in enumerate([3, 0, 7]))
-    ids = tok.encode(text, add_special_tokens=False)
-    assert ids == [int(vocab.item_token_ids[l, k]) for l, k in enumerate([3, 0, 7])]
+    strings = (llm.sid_token_strings("i", LEVELS, K) + llm.sid_token_strings("u", USER_LEVELS, USER_K))
+    ids = vocab.new_token_ids
+    text = "user <u1_2><u2_3> bought <i1_3><i2_0><i3_7> then"
     tok.save_pretrained(tmp_path)
     back = llm.load_tokenizer(str(tmp_path))
-    assert back.encode(text, add_special_tokens=False) == ids
-    assert torch.equal(llm.sid_vocab_from_tokenizer(back, 3, 8, 2, 4).item_token_ids, vocab.item_token_ids)
+    for t in (tok, back):
+        assert [t.encode(s, add_special_tokens=False) for s in strings] == [[i] for i in ids]
+        assert [t.decode([i]) for i in ids] == strings
+        enc = t.encode(text, add_special_tokens=False)
+        assert t.encode(t.decode(enc), add_special_tokens=False) == enc
+        assert enc[6:9] == [int(vocab.item_token_ids[l, k]) for l, k in enumerate([3, 0, 7])]
+        assert enc[2:4] == [int(vocab.user_token_ids[l, k]) for l, k in enumerate([2, 3])]
+    assert torch.equal(llm.sid_vocab_from_tokenizer(back, LEVELS, K, USER_LEVELS, USER_K).item_token_ids,
+                       vocab.item_token_ids)
+
+
+# ---------------------------------------------------------------- training the new rows
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_one_step_trains_the_new_token_rows_only(tok_and_vocab, finetune):
+@pytest.mark.parametrize("loss_vocab", ["full", "sid"])
+def test_one_step_trains_the_new_token_rows_only(tok_and_vocab, finetune, loss_vocab):
+    """One AdamW step on SID labels moves the new SID rows of the input embedding AND of lm_head
+    (effective, peft-merged weights) and leaves the pretrained rows (incl. the prompt's) as built."""
     tok, vocab, base = tok_and_vocab
-    cfg = LLMConfig(**TINY, finetune=finetune, lr=1e-2, warmup_steps=0)
+    cfg = _cfg(finetune)
     model = _model(cfg, base, tok, vocab)
-    emb = lambda: model.get_input_embeddings()(vocab.item_token_ids.flatten()).detach().clone()  # noqa: E731
-    before = emb()
+    sid = vocab.item_token_ids.flatten()
+    in0, out0 = _effective_rows(model, len(tok))
     opt, sched = llm.make_optimizer(model, cfg, 10)
-    llm.train_step(model, opt, sched, _batch(vocab))
-    assert not torch.allclose(before, emb())
-    old_rows = model.get_input_embeddings()(torch.arange(10)).detach()
-    assert torch.allclose(old_rows, llm.build_backbone(cfg, base, seed=0).get_input_embeddings().weight[:10])
+    llm.train_step(model, opt, sched, _batch(vocab), sid_ids=sid if loss_vocab == "sid" else None)
+    in1, out1 = _effective_rows(model, len(tok))
+    used = torch.tensor(sorted(set(_batch(vocab)["input_ids"][0, 3:].tolist())))
+    assert (in1[used] - in0[used]).abs().amax(-1).min() > 1e-4                # every SID row in the batch moved
+    assert (out1[sid] - out0[sid]).abs().amax(-1).min() > 1e-4                 # every SID row of the head moved
+    fresh = llm.build_backbone(cfg, base, seed=0).get_input_embeddings().weight[:10]   # tied: also the head rows
+    assert torch.equal(in1[:10], fresh) and torch.equal(out1[:10], fresh)
+
+
+# ---------------------------------------------------------------- save / reload
+
+
+def _items_and_users(vocab):
+    """Unique 3-level codes of N_ITEMS items and N_USERS seqrec-like prompts (pretrained token ids)."""
+    rng = np.random.default_rng(0)
+    flat = rng.choice(K ** LEVELS, size=N_ITEMS, replace=False)
+    codes = np.stack([flat // K ** 2, flat // K % K, flat % K], axis=1)
+    prompts = [rng.integers(100, 5000, size=int(rng.integers(3, 12))).tolist() for _ in range(N_USERS)]
+    return codes, prompts
+
+
+def _rank(model, tok, codes, prompts) -> list[list[int]]:
+    """Top-TOP item_idx per prompt, trie-constrained beam search (the eval path)."""
+    vocab = llm.sid_vocab_from_tokenizer(tok, LEVELS, K, USER_LEVELS, USER_K)
+    ranker = TTDSRanker(model, SIDTrie(codes, vocab.item_token_ids), tok.pad_token_id, n_beams=TOP)
+    return ranker.rank(prompts, batch_size=8).tolist()
+
+
+def _train_on_users(model, cfg, vocab, codes, prompts, steps: int):
+    """A few steps of seqrec-like training: prompt -> SID of item (first prompt token mod N_ITEMS)."""
+    sid_tokens = vocab.item_tokens(codes)                                     # (N, L)
+    samples = [{"input_ids": p + sid_tokens[p[0] % N_ITEMS].tolist(),
+                "labels": [-100] * len(p) + sid_tokens[p[0] % N_ITEMS].tolist()} for p in prompts]
+    from ttds_ray.tasks import collate
+    batch = collate(samples, 2, 64)
+    opt, sched = llm.make_optimizer(model, cfg, steps)
+    for _ in range(steps):
+        llm.train_step(model, opt, sched, batch, sid_ids=vocab.item_token_ids.flatten())
+
+
+_FRESH_PROCESS = """
+import json, sys
+import numpy as np, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+import test_llm
+from ttds_ray import llm
+from ttds_ray.config import LLMConfig
+a = json.load(open(sys.argv[1]))
+model, tok, _ = llm.load_llm(a["dir"], LLMConfig(**a["cfg"]))
+print("RANKED=" + json.dumps(test_llm._rank(model, tok, np.array(a["codes"]), a["prompts"])))
+"""
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_save_and_reload_reproduce_logits(tok_and_vocab, tmp_path, finetune):
+def test_save_and_reload_reproduce_logits_and_top10(tok_and_vocab, tmp_path, finetune):
+    """save_llm/load_llm give the same logits and the same top-10 items for 20 users, in this process
+    and (for the LoRA adapter) in a fresh one; the model is trained away from its init first."""
     tok, vocab, base = tok_and_vocab
-    cfg = LLMConfig(**TINY, finetune=finetune, lr=1e-2, warmup_steps=0)
+    cfg = _cfg(finetune)
     model = _model(cfg, base, tok, vocab)
-    opt, sched = llm.make_optimizer(model, cfg, 10)
-    for _ in range(2):
-        llm.train_step(model, opt, sched, _batch(vocab))
+    codes, prompts = _items_and_users(vocab)
+    at_init = _rank(model, tok, codes, prompts)
+    _train_on_users(model, cfg, vocab, codes, prompts, steps=4)
     model.eval()
+    ranked = _rank(model, tok, codes, prompts)
+    assert ranked != at_init                                                   # training changed the rankings
+    assert all(len(set(r)) == TOP and min(r) >= 0 for r in ranked)
     llm.save_llm(model, tok, tmp_path, {"backbone": "tiny", "finetune": finetune, "base_vocab_size": base})
-    back, _, _ = llm.load_llm(tmp_path, cfg)
+    back, back_tok, _ = llm.load_llm(tmp_path, cfg)
     b = _batch(vocab)
     with torch.no_grad():
-        a = model(input_ids=b["input_ids"]).logits
-        c = back(input_ids=b["input_ids"]).logits
-    assert torch.allclose(a, c, atol=1e-5)
+        assert torch.allclose(model(input_ids=b["input_ids"]).logits, back(input_ids=b["input_ids"]).logits,
+                              atol=1e-5)
+    assert _rank(back, back_tok, codes, prompts) == ranked
+    if finetune != "lora":
+        return
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"dir": str(tmp_path), "cfg": cfg.model_dump(), "codes": codes.tolist(),
+                                "prompts": prompts}))
+    code = _FRESH_PROCESS.format(tests=str(Path(__file__).parent))
+    run = subprocess.run([sys.executable, "-c", code, str(args)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(x for x in run.stdout.splitlines() if x.startswith("RANKED="))
+    assert json.loads(line[len("RANKED="):]) == ranked
 
 
-def test_sid_loss_is_the_restricted_softmax(tok_and_vocab):
+# ---------------------------------------------------------------- losses
+
+
+def _mixed_batch(vocab, tok):
+    """Two left-padded rows: prompt -> item SID (row 0); prompt -> item SID + a title + eos (row 1)."""
+    text = tok.encode(" red shoe", add_special_tokens=False) + [tok.eos_token_id]
+    rows = [([5, 6, 7, 8], vocab.item_token_ids[:, 1].tolist()),
+            ([9, 10], vocab.item_token_ids[:, 3].tolist() + text)]
+    from ttds_ray.tasks import collate
+    return collate([{"input_ids": p + r, "labels": [-100] * len(p) + r} for p, r in rows], tok.pad_token_id, 64)
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_mixed_loss_uses_the_sid_softmax_at_sid_labels_and_the_full_softmax_at_text(tok_and_vocab, finetune):
     tok, vocab, base = tok_and_vocab
-    cfg = LLMConfig(**TINY, finetune="full")
-    model = _model(cfg, base, tok, vocab).eval()
-    b = _batch(vocab)
+    cfg = _cfg(finetune, lora_dropout=0.0)
+    model = _model(cfg, base, tok, vocab)
     sid = vocab.item_token_ids.flatten()
+    opt, sched = llm.make_optimizer(model, cfg, 10)
+    llm.train_step(model, opt, sched, _batch(vocab))               # trained rows differ from the base rows
+    model.eval()
+    b = _mixed_batch(vocab, tok)
     got = llm.lm_loss(model, b, sid_ids=sid)
-    logits = model(input_ids=b["input_ids"]).logits[0, :-1][:, sid]           # (T-1, S)
-    tgt = b["labels"][0, 1:]
-    keep = tgt != -100
-    y = torch.tensor([sid.tolist().index(int(t)) for t in tgt[keep]])
-    want = torch.nn.functional.cross_entropy(logits[keep], y)
-    assert torch.allclose(got, want, atol=1e-5)
-    b["labels"][0, 2] = 5                                                      # a text label
-    with pytest.raises(ValueError, match="loss_vocab=sid"):
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       position_ids=llm.position_ids_from_mask(b["attention_mask"])).logits    # (B, T, V)
+    nll, sid_list = [], sid.tolist()
+    for r, t in zip(*torch.nonzero(b["labels"] != -100, as_tuple=True)):
+        y, row = int(b["labels"][r, t]), logits[r, t - 1]
+        nll.append(-(row[sid].log_softmax(-1)[sid_list.index(y)] if y in sid_list else row.log_softmax(-1)[y]))
+    assert len(nll) == 2 * LEVELS + 3 and sum(int(y) not in sid_list for y in b["labels"][b["labels"] != -100]) == 3
+    assert torch.allclose(got, torch.stack(nll).mean(), atol=1e-5)
+    assert not torch.allclose(got, llm.lm_loss(model, b), atol=1e-3)           # differs from the full softmax
+    b["labels"][:] = -100
+    with pytest.raises(ValueError, match="no labelled position"):
         llm.lm_loss(model, b, sid_ids=sid)
 
 
@@ -101,6 +226,122 @@ def test_rows_are_initialised_from_titles(tok_and_vocab):
     llm.init_sid_rows(model, tok, vocab, codes, ["red shoe", "blue hat"], np.array([[1, 2]]), [[0, 1]])
     emb = model.get_input_embeddings().weight
     t = [emb[tok.encode(x, add_special_tokens=False)].mean(0) for x in ("red shoe", "blue hat")]
+    assert torch.allclose(llm.title_vectors(model, tok, ["red shoe", "blue hat"]), torch.stack(t), atol=1e-6)
     assert torch.allclose(emb[vocab.item_token_ids[0, 0]], (t[0] + t[1]) / 2, atol=1e-6)
     assert torch.allclose(emb[vocab.item_token_ids[1, 1]], t[0], atol=1e-6)
     assert torch.allclose(emb[vocab.user_token_ids[0, 1]], (t[0] + t[1]) / 2, atol=1e-6)
+
+
+def test_token_alignment_loss_trains_the_sid_rows_under_lora(tok_and_vocab):
+    tok, vocab, base = tok_and_vocab
+    cfg = _cfg("lora")
+    model = _model(cfg, base, tok, vocab)
+    codes = np.array([[0, 1, 2], [0, 2, 3], [5, 1, 7], [6, 6, 6]])
+    titles = ["red shoe", "blue hat", "green tea", "wooden chess board"]
+    ids = torch.as_tensor(vocab.item_tokens(codes))                           # (B, L)
+    text = llm.title_vectors(model, tok, titles)                              # (B, D)
+    loss = llm.token_alignment_loss(model, ids, text)
+    with torch.no_grad():
+        e = model.get_input_embeddings()(torch.arange(len(tok)))             # (V, D)
+        want = (1 - F.cosine_similarity(e[ids].sum(1), text, dim=-1)).mean()
+    assert torch.allclose(loss, want, atol=1e-6)
+    loss.backward()
+    delta = model.get_input_embeddings().token_adapter.trainable_tokens_delta["default"]    # (n_new, D)
+    row_of = {t: r for r, t in enumerate(vocab.new_token_ids)}
+    used = sorted({row_of[int(t)] for t in ids.flatten()})
+    unused = sorted(set(range(len(row_of))) - set(used))
+    assert (delta.grad[used].norm(dim=-1) > 0).all() and (delta.grad[unused] == 0).all()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        step_loss = llm.token_alignment_loss(model, ids, text)
+        step_loss.backward()
+        opt.step()
+        losses.append(step_loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    with pytest.raises(ValueError, match="item_token_ids"):
+        llm.token_alignment_loss(model, ids, text[:2])
+
+
+# ---------------------------------------------------------------- frozen-LLM guidance
+
+
+def _gpt2():
+    """GPT-2 has absolute positions, so a wrong position id changes its output (Llama's RoPE does not)."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32,
+                                                                 n_layer=2, n_head=4, bos_token_id=0,
+                                                                 eos_token_id=0))
+    with torch.no_grad():
+        model.transformer.wpe.weight.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lora", "gpt2"])
+def test_llm_guidance_is_batch_size_invariant_and_sums_to_one(tok_and_vocab, kind):
+    tok, vocab, base = tok_and_vocab
+    rng = np.random.default_rng(1)
+    if kind == "gpt2":
+        model, level1, pad = _gpt2(), torch.arange(200, 208), 0
+        prompts = [rng.integers(1, 200, size=int(n)).tolist() for n in rng.integers(1, 15, size=7)]
+    else:
+        cfg = _cfg("lora")
+        model, level1, pad = _model(cfg, base, tok, vocab), vocab.item_token_ids[0], tok.pad_token_id
+        opt, sched = llm.make_optimizer(model, cfg, 10)
+        llm.train_step(model, opt, sched, _batch(vocab))
+        prompts = [rng.integers(100, 5000, size=int(n)).tolist() + vocab.user_token_ids[:, 1].tolist()
+                   for n in rng.integers(1, 15, size=7)]
+    model.train()
+    runs = [llm.llm_guidance(model, prompts, pad, level1, batch_size=bs) for bs in (1, 3, 32)]
+    assert model.training
+    hidden, probs = runs[0]
+    assert hidden.shape == (7, 32) and probs.shape == (7, 8)
+    assert hidden.dtype == probs.dtype == torch.float32
+    for h, p in runs[1:]:
+        torch.testing.assert_close(h, hidden, atol=1e-5, rtol=0)
+        torch.testing.assert_close(p, probs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(7))
+    model.eval()
+    with torch.no_grad():                                   # each prompt alone, unpadded, through the LM's own logits
+        want = torch.stack([model(input_ids=torch.tensor([p])).logits[0, -1, level1].softmax(-1) for p in prompts])
+    torch.testing.assert_close(probs, want, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- LLM text encoder
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory, tok_and_vocab):
+    """A small Llama from config + the SmolLM2 tokenizer, saved as an HF directory (no hub access)."""
+    tok = llm.load_tokenizer("tiny")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2))
+    out = tmp_path_factory.mktemp("tiny_lm")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, model.eval(), tok
+
+
+def test_encode_texts_llm_is_mask_aware_mean_pooling(tiny_lm_dir):
+    path, model, tok = tiny_lm_dir
+    texts = ["red shoe", "a far longer description of a wide blue hat with a brim", "green tea"]
+    vecs = llm.encode_texts_llm(str(path), texts, batch_size=16)
+    alone = llm.encode_texts_llm(str(path), texts[:1], batch_size=1)
+    assert vecs.shape == (3, 32) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vecs[0], alone[0], atol=1e-5)                   # padding does not leak in
+
+    def by_hand(ids):
+        with torch.no_grad():
+            h = model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0].mean(0)   # (D,)
+        return F.normalize(h, dim=0).numpy()
+
+    np.testing.assert_allclose(alone[0], by_hand(tok.encode(texts[0])), atol=1e-5)
+    short = llm.encode_texts_llm(str(path), texts[1:2], max_tokens=3)
+    np.testing.assert_allclose(short[0], by_hand(tok.encode(texts[1])[:3]), atol=1e-5)
+    np.testing.assert_allclose(llm.encode_texts_llm(str(path), [""])[0], by_hand([tok.eos_token_id]), atol=1e-5)
+    with pytest.raises(ValueError, match="randomly initialised"):
+        llm.encode_texts_llm("tiny", texts)

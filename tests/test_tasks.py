@@ -1,19 +1,25 @@
-"""seqrec samples: windows, labels, and no validation/test target ever reaching training inputs."""
+"""seqrec samples: windows, labels, and no validation/test target ever reaching training inputs (any task)."""
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from ttds_ray import cf, data
-from ttds_ray.config import CFConfig, TasksConfig, TokenizerConfig, TowerConfig
-from ttds_ray.tasks import PromptPieces, build_eval_prompts, build_seqrec_samples, collate, seqrec_windows
+from ttds_ray.config import CFConfig, TasksConfig, TaskWeights, TokenizerConfig, TowerConfig
+from ttds_ray.tasks import (TASKS, PromptPieces, TaskContext, build_eval_prompts, build_seqrec_samples,
+                            build_task_samples, collate, render_batch, seqrec_windows)
 from ttds_ray.towers import export_user_sids, fit_tower, user_semantic_embeddings
 
 
 class FakeTok:
-    """Character-level stand-in: one id per character (ids 1000+ord)."""
+    """Character-level stand-in: one id per character (ids 1000+ord); eos = 3."""
+    eos_token_id = 3
+
     def encode(self, text, add_special_tokens=False):
         return [1000 + ord(ch) for ch in text]
+
+    def decode(self, ids):
+        return "".join(chr(i - 1000) if i >= 1000 else f"<{i}>" for i in ids)
 
 
 def test_windows_cover_sequence_and_respect_max_history():
@@ -40,7 +46,8 @@ def _raw(rows):
     inter["order"] = np.arange(len(inter))
     items = pd.DataFrame({"item_id": sorted(inter["item_id"].unique())})
     items["title"] = "t " + items["item_id"]
-    items["text"] = items["title"]
+    items["text"] = ("title: " + items["title"] + "; brand: " + np.where(items["item_id"] < "r", "Acme", "Zest")
+                     + "; categories: Top,C" + items["item_id"])
     return data.RawData(inter, items)
 
 
@@ -51,8 +58,14 @@ def _training_inputs(raw):
     n = len(prep.items)
     item_tokens = np.arange(n * 2).reshape(n, 2) + 100
     user_tokens = np.arange(len(train) * 2).reshape(-1, 2) + 900
-    samples = build_seqrec_samples(train, item_tokens, user_tokens, PromptPieces.build(FakeTok()), TasksConfig(),
-                                   max_history=20, seed=0)
+    seqrec = build_seqrec_samples(train, item_tokens, user_tokens, PromptPieces.build(FakeTok()), TasksConfig(),
+                                  max_history=20, seed=0)
+    ctx = TaskContext(train_seqs=train, titles=prep.items["title"].tolist(), item_text=prep.items["text"].tolist(),
+                      tok=FakeTok(), max_history=3, use_user_sid=True)
+    cfg = TasksConfig(weights=TaskWeights(**{t: 3.0 for t in TASKS}), neighbour_min_overlap=1)
+    every_task = build_task_samples(ctx, cfg, seed=0, epoch=0)
+    assert {s["task"] for s in every_task} == set(TASKS)
+    samples = (seqrec, every_task, render_batch(every_task, item_tokens, user_tokens))
     text = np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32)
     user_s = user_semantic_embeddings(text, train)
     batches = list(cf.make_training_batches(train, 8, 4, np.random.default_rng(0), stride=2))
@@ -79,7 +92,7 @@ def test_changing_a_test_or_valid_item_leaves_every_training_input_identical():
     for changed in (rows[:4] + [("a", "q", 4)] + rows[5:],    # user a's test item t -> q
                     rows[:3] + [("a", "p", 3)] + rows[4:]):   # user a's valid item s -> p
         other = _training_inputs(_raw(changed))
-        assert other[1] == base[1]                                      # seqrec samples
+        assert other[1] == base[1]                                      # samples of every task (+ rendered)
         assert other[2].tobytes() == base[2].tobytes()                  # user semantic inputs
         assert all((x["seq"] == y["seq"]).all() and (x["target"] == y["target"]).all()
                    for x, y in zip(other[3], base[3]))                   # SASRec batches
@@ -93,7 +106,7 @@ def test_changing_a_test_or_valid_item_leaves_every_training_input_identical():
 def test_no_sample_contains_a_heldout_target_position():
     """Every sample is a window of train_items: its item tokens match a contiguous slice of them."""
     rows = [(f"u{u}", f"i{(u * 7 + t) % 13}", t) for u in range(6) for t in range(9)]
-    splits, samples, *_ = _training_inputs(_raw(rows))
+    splits, (samples, *_), *_ = _training_inputs(_raw(rows))
     for s in samples:
         assert all(l == -100 or l >= 100 for l in s["labels"])
     n_tokens = sum(sum(1 for l in s["labels"] if l != -100) for s in samples)
