@@ -192,3 +192,34 @@ def test_more_beams_than_codes_per_level(tiny_llama):
     assert (result.item_idx >= 0).all() and len(set(result.item_idx[0].tolist())) == 30
     expected = brute_force_scores(tiny_llama, input_ids[0], codes)
     torch.testing.assert_close(result.scores[0], expected[result.item_idx[0]], atol=1e-4, rtol=0)
+
+
+class _BiasedLM(torch.nn.Module):
+    """Wraps an LM and adds a fixed bias to its logits: an LM that prefers tokens decoding must refuse."""
+
+    def __init__(self, lm: torch.nn.Module, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.lm = lm
+        self.register_buffer("bias", bias)
+
+    def forward(self, **kwargs):
+        out = self.lm(**kwargs)
+        out.logits = out.logits + self.bias
+        return out
+
+
+def test_top_k_holds_only_catalogue_items_even_when_the_lm_prefers_padding_and_unknown_codes(tiny_llama):
+    """The trie, not the LM, decides what can be emitted: +30 nats on the padding id and on every
+    level-1 code no item starts with changes nothing about validity (no -1, no foreign item, no repeat)."""
+    codes = random_codes(200, seed=12)
+    codes = codes[np.isin(codes[:, 0], [0, 1])][:20]                 # level-1 codes 2..7 lead to no item
+    trie = SIDTrie(codes, LEVEL_TOKEN_IDS)
+    bias = torch.zeros(300)
+    bias[0] = 30.0                                                   # the padding id of random_prompts
+    bias[LEVEL_TOKEN_IDS[0, 2:]] = 30.0
+    input_ids, attention_mask = random_prompts([5, 9, 3], seed=2)
+    result = beam_search(_BiasedLM(tiny_llama, bias), trie, input_ids, attention_mask, n_beams=10)
+    assert result.item_idx.shape == (3, 10)
+    for items, scores in zip(result.item_idx.tolist(), result.scores):
+        assert all(0 <= i < len(codes) for i in items) and len(set(items)) == len(items)
+        assert torch.isfinite(scores).all()

@@ -15,6 +15,7 @@ from ttds_ray import llm
 from ttds_ray.config import LLMConfig
 from ttds_ray.decoding import SIDTrie
 from ttds_ray.evaluate import TTDSRanker
+from ttds_ray.tasks import collate
 
 torch.set_num_threads(1)
 TINY = dict(backbone="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2)
@@ -125,7 +126,6 @@ def _train_on_users(model, cfg, vocab, codes, prompts, steps: int):
     sid_tokens = vocab.item_tokens(codes)                                     # (N, L)
     samples = [{"input_ids": p + sid_tokens[p[0] % N_ITEMS].tolist(),
                 "labels": [-100] * len(p) + sid_tokens[p[0] % N_ITEMS].tolist()} for p in prompts]
-    from ttds_ray.tasks import collate
     batch = collate(samples, 2, 64)
     opt, sched = llm.make_optimizer(model, cfg, steps)
     for _ in range(steps):
@@ -187,7 +187,6 @@ def _mixed_batch(vocab, tok):
     text = tok.encode(" red shoe", add_special_tokens=False) + [tok.eos_token_id]
     rows = [([5, 6, 7, 8], vocab.item_token_ids[:, 1].tolist()),
             ([9, 10], vocab.item_token_ids[:, 3].tolist() + text)]
-    from ttds_ray.tasks import collate
     return collate([{"input_ids": p + r, "labels": [-100] * len(p) + r} for p, r in rows], tok.pad_token_id, 64)
 
 
@@ -262,6 +261,23 @@ def test_token_alignment_loss_trains_the_sid_rows_under_lora(tok_and_vocab):
     assert losses[-1] < 0.8 * losses[0], losses
     with pytest.raises(ValueError, match="item_token_ids"):
         llm.token_alignment_loss(model, ids, text[:2])
+
+
+def test_train_step_adds_the_aux_loss_but_reports_the_lm_loss(tok_and_vocab):
+    tok, vocab, base = tok_and_vocab
+    ids = torch.as_tensor(vocab.item_tokens(np.array([[1, 1, 1], [3, 3, 3]])))         # the rows _batch uses
+    rows = []
+    for with_aux in (False, True):
+        cfg = _cfg("lora")
+        model = _model(cfg, base, tok, vocab)
+        text = llm.title_vectors(model, tok, ["red shoe", "blue hat"])
+        opt, sched = llm.make_optimizer(model, cfg, 10)
+        aux = (lambda: 10.0 * llm.token_alignment_loss(model, ids, text)) if with_aux else None  # noqa: B023
+        torch.manual_seed(0)                                                           # same LoRA dropout
+        rows.append((llm.train_step(model, opt, sched, _batch(vocab), aux_loss=aux),
+                     _effective_rows(model, len(tok))[0][ids.flatten()]))
+    assert rows[0][0] == pytest.approx(rows[1][0], abs=1e-6)
+    assert not torch.allclose(rows[0][1], rows[1][1], atol=1e-5)
 
 
 # ---------------------------------------------------------------- frozen-LLM guidance

