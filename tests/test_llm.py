@@ -267,17 +267,19 @@ def test_train_step_adds_the_aux_loss_but_reports_the_lm_loss(tok_and_vocab):
     tok, vocab, base = tok_and_vocab
     ids = torch.as_tensor(vocab.item_tokens(np.array([[1, 1, 1], [3, 3, 3]])))         # the rows _batch uses
     rows = []
-    for with_aux in (False, True):
+    for with_aux, as_module in ((False, False), (True, False), (True, True)):
         cfg = _cfg("lora")
         model = _model(cfg, base, tok, vocab)
         text = llm.title_vectors(model, tok, ["red shoe", "blue hat"])
         opt, sched = llm.make_optimizer(model, cfg, 10)
         aux = (lambda: 10.0 * llm.token_alignment_loss(model, ids, text)) if with_aux else None  # noqa: B023
         torch.manual_seed(0)                                                           # same LoRA dropout
-        rows.append((llm.train_step(model, opt, sched, _batch(vocab), aux_loss=aux),
+        step_on = llm.LMLoss(model) if as_module else model      # the form Ray Train's DDP wraps
+        rows.append((llm.train_step(step_on, opt, sched, _batch(vocab), aux_loss=aux),
                      _effective_rows(model, len(tok))[0][ids.flatten()]))
     assert rows[0][0] == pytest.approx(rows[1][0], abs=1e-6)
     assert not torch.allclose(rows[0][1], rows[1][1], atol=1e-5)
+    assert rows[2][0] == pytest.approx(rows[1][0], abs=1e-6) and torch.allclose(rows[2][1], rows[1][1])
 
 
 # ---------------------------------------------------------------- frozen-LLM guidance

@@ -542,11 +542,28 @@ def make_optimizer(model: nn.Module, cfg: LLMConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+class LMLoss(nn.Module):
+    """:func:`lm_loss` as a module's forward, so that Ray Train's ``prepare_model`` (DDP) wraps the
+    whole loss computation: DDP only synchronises gradients of a forward that runs through it, and
+    the SID-restricted loss calls the decoder directly. ``forward(batch) -> scalar``."""
+
+    def __init__(self, model: nn.Module, sid_ids: torch.Tensor | None = None):
+        super().__init__()
+        self.model, self.sid_ids = model, sid_ids
+
+    def forward(self, batch: dict, aux_loss: Callable[[], torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(lm loss, aux_loss() or None)``; the aux term runs inside the (DDP) forward too."""
+        return lm_loss(self.model, batch, sid_ids=self.sid_ids), (aux_loss() if aux_loss is not None else None)
+
+
 def train_step(model: nn.Module, opt, sched, batch: dict, *, sid_ids: torch.Tensor | None = None,
                max_grad_norm: float = 1.0, aux_loss: Callable[[], torch.Tensor] | None = None) -> float:
     """One optimiser step of :func:`lm_loss` on a collated batch.
 
     Args:
+        model: the causal LM, or an :class:`LMLoss` (possibly DDP-wrapped), whose forward gives the loss
+            (``sid_ids`` is then ignored).
         aux_loss: optional zero-argument callable returning an extra scalar term (already weighted,
             e.g. ``alpha_tok * token_alignment_loss(...)``), added to the loss before backward.
 
@@ -554,8 +571,12 @@ def train_step(model: nn.Module, opt, sched, batch: dict, *, sid_ids: torch.Tens
         The LM loss alone (nats/token), without ``aux_loss``.
     """
     model.train()
-    loss = lm_loss(model, batch, sid_ids=sid_ids)
-    total = loss if aux_loss is None else loss + aux_loss()
+    is_module = isinstance(getattr(model, "module", model), LMLoss)
+    if is_module:
+        loss, aux = model(batch, aux_loss)
+    else:
+        loss, aux = lm_loss(model, batch, sid_ids=sid_ids), (aux_loss() if aux_loss is not None else None)
+    total = loss if aux is None else loss + aux
     opt.zero_grad(set_to_none=True)
     total.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)

@@ -375,8 +375,8 @@ def _llm_loop(config: dict) -> None:
             tower.load_state_dict(_load_state(files["item_tower.safetensors"]))
         for _ in range(step):
             sched.step()
-    model = ray.train.torch.prepare_model(model)
-    base = getattr(model, "module", model)
+    base = model
+    model = ray.train.torch.prepare_model(llm.LMLoss(base, sid_ids))   # DDP wraps the loss (several workers)
     item_tok = vocab.item_tokens(item_codes)
     pieces = tasks.PromptPieces.build(tok)
     train_seqs = [s.tolist() for s in splits.train_items]
@@ -432,7 +432,7 @@ def _llm_loop(config: dict) -> None:
                 checkpoint(epoch, i, False, {"epoch": epoch, "step": step, "round": r + 1})
             rows = [ep[j] for j in order[i * bs:(i + 1) * bs]]
             b = tasks.collate(tasks.render_batch(rows, item_tok, user_tok), tok.pad_token_id, cfg.llm.max_length)
-            ep_losses.append(llm.train_step(model, opt, sched, b, sid_ids=sid_ids, aux_loss=aux_loss(rng)))
+            ep_losses.append(llm.train_step(model, opt, sched, b, aux_loss=aux_loss(rng)))
             losses.append(ep_losses[-1])
             step += 1
             if step % 50 == 0:
