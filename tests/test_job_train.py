@@ -68,9 +68,25 @@ def test_train_job_end_to_end_on_real_slice(tmp_path):
     assert len(sids) == len(set(sids)) == m["n_items"]
     ranked = np.stack(pq.read_table(run / "eval" / "rankings.parquet").column("ranked").to_numpy(zero_copy_only=False))
     assert ranked.shape == (30, 20) and ranked.min() >= 0 and ranked.max() < m["n_items"]
+    # dynamic indexing (default: 2 rounds) re-indexed items between LLM segments; all tasks were built
+    rounds = json.loads((run / "llm" / "rounds.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2] and all(0 <= r["changed"] <= m["n_items"] for r in rounds)
+    assert rounds[0]["step"] < rounds[1]["step"] < 8 and all(r["collisions_final"] == 0 for r in rounds)
+    stats = json.loads((run / "llm" / "task_stats.json").read_text())
+    assert set(stats) == {"seqrec", "item2id", "id2item", "title_history", "user2items", "co_interaction",
+                          "neighbour_users", "user2profile"} and all(v["n"] > 0 for v in stats.values())
+    final = pq.read_table(run / "llm" / "item_sids.parquet").column("sid").to_pylist()
+    assert len(final) == len(set(final)) == m["n_items"]
     # a second call finds every stage complete and only re-reads the metrics
     again = _run(cfg)
     assert again.returncode == 0 and "already complete" in again.stderr
+    # the static-index ablation shares every stage up to the tokenizer and trains the LLM with no rounds
+    static = _run(cfg, "--static-index", "--reuse-from", str(run), "name=e2e-static")
+    assert static.returncode == 0, static.stderr[-3000:]
+    srun = tmp_path / "runs" / "e2e-static"
+    assert "tokenizer: already complete" in static.stderr
+    assert json.loads((srun / "llm" / "rounds.json").read_text()) == []
+    assert pq.read_table(srun / "llm" / "item_sids.parquet").column("sid").to_pylist() == sids
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_path", "wrong_format", "empty_history",
