@@ -56,3 +56,15 @@ def test_tiny_backbone_refuses_lora(tmp_path):
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.data.path
+
+
+def test_task_weights_and_dynamic_settings_are_validated(tmp_path):
+    p = _write(tmp_path, "data: {path: x}\ntasks: {window_stride: 30, weights: {co_interaction: -1, user2prof: 1}}\n"
+                         "dynamic: {final_freeze: 1.0}\n")
+    msg = str(pytest.raises(ConfigError, load_config, p).value)
+    assert "tasks.weights.co_interaction" in msg and "tasks.weights.user2profile" in msg  # suggestion
+    assert "dynamic.final_freeze" in msg
+    msg = str(pytest.raises(ConfigError, load_config, _write(tmp_path, "data: {path: x}\ntasks: {window_stride: 30}\n")).value)
+    assert "window_stride" in msg
+    cfg = load_config(_write(tmp_path, "data: {path: x}\n"), ["dynamic.static_index=true", "tasks.weights.item2id=0"])
+    assert cfg.dynamic.is_static and "item2id" not in cfg.tasks.weights.active()

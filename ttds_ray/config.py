@@ -233,6 +233,10 @@ class TTDSConfig(_Section):
     def _check(self) -> "TTDSConfig":
         if self.llm.backbone == "tiny" and self.llm.finetune == "lora":
             raise ValueError("llm.backbone=tiny is randomly initialised; use llm.finetune=full with it")
+        if self.tasks.seqrec_loss_on == "all_items" and self.tasks.window_stride > self.data.max_history + 1:
+            raise ValueError(f"tasks.window_stride={self.tasks.window_stride} > data.max_history+1="
+                             f"{self.data.max_history + 1} would leave items of long histories out of every "
+                             "seqrec window; lower tasks.window_stride")
         if self.llm.tiny_hidden % self.llm.tiny_heads:
             raise ValueError("llm.tiny_hidden must be a multiple of llm.tiny_heads")
         return self
