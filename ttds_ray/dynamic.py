@@ -98,7 +98,8 @@ def run_round(model: nn.Module, tower: towers.Tower, table: towers.SIDTable, *, 
         tower, tok_cfg, item_s, item_c, guide, epochs=dyn_cfg.tokenizer_epochs, lr=dyn_cfg.tokenizer_lr,
         gamma_kl=dyn_cfg.gamma_kl, gamma_nce=dyn_cfg.gamma_nce, tau=dyn_cfg.tau, seed=seed)
     new_table, stats = towers.export_item_sids(new_tower, item_s, item_c, tok_cfg, item_names=item_names)
-    stats = {"changed": towers.count_changed(table.codes, new_table.codes), "n_items": len(new_table.codes),
+    stats = {"changed": towers.count_changed(table.codes, new_table.codes),
+             "changed_per_level": (table.codes != new_table.codes).sum(0).tolist(), "n_items": len(new_table.codes),
              "guide_examples": len(prompts), "terms": terms, "guide_wall_s": round(t_guide, 1),
              "wall_s": round(time.time() - t0, 1),
              **{k: stats[k] for k in ("collisions_greedy", "collisions_sinkhorn", "collisions_final")
