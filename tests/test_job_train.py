@@ -77,6 +77,12 @@ def test_train_job_end_to_end_on_real_slice(tmp_path):
                           "neighbour_users", "user2profile"} and all(v["n"] > 0 for v in stats.values())
     final = pq.read_table(run / "llm" / "item_sids.parquet").column("sid").to_pylist()
     assert len(final) == len(set(final)) == m["n_items"]
+    # model selection happens on the validation split: `ttds-ray evaluate` writes metrics_valid.json
+    res = subprocess.run([sys.executable, "-m", "ttds_ray.cli", "evaluate", str(run), "--split", "valid",
+                          "--max-users", "12"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    mv = json.loads((run / "metrics_valid.json").read_text())
+    assert mv["split"] == "valid" and mv["models"]["TTDS"]["n_users"] == 12
     # a second call finds every stage complete and only re-reads the metrics
     again = _run(cfg)
     assert again.returncode == 0 and "already complete" in again.stderr

@@ -99,6 +99,29 @@ def show_metrics(run_dir: Path = typer.Argument(..., help="A run directory (runs
     typer.echo(_metrics_table(metrics))
 
 
+@app.command("evaluate")
+def evaluate(run_dir: Path = typer.Argument(..., help="A run directory with a finished llm stage."),
+             split: str = typer.Option("valid", help="'valid' (for model selection) or 'test'."),
+             max_users: Optional[int] = typer.Option(None, help="Seeded user sample; default eval.max_users."),
+             ) -> None:
+    """Evaluate a trained run on a split and write <run_dir>/metrics_<split>.json (select models on 'valid')."""
+    from .artifacts import RunDir, write_json
+    from .config import ConfigError, load_config
+    from .train import evaluate_split
+
+    try:
+        cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir.parent}", f"name={run_dir.name}"])
+        run = RunDir(run_dir)
+        run.require("llm")
+        metrics, _, _ = evaluate_split(cfg, run, split, max_users=max_users)
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(e)
+    write_json(run_dir / f"metrics_{split}.json", metrics)
+    typer.echo(_metrics_table(metrics))
+    typer.echo(f"split {split}; users evaluated: {metrics['n_users_evaluated']} of {metrics['n_users_total']}; "
+               f"written to {run_dir / f'metrics_{split}.json'}")
+
+
 def tokenizer_report_table(stats: dict) -> str:
     """Markdown table of ``tokenizer/tokenizer_stats.json``: one column per tower."""
     towers = [t for t in ("item", "user") if t in stats]

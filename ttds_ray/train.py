@@ -513,16 +513,29 @@ def load_final_item_sids(run: RunDir) -> towers.SIDTable:
 
 # ----------------------------------------------------------------------------- stage: eval
 
-def stage_eval(cfg: TTDSConfig, run: RunDir, *, progress: bool = True) -> dict:
-    """TTDS (trie beam search), SASRec and popularity on the test split; writes eval/metrics.json."""
+def evaluate_split(cfg: TTDSConfig, run: RunDir, split: str = "test", *, max_users: int | None = None,
+                   progress: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
+    """TTDS (trie beam search over the final item index), SASRec and popularity on ``split``.
+
+    Args:
+        split: 'test' (reported results) or 'valid' (model selection: history = training items,
+            target = the second-last item).
+        max_users: seeded user sample (default ``eval.max_users``).
+
+    Returns:
+        ``(metrics, rows, ranked)``: the metrics dict, evaluated user rows ``(U,)``, TTDS rankings ``(U, W)``.
+    """
     from .decoding import SIDTrie
     from .evaluate import TTDSRanker, evaluate_popularity, evaluate_sasrec, evaluate_ttds, select_eval_users
 
+    if split not in ("valid", "test"):
+        raise ConfigError(f"split must be 'valid' or 'test', got {split!r}")
     _threads(cfg)
     t0 = time.time()
     prepared, splits = _splits(run)
     n_items = len(prepared.items)
-    rows = select_eval_users(len(splits), cfg.eval.max_users, cfg.seed)
+    max_users = cfg.eval.max_users if max_users is None else max_users
+    rows = select_eval_users(len(splits), max_users, cfg.seed)
     model, tok, meta = llm.load_llm(run.require("llm"), cfg.llm)
     _, user_t = load_sid_tables(run)
     item_t = load_final_item_sids(run)
@@ -530,19 +543,28 @@ def stage_eval(cfg: TTDSConfig, run: RunDir, *, progress: bool = True) -> dict:
                                          user_t.codebook_size)
     ranker = TTDSRanker(model, SIDTrie(item_t.codes, vocab.item_token_ids), tok.pad_token_id, cfg.eval.n_beams,
                         cfg.llm.max_length)
-    ttds_m, ranked = evaluate_ttds(ranker, splits, rows, "test", cfg, vocab.item_tokens(item_t.codes),
+    ttds_m, ranked = evaluate_ttds(ranker, splits, rows, split, cfg, vocab.item_tokens(item_t.codes),
                                    vocab.user_tokens(user_t.codes), tasks.PromptPieces.build(tok), progress=progress)
     sasrec = cf.load_sasrec(run.require("cf"))
     metrics = {
-        "split": "test", "protocol": "leave-one-out, full catalogue, nothing excluded"
+        "split": split, "protocol": "leave-one-out, full catalogue, nothing excluded"
         if not cfg.eval.exclude_seen else "leave-one-out, full catalogue, exclude_seen",
         "n_items": n_items, "n_users_total": len(splits), "n_users_evaluated": len(rows),
-        "max_users": cfg.eval.max_users, "n_beams": cfg.eval.n_beams, "backbone": cfg.llm.backbone,
-        "models": {"TTDS": ttds_m, "SASRec": evaluate_sasrec(sasrec, splits, rows, "test", cfg),
-                   "Popularity": evaluate_popularity(splits, n_items, rows, "test", cfg)},
+        "max_users": max_users, "n_beams": cfg.eval.n_beams, "backbone": cfg.llm.backbone,
+        "static_index": cfg.dynamic.is_static,
+        "models": {"TTDS": ttds_m, "SASRec": evaluate_sasrec(sasrec, splits, rows, split, cfg),
+                   "Popularity": evaluate_popularity(splits, n_items, rows, split, cfg)},
     }
     metrics["eval_wall_s"] = round(time.time() - t0, 1)
-    with run.write_stage("eval", config_hash=cfg.stage_hash("eval"), numbers={"HR@10": ttds_m.get("HR@10")}) as (d, _):
+    return metrics, rows, ranked
+
+
+def stage_eval(cfg: TTDSConfig, run: RunDir, *, progress: bool = True) -> dict:
+    """Test-split evaluation of TTDS, SASRec and popularity; writes eval/metrics.json + rankings."""
+    _, splits = _splits(run)
+    metrics, rows, ranked = evaluate_split(cfg, run, "test", progress=progress)
+    with run.write_stage("eval", config_hash=cfg.stage_hash("eval"),
+                         numbers={"HR@10": metrics["models"]["TTDS"].get("HR@10")}) as (d, _):
         write_json(d / "metrics.json", metrics)
         pd.DataFrame({"user_idx": splits.user_idx[rows], "target": splits.test_target[rows],
                       "ranked": list(ranked)}).to_parquet(d / "rankings.parquet")
