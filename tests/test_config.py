@@ -66,5 +66,13 @@ def test_task_weights_and_dynamic_settings_are_validated(tmp_path):
     assert "dynamic.final_freeze" in msg
     msg = str(pytest.raises(ConfigError, load_config, _write(tmp_path, "data: {path: x}\ntasks: {window_stride: 30}\n")).value)
     assert "window_stride" in msg
+    off = [f"tasks.weights.{t}=0" for t in ("seqrec", "item2id", "id2item", "title_history", "user2items",
+                                             "co_interaction", "neighbour_users", "user2profile")]
+    assert "no tuning task is on" in str(pytest.raises(ConfigError, load_config, _write(tmp_path, "data: {path: x}\n"),
+                                                       off).value)
+    for bad in ("tasks.weights.seqrec=.inf", "dynamic.tokenizer_lr=.inf", "dynamic.rounds=1000000",
+                "embeddings.text_encoder=llm embeddings.llm_backbone=tiny"):
+        with pytest.raises(ConfigError):
+            load_config(_write(tmp_path, "data: {path: x}\n"), bad.split())
     cfg = load_config(_write(tmp_path, "data: {path: x}\n"), ["dynamic.static_index=true", "tasks.weights.item2id=0"])
     assert cfg.dynamic.is_static and "item2id" not in cfg.tasks.weights.active()

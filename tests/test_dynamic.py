@@ -51,3 +51,6 @@ def test_reuse_links_matching_stages_and_stops_at_the_first_difference(tmp_path)
     assert reuse_stages(other_k, src.root, RunDir(tmp_path / "dst2")) == ["data", "embeddings", "cf"]
     with pytest.raises(Exception, match="not a run directory"):
         reuse_stages(base, tmp_path / "nowhere", dst)
+    other_data = config_from_dict({**base.to_dict(), "data": {"path": "y"}})
+    with pytest.raises(Exception, match="nothing can be shared"):
+        reuse_stages(other_data, src.root, RunDir(tmp_path / "dst3"))

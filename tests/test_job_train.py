@@ -81,7 +81,7 @@ def test_train_job_end_to_end_on_real_slice(tmp_path):
     res = subprocess.run([sys.executable, "-m", "ttds_ray.cli", "evaluate", str(run), "--split", "valid",
                           "--max-users", "12"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    mv = json.loads((run / "metrics_valid.json").read_text())
+    mv = json.loads((run / "metrics_valid_12users.json").read_text())
     assert mv["split"] == "valid" and mv["models"]["TTDS"]["n_users"] == 12
     # a second call finds every stage complete and only re-reads the metrics
     again = _run(cfg)

@@ -102,13 +102,17 @@ def show_metrics(run_dir: Path = typer.Argument(..., help="A run directory (runs
 @app.command("evaluate")
 def evaluate(run_dir: Path = typer.Argument(..., help="A run directory with a finished llm stage."),
              split: str = typer.Option("valid", help="'valid' (for model selection) or 'test'."),
-             max_users: Optional[int] = typer.Option(None, help="Seeded user sample; default eval.max_users."),
+             max_users: Optional[int] = typer.Option(None, min=1, help="Seeded user sample; default eval.max_users."),
              ) -> None:
-    """Evaluate a trained run on a split and write <run_dir>/metrics_<split>.json (select models on 'valid')."""
+    """Evaluate a trained run on a split; writes <run_dir>/metrics_<split>_<users>users.json (select models on 'valid')."""
     from .artifacts import RunDir, write_json
     from .config import ConfigError, load_config
     from .train import evaluate_split
 
+    if split not in ("valid", "test"):
+        _fail(ValueError(f"--split must be 'valid' or 'test', got {split!r}"))
+    if not (run_dir / "config.yaml").is_file():
+        _fail(FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); pass runs/<name>"))
     try:
         cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir.parent}", f"name={run_dir.name}"])
         run = RunDir(run_dir)
@@ -116,10 +120,11 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run directory with a fi
         metrics, _, _ = evaluate_split(cfg, run, split, max_users=max_users)
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
-    write_json(run_dir / f"metrics_{split}.json", metrics)
+    out = run_dir / f"metrics_{split}_{metrics['n_users_evaluated']}users.json"
+    write_json(out, metrics)
     typer.echo(_metrics_table(metrics))
     typer.echo(f"split {split}; users evaluated: {metrics['n_users_evaluated']} of {metrics['n_users_total']}; "
-               f"written to {run_dir / f'metrics_{split}.json'}")
+               f"written to {out}")
 
 
 def tokenizer_report_table(stats: dict) -> str:

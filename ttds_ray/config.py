@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -134,13 +134,13 @@ class DynamicConfig(_Section):
     segments the frozen LLM guides a tokenizer step and the items are re-indexed."""
     static_index: bool = Field(False, description="Ablation: keep the index of the tokenizer stage fixed "
                                "(LC-Rec/TIGER paradigm); same LLM budget.")
-    rounds: int = Field(2, ge=0, description="Re-indexing rounds; 0 = static.")
+    rounds: int = Field(2, ge=0, le=100, description="Re-indexing rounds; 0 = static.")
     final_freeze: float = Field(0.34, gt=0, lt=1, description="Share of the LLM step budget trained after the "
                                 "last re-index (index frozen). Round r re-indexes after "
                                 "r*(1-final_freeze)/rounds of the budget.")
     tokenizer_epochs: int = Field(5, ge=1, description="Item-tower epochs per tokenizer step.")
     tokenizer_lr: float = Field(1e-4, gt=0, description="Item-tower learning rate in tokenizer steps.")
-    guide_samples: int = Field(2048, ge=8, description="seqrec targets the frozen LLM scores per tokenizer step.")
+    guide_samples: int = Field(2048, ge=8, le=1_000_000, description="seqrec targets the frozen LLM scores per tokenizer step.")
     gamma_kl: float = Field(0.1, ge=0, description="Weight of sym-KL(target level-1 code dist, LLM level-1 "
                             "token dist); 0 = off.")
     gamma_nce: float = Field(0.1, ge=0, description="Weight of InfoNCE(proj(LLM hidden), target latent); 0 = off.")
@@ -154,16 +154,16 @@ class DynamicConfig(_Section):
 class TaskWeights(_Section):
     """Samples per epoch of each tuning task, as a multiple of the number of seqrec windows
     (seqrec=1.0 uses every window once). 0 switches a task off (DESIGN §1.5)."""
-    seqrec: float = Field(1.0, ge=0, description="User ID + history item IDs -> next item ID.")
-    item2id: float = Field(0.1, ge=0, description="Item title -> item ID.")
-    id2item: float = Field(0.1, ge=0, description="Item ID -> item title (text response).")
-    title_history: float = Field(0.1, ge=0, description="History as titles -> next item ID.")
-    user2items: float = Field(0.1, ge=0, description="User ID -> an item of the user's training history.")
-    co_interaction: float = Field(0.1, ge=0, description="Item ID -> item co-consumed by the same users "
+    seqrec: float = Field(1.0, ge=0, le=100, description="User ID + history item IDs -> next item ID.")
+    item2id: float = Field(0.1, ge=0, le=100, description="Item title -> item ID.")
+    id2item: float = Field(0.1, ge=0, le=100, description="Item ID -> item title (text response).")
+    title_history: float = Field(0.1, ge=0, le=100, description="History as titles -> next item ID.")
+    user2items: float = Field(0.1, ge=0, le=100, description="User ID -> an item of the user's training history.")
+    co_interaction: float = Field(0.1, ge=0, le=100, description="Item ID -> item co-consumed by the same users "
                                   "(sampled by co-occurrence count).")
-    neighbour_users: float = Field(0.1, ge=0, description="User ID -> next item of a user with overlapping "
+    neighbour_users: float = Field(0.1, ge=0, le=100, description="User ID -> next item of a user with overlapping "
                                    "history.")
-    user2profile: float = Field(0.05, ge=0, description="User ID -> dominant categories/brands (text).")
+    user2profile: float = Field(0.05, ge=0, le=100, description="User ID -> dominant categories/brands (text).")
 
     def active(self) -> dict[str, float]:
         """Tasks with a weight > 0, in declaration order."""
@@ -233,6 +233,15 @@ class TTDSConfig(_Section):
     def _check(self) -> "TTDSConfig":
         if self.llm.backbone == "tiny" and self.llm.finetune == "lora":
             raise ValueError("llm.backbone=tiny is randomly initialised; use llm.finetune=full with it")
+        active = self.tasks.weights.active()
+        usable = [t for t in active if self.tasks.use_user_sid or t not in ("user2items", "neighbour_users",
+                                                                             "user2profile")]
+        if not usable:
+            raise ValueError("no tuning task is on: set a tasks.weights entry > 0 (user tasks need "
+                             "tasks.use_user_sid=true)")
+        if self.embeddings.text_encoder == "llm" and self.embeddings.llm_backbone == "tiny":
+            raise ValueError("embeddings.llm_backbone=tiny has random weights; use 'smollm2' or a local model "
+                             "directory for text_encoder=llm")
         if self.tasks.seqrec_loss_on == "all_items" and self.tasks.window_stride > self.data.max_history + 1:
             raise ValueError(f"tasks.window_stride={self.tasks.window_stride} > data.max_history+1="
                              f"{self.data.max_history + 1} would leave items of long histories out of every "

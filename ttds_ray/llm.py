@@ -94,8 +94,9 @@ def smollm2_dir() -> Path:
     return out
 
 
-def check_backbone(backbone: str) -> None:
-    """Check, without loading weights, that a backbone is available offline.
+def check_backbone(backbone: str, key: str = "llm.backbone") -> None:
+    """Check, without loading weights, that a backbone is available offline (``key`` names the
+    config key in the error).
 
     Raises:
         BackboneUnavailable: with what to install or which path to pass.
@@ -109,7 +110,7 @@ def check_backbone(backbone: str) -> None:
         AutoConfig.from_pretrained(backbone)
     except (OSError, ValueError) as e:
         raise BackboneUnavailable(
-            f"llm.backbone={backbone!r} is not a local model directory nor a model cached in HF_HOME "
+            f"{key}={backbone!r} is not a local model directory nor a model cached in HF_HOME "
             f"({type(e).__name__}); this machine has no hub access: pass a directory holding config.json + "
             "weights, or use 'tiny' / 'smollm2'") from None
 

@@ -467,6 +467,11 @@ def stage_llm(cfg: TTDSConfig, run: RunDir) -> None:
         raise ConfigError("no training samples: every tasks.weights entry is 0 or the training split is empty")
     spe, total, n_epochs = llm_budget(len(first), cfg)
     stats = tasks.task_stats(first, item_t.n_levels, user_t.n_levels)
+    for name in cfg.tasks.weights.active():
+        if name not in stats:
+            log.warning("llm: task %s is on (weight %g) but built no samples on this data (e.g. no user has a "
+                        "neighbour, no item has brand/category text, or tasks.use_user_sid=false)", name,
+                        cfg.tasks.weights.active()[name])
     item_tok, user_tok = vocab.item_tokens(item_t.codes), vocab.user_tokens(user_t.codes)
     for name, st in stats.items():
         ex = next(s for s in first if s["task"] == name)
@@ -601,7 +606,7 @@ def _validate_inputs(cfg: TTDSConfig) -> None:
                              f"{t.codebook_size} codes ({t.codebook_size ** t.n_levels} IDs); raise "
                              "tokenizer.item.codebook_size or tokenizer.item.n_levels")
     if cfg.embeddings.text_encoder == "llm":
-        llm.check_backbone(cfg.embeddings.llm_backbone)
+        llm.check_backbone(cfg.embeddings.llm_backbone, "embeddings.llm_backbone")
     else:
         embeddings.minilm_path()
     llm.check_backbone(cfg.llm.backbone)
@@ -640,6 +645,9 @@ def reuse_stages(cfg: TTDSConfig, src: Path, run: RunDir) -> list[str]:
                 shutil.rmtree(dst)
             os.replace(tmp, dst)
         taken.append(stage)
+    if not taken:
+        raise ConfigError(f"--reuse-from {src}: its data stage was built from other settings (data path, "
+                          "k-core or seed differ), so nothing can be shared; drop --reuse-from")
     return taken
 
 
@@ -655,6 +663,11 @@ def run_training(cfg: TTDSConfig, *, overwrite: bool = False, stop_after: str | 
         ConfigError / data.DataError / llm.BackboneUnavailable: before anything is trained.
     """
     t0 = time.time()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")       # validation must not wait on hub retries
+    if stop_after is not None and stop_after not in STAGE_FUNCS:
+        raise ConfigError(f"--stop-after {stop_after!r}: not a stage; stages are {', '.join(STAGE_FUNCS)}")
+    if reuse_from is not None and not (Path(reuse_from) / "data" / "MANIFEST.json").is_file():
+        raise ConfigError(f"--reuse-from {reuse_from}: not a run directory with a finished data stage")
     if not RunDir(cfg.run_dir).is_complete("data", cfg.stage_hash("data")):
         _validate_inputs(cfg)
     run = RunDir(cfg.run_dir)
@@ -664,8 +677,11 @@ def run_training(cfg: TTDSConfig, *, overwrite: bool = False, stop_after: str | 
         raise ConfigError(f"cannot create the run directory {run.root}: {e}; set output_dir to a writable "
                           "directory") from None
     _save_config(cfg, run)
-    if reuse_from is not None and not overwrite:
-        log.info("reused from %s: %s", reuse_from, reuse_stages(cfg, Path(reuse_from), run))
+    if reuse_from is not None:
+        if overwrite:
+            log.warning("--overwrite rebuilds every stage: --reuse-from %s is ignored", reuse_from)
+        else:
+            log.info("reused from %s: %s", reuse_from, reuse_stages(cfg, Path(reuse_from), run))
     handler = logging.FileHandler(run.root / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger("ttds_ray").addHandler(handler)
