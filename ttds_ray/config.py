@@ -154,16 +154,16 @@ class DynamicConfig(_Section):
 class TaskWeights(_Section):
     """Samples per epoch of each tuning task, as a multiple of the number of seqrec windows
     (seqrec=1.0 uses every window once). 0 switches a task off (DESIGN §1.5)."""
-    seqrec: float = Field(1.0, ge=0, le=100, description="User ID + history item IDs -> next item ID.")
-    item2id: float = Field(0.1, ge=0, le=100, description="Item title -> item ID.")
-    id2item: float = Field(0.1, ge=0, le=100, description="Item ID -> item title (text response).")
-    title_history: float = Field(0.1, ge=0, le=100, description="History as titles -> next item ID.")
-    user2items: float = Field(0.1, ge=0, le=100, description="User ID -> an item of the user's training history.")
-    co_interaction: float = Field(0.1, ge=0, le=100, description="Item ID -> item co-consumed by the same users "
+    seqrec: float = Field(1.0, ge=0, le=1000, description="User ID + history item IDs -> next item ID.")
+    item2id: float = Field(0.1, ge=0, le=1000, description="Item title -> item ID.")
+    id2item: float = Field(0.1, ge=0, le=1000, description="Item ID -> item title (text response).")
+    title_history: float = Field(0.1, ge=0, le=1000, description="History as titles -> next item ID.")
+    user2items: float = Field(0.1, ge=0, le=1000, description="User ID -> an item of the user's training history.")
+    co_interaction: float = Field(0.1, ge=0, le=1000, description="Item ID -> item co-consumed by the same users "
                                   "(sampled by co-occurrence count).")
-    neighbour_users: float = Field(0.1, ge=0, le=100, description="User ID -> next item of a user with overlapping "
+    neighbour_users: float = Field(0.1, ge=0, le=1000, description="User ID -> next item of a user with overlapping "
                                    "history.")
-    user2profile: float = Field(0.05, ge=0, le=100, description="User ID -> dominant categories/brands (text).")
+    user2profile: float = Field(0.05, ge=0, le=1000, description="User ID -> dominant categories/brands (text).")
 
     def active(self) -> dict[str, float]:
         """Tasks with a weight > 0, in declaration order."""
