@@ -23,8 +23,7 @@ import numpy as np
 STAGES = ("data", "embeddings", "cf", "tokenizer", "llm", "eval")
 
 
-class StageMissing(FileNotFoundError):
-    """A stage's inputs are not in the run directory; the message says which command makes them."""
+from .errors import StageMissing  # noqa: E402  (re-exported: the project's error hierarchy)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -18,8 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names every bad key/value and the fix."""
+from .errors import ConfigError  # noqa: E402  (re-exported: the project's error hierarchy)
 
 
 class _Section(BaseModel):

@@ -33,8 +33,7 @@ from ttds_ray.artifacts import atomic_write_bytes, file_sha256, write_json
 from ttds_ray.config import DataConfig
 
 
-class DataError(ValueError):
-    """A dataset file or value is unusable; the message names it and says what to do."""
+from .errors import DataError  # noqa: E402  (re-exported: the project's error hierarchy)
 
 
 _LAYOUTS = "X.inter.json[.gz] + X.item.json[.gz] (LC-Rec) or X.inter[.gz] + X.item[.gz] (RecBole)"

