@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from .artifacts import read_json, write_json
 from .config import LLMConfig
+from .sids import SIDVocab, add_sid_tokens, sid_token_strings, sid_vocab_from_tokenizer  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -158,58 +158,6 @@ def build_backbone(cfg: LLMConfig, vocab_size: int, *, seed: int = 0) -> nn.Modu
     except OSError as e:
         raise BackboneUnavailable(f"cannot load llm.backbone={cfg.backbone!r}: {e}. Pass a local directory or "
                                   "a model name cached in HF_HOME; 'tiny' and 'smollm2' work offline") from e
-
-
-def sid_token_strings(prefix: str, n_levels: int, codebook_size: int) -> list[str]:
-    """Tokens ``<{prefix}{l}_{k}>`` for l in 1..L, k in 0..K-1, level-major (DESIGN §1.3)."""
-    return [f"<{prefix}{l}_{k}>" for l in range(1, n_levels + 1) for k in range(codebook_size)]
-
-
-@dataclass(frozen=True)
-class SIDVocab:
-    """Vocabulary ids of the semantic-ID tokens.
-
-    ``item_token_ids`` int64 ``(L, K)``: id of item token level l, code k; ``user_token_ids``
-    int64 ``(L_u, K_u)``.
-    """
-    item_token_ids: torch.Tensor
-    user_token_ids: torch.Tensor
-
-    @property
-    def new_token_ids(self) -> list[int]:
-        return self.item_token_ids.flatten().tolist() + self.user_token_ids.flatten().tolist()
-
-    def item_tokens(self, codes: np.ndarray) -> np.ndarray:
-        """Token ids of item SIDs: ``codes`` int ``(..., L)`` -> int64 ``(..., L)``."""
-        lv = np.arange(codes.shape[-1])
-        return self.item_token_ids.numpy()[lv, codes]
-
-    def user_tokens(self, codes: np.ndarray) -> np.ndarray:
-        lv = np.arange(codes.shape[-1])
-        return self.user_token_ids.numpy()[lv, codes]
-
-
-def add_sid_tokens(tok, item_levels: int, item_k: int, user_levels: int, user_k: int) -> SIDVocab:
-    """Add item and user semantic-ID tokens to the tokenizer (atomic special tokens).
-
-    Raises:
-        AssertionError: a token does not encode to exactly one id.
-    """
-    item = sid_token_strings("i", item_levels, item_k)
-    user = sid_token_strings("u", user_levels, user_k)
-    tok.add_tokens(item + user, special_tokens=True)
-    return sid_vocab_from_tokenizer(tok, item_levels, item_k, user_levels, user_k)
-
-
-def sid_vocab_from_tokenizer(tok, item_levels: int, item_k: int, user_levels: int, user_k: int) -> SIDVocab:
-    """Look the SID tokens up in a tokenizer that already has them (after save/load)."""
-    def ids(prefix, levels, k):
-        strs = sid_token_strings(prefix, levels, k)
-        out = tok.convert_tokens_to_ids(strs)
-        bad = [s for s, i in zip(strs, out) if i is None or i == tok.unk_token_id]
-        assert not bad, f"semantic-ID tokens missing from the tokenizer: {bad[:3]}"
-        return torch.tensor(out, dtype=torch.long).view(levels, k)
-    return SIDVocab(ids("i", item_levels, item_k), ids("u", user_levels, user_k))
 
 
 @torch.no_grad()

@@ -10,21 +10,18 @@ Dimensions: N entities, B batch, D_s / D_c input dims, Z latent, L levels, K cod
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from .artifacts import atomic_write_bytes, read_json, write_json
+from .artifacts import atomic_write_bytes
 from .config import TokenizerConfig, TowerConfig
+from .sids import SIDTable  # noqa: F401  (re-exported)
 from .quantizer import ResidualQuantizer, code_usage, unique_codes
 from .vae import DMVAE, info_nce, kl_gauss, kl_std_normal, sym_kl_categorical
 
@@ -351,60 +348,6 @@ def count_changed(old_codes: np.ndarray, new_codes: np.ndarray) -> int:
     if old_codes.shape != new_codes.shape or old_codes.ndim != 2:
         raise ValueError(f"code tables must both be (N, L); got {old_codes.shape} and {new_codes.shape}")
     return int((old_codes != new_codes).any(1).sum())
-
-
-@dataclass(frozen=True)
-class SIDTable:
-    """Semantic IDs of one entity type. ``codes[i]`` is the ID of entity index i.
-
-    ``codes`` int64 ``(N, L)``, each value in ``[0, codebook_size)``.
-    """
-    codes: np.ndarray
-    codebook_size: int
-
-    @property
-    def n_levels(self) -> int:
-        return int(self.codes.shape[1])
-
-    def content_hash(self) -> str:
-        """sha256 of shape, K and the code bytes (int64, C order)."""
-        h = hashlib.sha256(json.dumps([list(self.codes.shape), self.codebook_size]).encode())
-        h.update(np.ascontiguousarray(self.codes, dtype=np.int64).tobytes())
-        return h.hexdigest()
-
-    def n_shared(self) -> int:
-        """Entities whose ID is also held by another entity."""
-        _, inv, cnt = np.unique(self.codes, axis=0, return_inverse=True, return_counts=True)
-        return int((cnt[inv.reshape(-1)] > 1).sum())
-
-    def sid_strings(self, prefix: str) -> list[str]:
-        return ["".join(f"<{prefix}{l + 1}_{k}>" for l, k in enumerate(row)) for row in self.codes.tolist()]
-
-    def save(self, path: Path, ids: list[str], prefix: str) -> None:
-        """Write a parquet with ``idx``, raw ``id``, ``codes`` (list) and ``sid`` (token string)."""
-        t = pa.table({"idx": np.arange(len(self.codes), dtype=np.int64), "id": ids,
-                      "codes": [list(r) for r in self.codes.tolist()], "sid": self.sid_strings(prefix)})
-        sink = pa.BufferOutputStream()
-        pq.write_table(t, sink)
-        atomic_write_bytes(path, sink.getvalue().to_pybytes())
-        meta = {"codebook_size": self.codebook_size, "n_levels": self.n_levels, "sha256": self.content_hash()}
-        write_json(Path(path).with_suffix(".json"), meta)
-
-    @classmethod
-    def load(cls, path: Path) -> "SIDTable":
-        """Load and verify the content hash.
-
-        Raises:
-            ValueError: the table does not match its recorded hash.
-        """
-        meta = read_json(Path(path).with_suffix(".json"))
-        codes = np.array(pq.read_table(path, columns=["codes"]).column("codes").to_pylist(), dtype=np.int64)
-        codes = codes.reshape(-1, meta["n_levels"])
-        table = cls(codes, int(meta["codebook_size"]))
-        if table.content_hash() != meta["sha256"]:
-            raise ValueError(f"{path}: content hash mismatch (expected {meta['sha256'][:12]}); the ID table "
-                             "was modified; rerun the tokenizer stage")
-        return table
 
 
 @torch.no_grad()
