@@ -162,13 +162,13 @@ def train_step(model: SASRec, opt: torch.optim.Optimizer, batch: dict) -> float:
     Returns: the mean loss (nats) over the positions with a target.
     """
     device = next(model.parameters()).device
-    seq = torch.as_tensor(batch["seq"], dtype=torch.long, device=device)
-    target = torch.as_tensor(batch["target"], dtype=torch.long, device=device)
+    seq = torch.as_tensor(batch["seq"], dtype=torch.long)
+    target = torch.as_tensor(batch["target"], dtype=torch.long)
     model.train()
-    start = int((seq != PAD).any(0).long().argmax())   # drop all-padding columns (pure speed-up)
-    seq, target = seq[:, start:], target[:, start:]                        # (B, T')
+    start = int((seq != PAD).any(0).long().argmax())   # drop all-padding columns (pure speed-up, on the host)
+    assert bool((target[:, start:] != PAD).any()), "batch has no targets"
+    seq, target = seq[:, start:].to(device), target[:, start:].to(device)  # (B, T') on the model's device
     has_target = target != PAD                                             # (B, T')
-    assert has_target.any(), "batch has no targets"
     hidden = model(seq)[has_target]                                        # (P, D), P real targets
     base = getattr(model, "module", model)         # unwrap DistributedDataParallel (Ray Train)
     loss = F.cross_entropy(base.score_all(hidden), target[has_target])     # softmax over (P, N)

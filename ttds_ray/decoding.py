@@ -248,7 +248,7 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
             position_ids=, cache=, use_cache=True, logits_to_keep=1)` (`cache` is transformers 5.x's
             name for `past_key_values`, deprecated there). Put in eval mode for the call, then restored.
         trie: the catalogue; call `trie.to(device)` once to avoid a copy per call.
-        input_ids: int64 `(B, T)`, LEFT-padded prompt token ids.
+        input_ids: int64 `(B, T)`, LEFT-padded prompt token ids, on any device: moved to the model's.
         attention_mask: int64 `(B, T)`, 1 for real tokens, 0 for padding.
         n_beams: W, beams kept per prompt; also the number of items returned (capped at n_items).
 
@@ -267,7 +267,8 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
     if input_ids.shape[1] == 0 or bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("every prompt must be non-empty and LEFT-padded (attention_mask[:, -1] == 1); "
                          "set tokenizer.padding_side = 'left'")
-    device = input_ids.device
+    device = next(model.parameters()).device        # decode on the model's device (CPU or GPU)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch_size = input_ids.shape[0]
     n_out = min(n_beams, trie.n_items)  # W'
     if n_out == 0 or batch_size == 0:

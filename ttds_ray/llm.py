@@ -490,6 +490,16 @@ def make_optimizer(model: nn.Module, cfg: LLMConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (unwrapping DDP / peft / :class:`LMLoss` wrappers)."""
+    return next(model.parameters()).device
+
+
+def batch_to(batch: dict, device: torch.device | str) -> dict:
+    """Every tensor value of a collated batch moved to ``device`` (non-blocking); other values as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class LMLoss(nn.Module):
     """:func:`lm_loss` as a module's forward, so that Ray Train's ``prepare_model`` (DDP) wraps the
     whole loss computation: DDP only synchronises gradients of a forward that runs through it, and
@@ -517,7 +527,10 @@ def train_step(model: nn.Module, opt, sched, batch: dict, *, sid_ids: torch.Tens
 
     Returns:
         The LM loss alone (nats/token), without ``aux_loss``.
+
+    The batch is moved to the model's device first (CPU, or the worker's GPU under ``ray.use_gpu``).
     """
+    batch = batch_to(batch, model_device(model))
     model.train()
     is_module = isinstance(getattr(model, "module", model), LMLoss)
     if is_module:

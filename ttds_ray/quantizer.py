@@ -77,12 +77,16 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def kmeans_init(self, z: torch.Tensor, *, iters: int = 20, seed: int = 0) -> None:
-        """Initialise every level by k-means on that level's residuals of ``z`` ``(N, D)``."""
+        """Initialise every level by k-means on that level's residuals of ``z`` ``(N, D)``.
+
+        k-means runs on the CPU with a seeded CPU generator (same codebooks on any device); the
+        result is copied to the codebooks' device."""
         g = torch.Generator().manual_seed(seed)
-        r = z.detach().clone()
+        r = z.detach().float().cpu().clone()
         for l in range(self.n_levels):
-            self.codebooks.data[l] = kmeans(r, self.codebook_size, iters=iters, generator=g)
-            r = r - self.codebooks[l][torch.cdist(r, self.codebooks[l]).argmin(1)]
+            cent = kmeans(r, self.codebook_size, iters=iters, generator=g)
+            self.codebooks.data[l] = cent.to(self.codebooks.device)
+            r = r - cent[torch.cdist(r, cent).argmin(1)]
         self.initialised.fill_(True)
 
     def forward(self, z: torch.Tensor, *, beta: float = 0.25) -> tuple[torch.Tensor, torch.Tensor,
@@ -128,7 +132,7 @@ class ResidualQuantizer(nn.Module):
             dead = (usage[l] == 0).nonzero().flatten()
             pool = residual_pool[l]
             if len(dead) and len(pool):
-                pick = torch.randint(len(pool), (len(dead),), generator=g)
+                pick = torch.randint(len(pool), (len(dead),), generator=g).to(pool.device)
                 self.codebooks.data[l, dead] = pool[pick]
                 n += len(dead)
         return n

@@ -105,7 +105,8 @@ def tower_loss(tower: Tower, s: torch.Tensor, c: torch.Tensor, cfg: TokenizerCon
 
 
 def fit_tower(cfg: TokenizerConfig, tcfg: TowerConfig, s: np.ndarray, c: np.ndarray, *, seed: int,
-              on_epoch: Callable[[int, dict], None] | None = None) -> Tower:
+              on_epoch: Callable[[int, dict], None] | None = None,
+              device: torch.device | str = "cpu") -> Tower:
     """Train one tower on all entities.
 
     Codebooks are k-means initialised on the latents of the freshly initialised encoder after a
@@ -115,13 +116,16 @@ def fit_tower(cfg: TokenizerConfig, tcfg: TowerConfig, s: np.ndarray, c: np.ndar
     Args:
         s: float32 ``(N, D_s)``; c: float32 ``(N, D_c)``.
         on_epoch: called as ``on_epoch(epoch, mean_terms)``.
+        device: where the tower trains (the worker's GPU under ``ray.use_gpu``); inputs are moved
+            there once. The returned tower is on the CPU.
     """
     torch.manual_seed(seed)
-    s_t, c_t = torch.as_tensor(s, dtype=torch.float32), torch.as_tensor(c, dtype=torch.float32)
+    s_t = torch.as_tensor(s, dtype=torch.float32).to(device)
+    c_t = torch.as_tensor(c, dtype=torch.float32).to(device)
     n = s_t.shape[0]
     if n < 2:
         raise ValueError(f"a tower needs at least 2 entities, got {n}")
-    tower = Tower(s_t.shape[1], c_t.shape[1], tcfg)
+    tower = Tower(s_t.shape[1], c_t.shape[1], tcfg).to(device)
     tower.set_normalisation(s_t, c_t)
     opt = torch.optim.AdamW(tower.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(seed)
@@ -131,8 +135,8 @@ def fit_tower(cfg: TokenizerConfig, tcfg: TowerConfig, s: np.ndarray, c: np.ndar
         if epoch == warmup:
             tower.rq.kmeans_init(tower.latent(s_t, c_t), iters=cfg.kmeans_iters, seed=seed)
         tower.train()
-        perm = torch.randperm(n, generator=g)
-        usage = torch.zeros(tcfg.n_levels, tcfg.codebook_size, dtype=torch.long)
+        perm = torch.randperm(n, generator=g).to(device)
+        usage = torch.zeros(tcfg.n_levels, tcfg.codebook_size, dtype=torch.long, device=device)
         pool: list[list[torch.Tensor]] = [[] for _ in range(tcfg.n_levels)]
         sums: dict[str, float] = {}
         n_batches = 0
@@ -163,7 +167,7 @@ def fit_tower(cfg: TokenizerConfig, tcfg: TowerConfig, s: np.ndarray, c: np.ndar
     tower.eval()
     if cfg.final_kmeans_refit:
         tower.rq.kmeans_init(tower.latent(s_t, c_t), iters=cfg.kmeans_iters, seed=seed)
-    return tower
+    return tower.cpu()
 
 
 def _rec_tensors(tower: Tower, s: torch.Tensor, c: torch.Tensor, beta_kl: float) -> dict:

@@ -54,6 +54,11 @@ def init_ray(cfg: TTDSConfig) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, runtime_env=env)
 
 
+def _device(cfg: TTDSConfig) -> torch.device:
+    """The worker's device: its GPU under ``ray.use_gpu`` (Ray Train assigns one per worker), else the CPU."""
+    return ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
+
+
 def _threads(cfg: TTDSConfig) -> None:
     torch.set_num_threads(cfg.ray.torch_threads or os.cpu_count() or 1)
 
@@ -240,7 +245,7 @@ def _tokenizer_loop(config: dict) -> None:
                 _report({"tower": name, "epoch": epoch, **terms})
 
         tower = towers.fit_tower(cfg.tokenizer, tcfg, x[f"{name}_s"], x[f"{name}_c"], seed=cfg.seed,
-                                 on_epoch=on_epoch)
+                                 on_epoch=on_epoch, device=_device(cfg))
         files[f"{name}_tower.safetensors"] = _state_bytes(tower.state_dict())
     files["history.json"] = json.dumps(history).encode()
     _report({"tower": "done"}, files)
@@ -402,8 +407,9 @@ def _llm_loop(config: dict) -> None:
         if title_vecs is None:
             return None
         items = torch.as_tensor(rng.choice(len(item_codes), size=min(bs, len(item_codes)), replace=False))
-        ids = torch.as_tensor(item_tok[items.numpy()])
-        return lambda: cfg.llm.alpha_tok * llm.token_alignment_loss(base, ids, title_vecs[items])
+        dev = llm.model_device(base)
+        ids = torch.as_tensor(item_tok[items.numpy()]).to(dev)
+        return lambda: cfg.llm.alpha_tok * llm.token_alignment_loss(base, ids, title_vecs[items].to(dev))
 
     t_start, start_step = time.time(), step
     n_epochs = max(local) + 1 if local else 0
