@@ -48,21 +48,18 @@ def train(config: Path = typer.Option(..., "--config", "-c", help="YAML config (
           ) -> None:
     """Run the main job: data -> embeddings -> SASRec -> twin towers -> LLM (LoRA or full) -> eval."""
     from .config import ConfigError, load_config
-    from .data import DataError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
         cfg = load_config(config, (overrides or []) + (["dynamic.static_index=true"] if static_index else []))
     except ConfigError as e:
         _fail(e)
-    from .llm import BackboneUnavailable
-    from .embeddings import EncoderUnavailable
-    from .quantizer import CollisionError
+    from .errors import TTDSError
     from .train import run_training
 
     try:
         metrics = run_training(cfg, overwrite=overwrite, stop_after=stop_after, reuse_from=reuse_from)
-    except (ConfigError, DataError, BackboneUnavailable, EncoderUnavailable, CollisionError) as e:
+    except TTDSError as e:          # ConfigError, DataError, BackboneUnavailable, EncoderUnavailable, ...
         _fail(e)
     if metrics:
         typer.echo(_metrics_table(metrics))
@@ -106,8 +103,9 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run directory with a fi
              ) -> None:
     """Evaluate a trained run on a split; writes <run_dir>/metrics_<split>_<users>users.json (select models on 'valid')."""
     from .artifacts import RunDir, write_json
-    from .config import ConfigError, load_config
-    from .train import evaluate_split
+    from .config import load_config
+    from .errors import TTDSError
+    from .evaluate import evaluate_split
 
     if split not in ("valid", "test"):
         _fail(ValueError(f"--split must be 'valid' or 'test', got {split!r}"))
@@ -118,7 +116,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run directory with a fi
         run = RunDir(run_dir)
         run.require("llm")
         metrics, _, _ = evaluate_split(cfg, run, split, max_users=max_users)
-    except (ConfigError, FileNotFoundError) as e:
+    except TTDSError as e:
         _fail(e)
     out = run_dir / f"metrics_{split}_{metrics['n_users_evaluated']}users.json"
     write_json(out, metrics)

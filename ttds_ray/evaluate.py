@@ -1,4 +1,4 @@
-"""Stage 'eval': full-catalogue HR@K / NDCG@K of TTDS, SASRec and popularity (DESIGN §2).
+"""Stage 'eval': full-catalogue HR@K / NDCG@K of TTDS, SASRec and popularity (DESIGN §2). No Ray import.
 
 Reads ``data/``, ``cf/`` (SASRec), ``tokenizer/`` (ID tables) and ``llm/`` (adapter + tokenizer).
 Writes ``eval/metrics.json`` (one block per model, each with ``n_users``) and ``eval/rankings.parquet``.
@@ -16,7 +16,7 @@ from .config import TTDSConfig
 from .data import Splits, history_for, train_item_counts
 from .decoding import SIDTrie, beam_search
 from .metrics import hr_ndcg, popularity_ranking, target_ranks, topk_from_scores
-from .tasks import PromptPieces, build_eval_prompts, collate
+from .tasks import collate
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +60,33 @@ class TTDSRanker:
     max_length: int = 1024
 
     @torch.inference_mode()
-    def rank(self, prompts: list[list[int]], batch_size: int, progress: bool = False) -> np.ndarray:
-        """int64 ``(U, W)`` item_idx per prompt, best first (-1 pads)."""
-        out = []
+    def rank_with_scores(self, prompts: list[list[int]], batch_size: int, progress: bool = False
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """``(item_idx int64 (U, W), scores float32 (U, W))`` per prompt, best first; -1 / -inf pad.
+        Prompts are token-id lists; the beam search runs on the model's device."""
+        idx_out, sc_out = [], []
         it = range(0, len(prompts), batch_size)
         for start in tqdm(it, desc="beam search", disable=not progress, unit="batch"):
             batch = collate([{"input_ids": p} for p in prompts[start:start + batch_size]], self.pad_id,
                             self.max_length)
             res = beam_search(self.model, self.trie, batch["input_ids"], batch["attention_mask"],
                               n_beams=self.n_beams)
-            out.append(res.item_idx.cpu().numpy())
-        width = max(o.shape[1] for o in out)
-        return np.concatenate([np.pad(o, ((0, 0), (0, width - o.shape[1])), constant_values=-1) for o in out])
+            idx_out.append(res.item_idx.cpu().numpy())
+            sc_out.append(res.scores.float().cpu().numpy())
+        if not idx_out:
+            return np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
+        w = max(o.shape[1] for o in idx_out)
+        return (np.concatenate([np.pad(o, ((0, 0), (0, w - o.shape[1])), constant_values=-1) for o in idx_out]),
+                np.concatenate([np.pad(o, ((0, 0), (0, w - o.shape[1])), constant_values=-np.inf) for o in sc_out]))
+
+    def rank(self, prompts: list[list[int]], batch_size: int, progress: bool = False) -> np.ndarray:
+        """int64 ``(U, W)`` item_idx per prompt, best first (-1 pads)."""
+        return self.rank_with_scores(prompts, batch_size, progress)[0]
 
 
 def evaluate_popularity(splits: Splits, n_items: int, rows: np.ndarray, split: str, cfg: TTDSConfig) -> dict:
     """Popularity baseline: the training split's most frequent items, same list for everyone."""
-    top = popularity_ranking(train_item_counts(splits, n_items), max(cfg.eval.ks) + 50)
+    top = popularity_ranking(train_item_counts(splits, n_items), candidate_depth(cfg, n_items))
     ranked = np.tile(top, (len(rows), 1))
     hist = eval_histories(splits, rows, split, 10 ** 9) if cfg.eval.exclude_seen else None
     return _block(ranked, targets_of(splits, rows, split), cfg.eval.ks, hist, cfg.eval.exclude_seen)
@@ -88,19 +98,75 @@ def evaluate_sasrec(model, splits: Splits, rows: np.ndarray, split: str, cfg: TT
 
     hist = eval_histories(splits, rows, split, cfg.cf.max_len)
     scores = torch.as_tensor(np.asarray(score_users(model, [h.tolist() for h in hist], cfg.cf.max_len)))
-    ranked = np.asarray(topk_from_scores(scores, max(cfg.eval.ks) + 50))
+    ranked = np.asarray(topk_from_scores(scores, candidate_depth(cfg, scores.shape[1])))
     full = eval_histories(splits, rows, split, 10 ** 9) if cfg.eval.exclude_seen else None
     return _block(ranked, targets_of(splits, rows, split), cfg.eval.ks, full, cfg.eval.exclude_seen)
 
 
-def evaluate_ttds(ranker: TTDSRanker, splits: Splits, rows: np.ndarray, split: str, cfg: TTDSConfig,
-                  item_tokens: np.ndarray, user_tokens: np.ndarray | None, pieces: PromptPieces,
+def evaluate_ttds(rec, splits: Splits, rows: np.ndarray, split: str, cfg: TTDSConfig,
                   progress: bool = False) -> tuple[dict, np.ndarray]:
-    """TTDS metrics and the ranked lists ``(U, W)``."""
+    """TTDS metrics and the ranked lists ``(U, W)`` through :meth:`Recommender.rank` (the serving path)."""
     hist = eval_histories(splits, rows, split, cfg.data.max_history)
-    prompts = build_eval_prompts([h.tolist() for h in hist], item_tokens,
-                                 None if user_tokens is None else user_tokens[splits.user_idx[rows]],
-                                 pieces, cfg.tasks, max_history=cfg.data.max_history)
-    ranked = ranker.rank(prompts, cfg.eval.batch_size, progress=progress)
+    user_codes = rec.user_table.codes[splits.user_idx[rows]] if cfg.tasks.use_user_sid else None
+    ranked, _ = rec.rank(hist, user_codes, n_beams=cfg.eval.n_beams, progress=progress)
     full = eval_histories(splits, rows, split, 10 ** 9) if cfg.eval.exclude_seen else None
     return _block(ranked, targets_of(splits, rows, split), cfg.eval.ks, full, cfg.eval.exclude_seen), ranked
+
+
+def candidate_depth(cfg: TTDSConfig, n_items: int) -> int:
+    """Items the SASRec and popularity baselines rank: max(eval.ks) + 50 (room for exclude_seen), capped at
+    the catalogue."""
+    return min(n_items, max(cfg.eval.ks) + 50)
+
+
+def evaluate_split(cfg: TTDSConfig, run, split: str = "test", *, max_users: int | None = None,
+                   progress: bool = True, device: str | torch.device | None = None
+                   ) -> tuple[dict, np.ndarray, np.ndarray]:
+    """TTDS (trie beam search over the final item index, via :class:`~ttds_ray.recommender.Recommender`),
+    SASRec and popularity on ``split`` of a run (DESIGN §2). Imports no Ray.
+
+    Args:
+        run: a :class:`~ttds_ray.artifacts.RunDir` with finished data, cf, tokenizer and llm stages.
+        split: 'test' (reported results) or 'valid' (model selection: history = training items,
+            target = the second-last item).
+        max_users: seeded user sample (default ``eval.max_users``).
+        device: default the GPU when ``ray.use_gpu`` and CUDA is available, else the CPU.
+
+    Returns:
+        ``(metrics, rows, ranked)``: the metrics dict, evaluated user rows ``(U,)``, TTDS rankings ``(U, W)``.
+
+    Raises:
+        ConfigError: bad split. StageMissing / ArtifactError: a stage or artifact is missing.
+    """
+    import time
+
+    from .cf import load_sasrec
+    from .data import Prepared, split_leave_one_out
+    from .errors import ConfigError
+    from .recommender import Recommender
+
+    if split not in ("valid", "test"):
+        raise ConfigError(f"split must be 'valid' or 'test', got {split!r}")
+    if cfg.ray.torch_threads:
+        torch.set_num_threads(cfg.ray.torch_threads)
+    if device is None:
+        device = "cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu"
+    t0 = time.time()
+    prepared = Prepared.load(run.require("data"))
+    splits = split_leave_one_out(prepared.sequences)
+    n_items = len(prepared.items)
+    max_users = cfg.eval.max_users if max_users is None else max_users
+    rows = select_eval_users(len(splits), max_users, cfg.seed)
+    rec = Recommender(cfg, run, device)
+    ttds_m, ranked = evaluate_ttds(rec, splits, rows, split, cfg, progress=progress)
+    metrics = {
+        "split": split, "protocol": "leave-one-out, full catalogue, nothing excluded"
+        if not cfg.eval.exclude_seen else "leave-one-out, full catalogue, exclude_seen",
+        "n_items": n_items, "n_users_total": len(splits), "n_users_evaluated": len(rows),
+        "max_users": max_users, "n_beams": cfg.eval.n_beams, "backbone": cfg.llm.backbone,
+        "static_index": cfg.dynamic.is_static,
+        "models": {"TTDS": ttds_m, "SASRec": evaluate_sasrec(load_sasrec(run.require("cf")), splits, rows, split, cfg),
+                   "Popularity": evaluate_popularity(splits, n_items, rows, split, cfg)},
+    }
+    metrics["eval_wall_s"] = round(time.time() - t0, 1)
+    return metrics, rows, ranked

@@ -25,7 +25,7 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from . import cf, data, dynamic, embeddings, llm, tasks, towers
+from . import cf, data, dynamic, embeddings, evaluate, llm, tasks, towers
 from .plots import plot_code_usage, plot_curve, plot_terms
 from .artifacts import RunDir, atomic_write_bytes, read_json, write_json
 from .config import ConfigError, TTDSConfig, config_from_dict
@@ -515,65 +515,12 @@ def stage_llm(cfg: TTDSConfig, run: RunDir) -> None:
              np.mean(losses[-20:]) if losses else float("nan"), [r["changed"] for r in rounds])
 
 
-def load_final_item_sids(run: RunDir) -> towers.SIDTable:
-    """The item index the LLM was trained with last: ``llm/item_sids.parquet`` (re-indexed by the dynamic
-    rounds), else the tokenizer stage's table."""
-    p = run.root / "llm" / "item_sids.parquet"
-    return towers.SIDTable.load(p) if run.is_complete("llm") and p.is_file() else load_sid_tables(run)[0]
-
-
 # ----------------------------------------------------------------------------- stage: eval
-
-def evaluate_split(cfg: TTDSConfig, run: RunDir, split: str = "test", *, max_users: int | None = None,
-                   progress: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
-    """TTDS (trie beam search over the final item index), SASRec and popularity on ``split``.
-
-    Args:
-        split: 'test' (reported results) or 'valid' (model selection: history = training items,
-            target = the second-last item).
-        max_users: seeded user sample (default ``eval.max_users``).
-
-    Returns:
-        ``(metrics, rows, ranked)``: the metrics dict, evaluated user rows ``(U,)``, TTDS rankings ``(U, W)``.
-    """
-    from .decoding import SIDTrie
-    from .evaluate import TTDSRanker, evaluate_popularity, evaluate_sasrec, evaluate_ttds, select_eval_users
-
-    if split not in ("valid", "test"):
-        raise ConfigError(f"split must be 'valid' or 'test', got {split!r}")
-    _threads(cfg)
-    t0 = time.time()
-    prepared, splits = _splits(run)
-    n_items = len(prepared.items)
-    max_users = cfg.eval.max_users if max_users is None else max_users
-    rows = select_eval_users(len(splits), max_users, cfg.seed)
-    model, tok, meta = llm.load_llm(run.require("llm"), cfg.llm)
-    _, user_t = load_sid_tables(run)
-    item_t = load_final_item_sids(run)
-    vocab = llm.sid_vocab_from_tokenizer(tok, item_t.n_levels, item_t.codebook_size, user_t.n_levels,
-                                         user_t.codebook_size)
-    ranker = TTDSRanker(model, SIDTrie(item_t.codes, vocab.item_token_ids), tok.pad_token_id, cfg.eval.n_beams,
-                        cfg.llm.max_length)
-    ttds_m, ranked = evaluate_ttds(ranker, splits, rows, split, cfg, vocab.item_tokens(item_t.codes),
-                                   vocab.user_tokens(user_t.codes), tasks.PromptPieces.build(tok), progress=progress)
-    sasrec = cf.load_sasrec(run.require("cf"))
-    metrics = {
-        "split": split, "protocol": "leave-one-out, full catalogue, nothing excluded"
-        if not cfg.eval.exclude_seen else "leave-one-out, full catalogue, exclude_seen",
-        "n_items": n_items, "n_users_total": len(splits), "n_users_evaluated": len(rows),
-        "max_users": max_users, "n_beams": cfg.eval.n_beams, "backbone": cfg.llm.backbone,
-        "static_index": cfg.dynamic.is_static,
-        "models": {"TTDS": ttds_m, "SASRec": evaluate_sasrec(sasrec, splits, rows, split, cfg),
-                   "Popularity": evaluate_popularity(splits, n_items, rows, split, cfg)},
-    }
-    metrics["eval_wall_s"] = round(time.time() - t0, 1)
-    return metrics, rows, ranked
-
 
 def stage_eval(cfg: TTDSConfig, run: RunDir, *, progress: bool = True) -> dict:
     """Test-split evaluation of TTDS, SASRec and popularity; writes eval/metrics.json + rankings."""
     _, splits = _splits(run)
-    metrics, rows, ranked = evaluate_split(cfg, run, "test", progress=progress)
+    metrics, rows, ranked = evaluate.evaluate_split(cfg, run, "test", progress=progress)
     with run.write_stage("eval", config_hash=cfg.stage_hash("eval"),
                          numbers={"HR@10": metrics["models"]["TTDS"].get("HR@10")}) as (d, _):
         write_json(d / "metrics.json", metrics)
