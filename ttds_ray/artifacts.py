@@ -94,11 +94,28 @@ class RunDir:
         return self.root / stage
 
     def is_complete(self, stage: str, config_hash: str | None = None) -> bool:
-        """True if the stage finished (and, if ``config_hash`` is given, was built from that config)."""
+        """True if the stage finished; with ``config_hash``, also that it was built from that config and
+        from the upstream stages now in the run directory (their digests equal the ones recorded in its
+        MANIFEST ``inputs``), so a stage built on replaced inputs is not reused."""
         path = self.stage_dir(stage) / "MANIFEST.json"
         if not path.is_file():
             return False
-        return config_hash is None or read_json(path).get("config_hash") == config_hash
+        if config_hash is None:
+            return True
+        return read_json(path).get("config_hash") == config_hash and not self.changed_inputs(stage)
+
+    def input_digests(self, stage: str) -> dict[str, str]:
+        """Digests of the finished upstream stages of ``stage`` as they are now (what its MANIFEST records)."""
+        return {s: self.manifest(s)["digest"] for s in STAGES[:STAGES.index(stage)] if self.is_complete(s)}
+
+    def changed_inputs(self, stage: str) -> list[str]:
+        """Upstream stages whose digest differs from the one ``stage`` was built from (added, removed or
+        rebuilt since); [] when ``stage`` is consistent with the run directory or not finished."""
+        path = self.stage_dir(stage) / "MANIFEST.json"
+        if not path.is_file():
+            return []
+        recorded, now = read_json(path).get("inputs", {}), self.input_digests(stage)
+        return [s for s in STAGES[:STAGES.index(stage)] if recorded.get(s) != now.get(s)]
 
     def manifest(self, stage: str) -> dict:
         return read_json(self.require(stage) / "MANIFEST.json")
@@ -131,9 +148,9 @@ class RunDir:
         t0 = self.stage_started.get(stage, time.time())
         try:
             yield tmp, nums
-            inputs = {s: self.manifest(s)["digest"] for s in STAGES[:STAGES.index(stage)]
-                      if self.is_complete(s)}
-            man = {"stage": stage, "config_hash": config_hash, "inputs": inputs,
+            inputs = self.input_digests(stage)
+            files = {str(f.relative_to(tmp)): file_sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+            man = {"stage": stage, "config_hash": config_hash, "inputs": inputs, "files": files,
                    "git_rev": _git_rev(), "wall_s": round(time.time() - t0, 2),
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "numbers": nums}
             man["digest"] = hashlib.sha256(json.dumps(man, sort_keys=True, default=str).encode()

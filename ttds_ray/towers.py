@@ -36,6 +36,7 @@ class Tower(nn.Module):
 
     def __init__(self, d_s: int, d_c: int, tcfg: TowerConfig):
         super().__init__()
+        self.d_s, self.d_c, self.tcfg = d_s, d_c, tcfg     # constructor arguments, saved with the weights
         self.vae = DMVAE(d_s, d_c, tcfg.latent_dim, tcfg.hidden_dim)
         self.rq = ResidualQuantizer(tcfg.n_levels, tcfg.codebook_size, tcfg.latent_dim)
         for name, d in (("s", d_s), ("c", d_c)):
@@ -422,18 +423,49 @@ def user_semantic_embeddings(item_text: np.ndarray, histories: list[list[int]]) 
     return np.stack([item_text[h].mean(0) if len(h) else mean for h in histories]).astype(np.float32)
 
 
-def save_tower(tower: Tower, path: Path) -> None:
-    """safetensors weights + a JSON of the constructor arguments (no pickle)."""
+def tower_bytes(tower: Tower) -> bytes:
+    """safetensors bytes of the tower's weights, with its constructor arguments in the safetensors metadata
+    (``d_s``, ``d_c``, ``tower_config`` JSON), so :func:`load_tower` needs nothing else (no pickle)."""
     from safetensors.torch import save as st_save
 
-    atomic_write_bytes(path, st_save({k: v.contiguous() for k, v in tower.state_dict().items()}))
+    meta = {"d_s": str(tower.d_s), "d_c": str(tower.d_c), "tower_config": tower.tcfg.model_dump_json()}
+    return st_save({k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}, metadata=meta)
 
 
-def load_tower(path: Path, d_s: int, d_c: int, tcfg: TowerConfig) -> Tower:
+def save_tower(tower: Tower, path: Path) -> None:
+    """Atomically write :func:`tower_bytes` to ``path``."""
+    atomic_write_bytes(path, tower_bytes(tower))
+
+
+def load_tower(path: Path, d_s: int | None = None, d_c: int | None = None, tcfg: TowerConfig | None = None) -> Tower:
+    """A tower in eval mode from :func:`save_tower`'s file; the constructor arguments come from the file's
+    metadata (arguments given here must agree with it).
+
+    Raises:
+        ArtifactError: the file is missing, carries no constructor arguments (and none are given), or
+            disagrees with the given ones.
+    """
+    from safetensors import safe_open
     from safetensors.torch import load as st_load
 
+    from .errors import ArtifactError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: tower checkpoint is missing; rerun the tokenizer stage")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "tower_config" in meta:
+        saved = (int(meta["d_s"]), int(meta["d_c"]), TowerConfig.model_validate_json(meta["tower_config"]))
+        given = (d_s, d_c, tcfg)
+        if any(g is not None and g != v for g, v in zip(given, saved)):
+            raise ArtifactError(f"{path}: saved for d_s, d_c, config = {saved}, asked for {given}")
+        d_s, d_c, tcfg = saved
+    elif None in (d_s, d_c, tcfg):
+        raise ArtifactError(f"{path}: an older tower checkpoint without its constructor arguments; pass d_s, d_c "
+                            "and the tower config, or rerun the tokenizer stage")
     tower = Tower(d_s, d_c, tcfg)
-    tower.load_state_dict(st_load(Path(path).read_bytes()))
+    tower.load_state_dict(st_load(path.read_bytes()))
     return tower.eval()
 
 

@@ -246,7 +246,7 @@ def _tokenizer_loop(config: dict) -> None:
 
         tower = towers.fit_tower(cfg.tokenizer, tcfg, x[f"{name}_s"], x[f"{name}_c"], seed=cfg.seed,
                                  on_epoch=on_epoch, device=_device(cfg))
-        files[f"{name}_tower.safetensors"] = _state_bytes(tower.state_dict())
+        files[f"{name}_tower.safetensors"] = towers.tower_bytes(tower)
     files["history.json"] = json.dumps(history).encode()
     _report({"tower": "done"}, files)
 
@@ -396,7 +396,7 @@ def _llm_loop(config: dict) -> None:
                "state.json": json.dumps({"step": step, "epoch": epoch, "batch": batch, "losses": losses,
                                          "rounds": rounds}).encode()}
         if tower is not None:
-            out["item_tower.safetensors"] = _state_bytes(tower.state_dict())
+            out["item_tower.safetensors"] = towers.tower_bytes(tower)
         if final:
             with tempfile.TemporaryDirectory() as d:
                 llm.save_llm(base, tok, Path(d), meta)
@@ -582,6 +582,10 @@ def reuse_stages(cfg: TTDSConfig, src: Path, run: RunDir) -> list[str]:
     for stage in STAGE_FUNCS:
         h = cfg.stage_hash(stage)
         if not src_run.is_complete(stage, h):
+            changed = src_run.changed_inputs(stage)
+            if src_run.is_complete(stage) and changed and src_run.manifest(stage).get("config_hash") == h:
+                log.warning("--reuse-from %s: stage %s has the same settings but was built from other inputs "
+                            "(%s changed since); it is rebuilt here", src, stage, ", ".join(changed))
             break
         if not run.is_complete(stage, h):
             dst = run.stage_dir(stage)
