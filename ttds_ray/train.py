@@ -657,6 +657,9 @@ def run_training(cfg: TTDSConfig, *, overwrite: bool = False, stop_after: str | 
                 ts = run.stage_started[stage] = time.time()
                 log.info("%s: starting", stage)
                 fn(cfg, run)
+                # the stage's artifacts are in place: its Ray Train checkpoints (kept for resuming an
+                # interrupted stage) are not needed any more
+                shutil.rmtree(run.root / "ray_results" / f"{stage}-{cfg.stage_hash(stage)}", ignore_errors=True)
                 walls[stage] = round(time.time() - ts, 1)
                 log.info("%s: done in %.1f s", stage, walls[stage])
             if stage == stop_after:
