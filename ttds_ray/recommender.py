@@ -185,7 +185,8 @@ class Recommender:
         if self.cfg.tasks.use_user_sid and user_codes is not None:
             user_tok = self.vocab.user_tokens(np.asarray(user_codes))
         prompts = tasks.build_eval_prompts([np.asarray(h)[-mh:].tolist() for h in histories], self.item_tokens,
-                                           user_tok, self.pieces, self.cfg.tasks, max_history=mh)
+                                           user_tok, self.pieces, self.cfg.tasks, max_history=mh,
+                                           max_length=self.cfg.llm.max_length)
         ranker = TTDSRanker(self.model, self.trie, self.tok.pad_token_id, n_beams, self.cfg.llm.max_length)
         return ranker.rank_with_scores(prompts, batch_size or self.cfg.eval.batch_size, progress=progress)
 

@@ -541,18 +541,33 @@ def build_seqrec_samples(train_seqs: list[list[int]], item_tokens: np.ndarray, u
 
 
 def build_eval_prompts(histories: list[list[int]], item_tokens: np.ndarray, user_tokens: np.ndarray | None,
-                       pieces: PromptPieces, cfg: TasksConfig, *, max_history: int) -> list[list[int]]:
+                       pieces: PromptPieces, cfg: TasksConfig, *, max_history: int,
+                       max_length: int | None = None) -> list[list[int]]:
     """Prompt ids for next-item generation: seqrec template 0, user ID, last ``max_history`` history items.
 
     Args:
         histories: per evaluated user, the items before the target (for test: train + valid).
         user_tokens: rows aligned with ``histories``.
+        max_length: token budget of a prompt (``llm.max_length``): when the prompt would be longer, the
+            oldest history items are dropped (whole items), never the instruction or the user ID.
+
+    Raises:
+        ValueError: the instruction and user ID alone do not fit ``max_length`` (with one history item).
     """
     out = []
+    n_levels = item_tokens.shape[1]
     for i, h in enumerate(histories):
         before, after = pieces.parts[0]
         utok = user_tokens[i].tolist() if (user_tokens is not None and cfg.use_user_sid) else []
-        out.append(before + utok + after + item_tokens[h[-max_history:]].reshape(-1).tolist())
+        keep = min(len(h), max_history)
+        if max_length is not None:
+            room = (max_length - len(before) - len(utok) - len(after)) // n_levels
+            if room < 1 and keep > 0:
+                raise ValueError(f"llm.max_length={max_length} cannot hold the prompt's instruction and user ID "
+                                 "plus one history item; raise llm.max_length")
+            keep = min(keep, room)
+        items = list(h[len(h) - keep:]) if keep > 0 else []
+        out.append(before + utok + after + item_tokens[items].reshape(-1).tolist())
     return out
 
 

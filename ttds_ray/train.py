@@ -424,7 +424,7 @@ def _llm_loop(config: dict) -> None:
                 users, hist, tgt = dynamic.guidance_prompts(train_seqs, cfg.dynamic.guide_samples,
                                                             max_history=cfg.data.max_history, seed=cfg.seed + 1000 + r)
                 prompts = tasks.build_eval_prompts(hist, item_tok, user_tok[users], pieces, cfg.tasks,
-                                                   max_history=cfg.data.max_history)
+                                                   max_history=cfg.data.max_history, max_length=cfg.llm.max_length)
                 res = dynamic.run_round(base, tower, towers.SIDTable(item_codes, item_t.codebook_size),
                                         prompts=prompts, targets=tgt, pad_id=tok.pad_token_id,
                                         level1_token_ids=vocab.item_token_ids[0], item_s=x["item_s"],
