@@ -1,4 +1,4 @@
-"""The run-directory contract shared by every stage (STYLE.md B2).
+"""The run-directory contract shared by every stage (one run-directory contract for every stage).
 
 Reads and writes ``<output_dir>/<name>/<stage>/``. A stage writes into a hidden temporary sibling
 directory and is renamed into place only when complete, with ``MANIFEST.json`` written last; so a

@@ -61,7 +61,7 @@ def smollm2_dir() -> Path:
     """Float32 HF directory of SmolLM2-135M-Instruct, converted once from the GGUF and cached.
 
     The GGUF-loaded model refuses ``save_pretrained``; we drop its quantization config, rebuild
-    the model from the config, load the state dict and save (../shared/notes/models.md).
+    the model from the config, load the state dict and save (transformers refuses to save a GGUF-loaded model).
     The directory is written to a temp sibling and renamed, so a half conversion is never used.
     """
     out = cache_root() / "smollm2-135m-instruct-fp32"
@@ -223,13 +223,21 @@ def wrap_for_training(model: nn.Module, cfg: LLMConfig, new_token_ids: list[int]
     """Make the right parameters trainable.
 
     ``lora``: peft LoRA on all linear layers + the new token rows (``trainable_token_indices``,
-    keeps input/output embeddings tied; ../shared/notes/models.md).
+    keeps input/output embeddings tied: peft's TrainableTokens wrapper is applied to the tied output
+    layer too).
     ``full``: every weight of the decoder body + the new token rows; the pretrained/text rows of the
     (tied) embedding stay frozen. Training the whole 49k-row embedding with AdamW costs ~60 % of a
     step of the 'tiny' preset on CPU for rows that only the prompt text uses.
     """
+    import warnings
+
     from peft import LoraConfig, TrainableTokensConfig, get_peft_model
 
+    # peft warns that "a tied layer is part of the adapter, but no implementation exists to tie the
+    # adapters" (peft#2777). That concerns LoRA *matrices* on tied layers; ours are TrainableTokens rows,
+    # which peft ties itself, and tests/test_llm.py checks that the output layer sees the trained rows and
+    # that a reload reproduces the logits. The message is silenced here only.
+    warnings.filterwarnings("ignore", message=".*tied layer is part of the adapter.*")
     if cfg.finetune == "lora":
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules="all-linear", trainable_token_indices=new_token_ids,
