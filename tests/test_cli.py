@@ -39,3 +39,17 @@ def test_reports_on_an_unfinished_run_fail_clearly(tmp_path):
 def test_unknown_dataset_is_refused():
     res = runner.invoke(app, ["data", "fetch", "movielens-1b"])
     assert res.exit_code == 2 and "movielens-100k" in res.output
+
+
+def test_config_show_names_each_values_source(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {path: /nowhere, kcore: 3}\ntokenizer: {item: {n_levels: 4}}\n")
+    res = runner.invoke(app, ["config", "show", str(cfg), "tokenizer.item.latent_dim=32"])
+    assert res.exit_code == 0, res.output
+    rows = {line.split()[0]: line.split() for line in res.output.splitlines() if line.strip()}
+    assert rows["data.kcore"][1:] == ["3", "file"]
+    assert rows["tokenizer.item.latent_dim"][1:] == ["32", "override"]
+    assert rows["tokenizer.item.n_levels"][1:] == ["4", "file"]
+    assert rows["tokenizer.item.codebook_size"][1:] == ["256", "default"]   # sibling kept, not reset
+    bad = runner.invoke(app, ["config", "show", str(cfg), "data.kcore='5'"])
+    assert bad.exit_code == 2 and "data.kcore" in bad.output

@@ -2,8 +2,10 @@
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from ttds_ray.config import ConfigError, load_config, parse_overrides
+from ttds_ray.config import (ConfigError, TTDSConfig, config_from_dict, config_sources, format_config_sources,
+                             load_config, parse_overrides)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,3 +78,79 @@ def test_task_weights_and_dynamic_settings_are_validated(tmp_path):
             load_config(_write(tmp_path, "data: {path: x}\n"), bad.split())
     cfg = load_config(_write(tmp_path, "data: {path: x}\n"), ["dynamic.static_index=true", "tasks.weights.item2id=0"])
     assert cfg.dynamic.is_static and "item2id" not in cfg.tasks.weights.active()
+
+
+def test_partial_nested_section_keeps_the_section_default():
+    cfg = load_config(REPO / "configs" / "beauty.yaml", ["tokenizer.item.latent_dim=32"])
+    item = cfg.tokenizer.item
+    assert (item.latent_dim, item.n_levels, item.codebook_size) == (32, 4, 256)  # not TowerConfig()'s 3 levels
+    assert (cfg.tokenizer.user.n_levels, cfg.tokenizer.user.codebook_size) == (2, 64)
+    assert config_from_dict(cfg.to_dict()) == cfg                                # the Ray layer's round trip
+
+
+@pytest.mark.parametrize("override,key", [("data.kcore='5'", "data.kcore"), ("seed=1.0", "seed"),
+                                          ("cf.epochs=true", "cf.epochs"), ("ray.use_gpu=yes", "ray.use_gpu"),
+                                          ("ray.use_gpu=1", "ray.use_gpu"), ("eval.ks=[1,'5']", "eval.ks.1")])
+def test_types_are_strict(tmp_path, override, key):
+    p = _write(tmp_path, "data: {path: x}\n")
+    msg = str(pytest.raises(ConfigError, load_config, p, [override]).value)
+    assert f"bad value for '{key}'" in msg
+
+
+def test_yaml_scalars_bools_only_true_false_and_exponent_floats(tmp_path):
+    p = _write(tmp_path, "data: {path: x}\nray: {use_gpu: TRUE, cpus_per_worker: 2}\nllm: {lr: 1e-4}\n"
+                         "eval: {ks: [1, 5]}\n")
+    cfg = load_config(p, ["dynamic.tokenizer_lr=2e-3", "tasks.use_user_sid=False"])
+    assert cfg.ray.use_gpu is True and cfg.ray.cpus_per_worker == 2.0 and cfg.llm.lr == 1e-4
+    assert cfg.dynamic.tokenizer_lr == 2e-3 and cfg.tasks.use_user_sid is False and cfg.eval.ks == (1, 5)
+    assert parse_overrides(["name=yes", "data.name=off"]) == {"name": "yes", "data": {"name": "off"}}
+    msg = str(pytest.raises(ConfigError, load_config, _write(tmp_path, "data: {path: x}\nray: {use_gpu: yes}\n")).value)
+    assert "ray.use_gpu" in msg
+
+
+def test_eval_ks_within_beam_width(tmp_path):
+    p = _write(tmp_path, "data: {path: x}\n")
+    for bad in (["eval.ks=[1,30]"], ["eval.ks=[0,5]"], ["eval.n_beams=5", "eval.ks=[1,10]"]):
+        msg = str(pytest.raises(ConfigError, load_config, p, bad).value)
+        assert "eval.ks" in msg and "eval.n_beams" in msg
+    assert "eval.ks is empty" in str(pytest.raises(ConfigError, load_config, p, ["eval.ks=[]"]).value)
+    assert load_config(p, ["eval.n_beams=10", "eval.ks=[1,10]"]).eval.ks == (1, 10)
+
+
+def _fields(model, prefix=""):
+    for name, field in model.model_fields.items():
+        yield prefix + name, field
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _fields(ann, prefix + name + ".")
+
+
+def test_every_field_has_a_description():
+    fields = dict(_fields(TTDSConfig))
+    assert "tokenizer.item.n_levels" in fields and "tasks.weights.seqrec" in fields
+    missing = [k for k, f in fields.items() if not (f.description or "").strip()]
+    assert not missing, f"fields without a description: {missing}"
+
+
+def test_config_sources(tmp_path):
+    p = _write(tmp_path, "data: {path: x, kcore: 3}\ntokenizer:\n  item: {latent_dim: 16}\n")
+    rows = config_sources(p, ["llm.lr=1e-4", "tokenizer.item.n_levels=2"])
+    by_key = {k: (v, src) for k, v, src in rows}
+    assert by_key["data.kcore"] == (3, "file")
+    assert by_key["tokenizer.item.latent_dim"] == (16, "file")
+    assert by_key["llm.lr"] == (1e-4, "override")
+    assert by_key["tokenizer.item.n_levels"] == (2, "override")
+    assert by_key["tokenizer.item.codebook_size"] == (256, "default")
+    assert by_key["eval.ks"] == ((1, 5, 10), "default")
+    assert by_key["seed"] == (0, "default")
+    keys = [k for k, _, _ in rows]
+    assert keys[:3] == ["name", "output_dir", "seed"] and keys.index("data.path") < keys.index("ray.use_gpu")
+    assert len(keys) == len(set(keys)) and "tokenizer.item" not in keys          # leaves only
+    text = format_config_sources(rows)
+    lines = text.splitlines()
+    assert lines[0].split() == ["key", "value", "source"] and len(lines) == len(rows) + 1
+    row = next(line for line in lines if line.startswith("llm.lr "))
+    assert row.split() == ["llm.lr", "0.0001", "override"]
+    assert next(line for line in lines if line.startswith("eval.ks ")).split()[-1] == "default"
+    col = lines[0].index("value")
+    assert all(line[col - 2:col] == "  " and line[col] != " " for line in lines)  # aligned value column

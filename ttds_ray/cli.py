@@ -18,6 +18,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: fetch public data i
 app.add_typer(data_app, name="data")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Semantic-ID tokenizer (twin towers) diagnostics.")
 app.add_typer(tokenizer_app, name="tokenizer")
+config_app = typer.Typer(no_args_is_help=True, help="Configs: print the resolved config of a file + overrides.")
+app.add_typer(config_app, name="config")
 
 
 def _fail(e: Exception) -> None:
@@ -65,6 +67,21 @@ def train(config: Path = typer.Option(..., "--config", "-c", help="YAML config (
         typer.echo(_metrics_table(metrics))
         typer.echo(f"users evaluated: {metrics['n_users_evaluated']} of {metrics['n_users_total']}; "
                    f"job wall {metrics['job_wall_s']} s; run dir {cfg.run_dir}")
+
+
+@config_app.command("show")
+def config_show(config: Path = typer.Argument(..., help="YAML config (see configs/)."),
+                overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. llm.lr=1e-4"),
+                ) -> None:
+    """Print every key of the resolved config with its value and source (default / file / override)."""
+    from .config import config_sources, format_config_sources
+    from .errors import TTDSError
+
+    try:
+        rows = config_sources(config, overrides or [])
+    except TTDSError as e:
+        _fail(e)
+    typer.echo(format_config_sources(rows))
 
 
 @data_app.command("fetch")

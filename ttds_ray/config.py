@@ -3,7 +3,12 @@
 Reads a YAML file plus dotted ``key=value`` overrides; writes nothing. One pydantic model per
 stage, composed into :class:`TTDSConfig`. Unknown keys and bad values are collected and raised
 together as :class:`ConfigError` (torchtune's ``validate()`` / nanoGPT's strict configurator).
-Defaults follow ../shared/DESIGN.md; each field's ``description`` gives meaning, unit and reason.
+Types are strict: no string/float/bool where an int is wanted, only ``true``/``false`` for a bool
+(an int is fine where a float is wanted). A partial nested section (``tokenizer.item.latent_dim=32``)
+is merged into that section's default, never into the bare class default.
+:func:`config_sources` tells, for every resolved key, whether it came from the default, the file
+or an override. Defaults follow docs/METHOD.md; each field's ``description`` gives meaning, unit
+and reason.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import difflib
 import os
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -22,7 +28,22 @@ from .errors import ConfigError  # noqa: E402  (re-exported: the project's error
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False,
+                              strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_section_defaults(cls, data: Any) -> Any:
+        """A dict given for a field whose default is a section instance overrides that default key by
+        key (``TokenizerConfig.item`` defaults to 4 levels; ``item: {latent_dim: 32}`` keeps them)."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            default, given = field.default, out.get(name)
+            if isinstance(default, BaseModel) and isinstance(given, dict):
+                out[name] = _merge(default.model_dump(), given)
+        return out
 
 
 class DataConfig(_Section):
@@ -58,14 +79,14 @@ class EmbeddingsConfig(_Section):
 class CFConfig(_Section):
     """SASRec trained on the training split only (DESIGN §1.1)."""
     hidden: int = Field(64, ge=8, description="d_c, SASRec embedding size = collaborative embedding dim.")
-    n_layers: int = Field(2, ge=1)
-    n_heads: int = Field(1, ge=1)
+    n_layers: int = Field(2, ge=1, description="SASRec self-attention blocks.")
+    n_heads: int = Field(1, ge=1, description="Attention heads per block (must divide cf.hidden).")
     max_len: int = Field(50, ge=2, description="Items of history SASRec reads.")
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout in the SASRec blocks.")
+    epochs: int = Field(30, ge=1, description="Passes over the training windows.")
+    batch_size: int = Field(64, ge=1, description="Training windows per SASRec step.")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate (betas 0.9, 0.98).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     window_stride: Optional[int] = Field(50, ge=1, description="Training windows end every N items of a "
                                          "history (N = max_len trains every target once); None = only the "
                                          "last max_len+1 items. On MovieLens-100K: HR@10 0.104 -> 0.129.")
@@ -80,11 +101,13 @@ class TowerConfig(_Section):
 
 
 class TokenizerConfig(_Section):
-    item: TowerConfig = TowerConfig(n_levels=4, codebook_size=256)
-    user: TowerConfig = TowerConfig(n_levels=2, codebook_size=64)
+    item: TowerConfig = Field(TowerConfig(n_levels=4, codebook_size=256), description="Item tower: item "
+                              "semantic IDs (default 4 levels x 256 codes); keys not given keep these values.")
+    user: TowerConfig = Field(TowerConfig(n_levels=2, codebook_size=64), description="User tower: user "
+                              "semantic IDs (default 2 levels x 64 codes); keys not given keep these values.")
     epochs: int = Field(200, ge=1, description="Passes over the entities of a tower.")
-    batch_size: int = Field(512, ge=2)
-    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(512, ge=2, description="Entities per tower step (capped at their number).")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the towers.")
     beta_commit: float = Field(0.25, ge=0, description="Commitment weight β (DESIGN §1.3).")
     beta_kl: float = Field(1e-3, ge=0, description="KL(q(z|s,c) || N(0,I)) weight (DESIGN §1.2).")
     alpha_inst: float = Field(0.1, ge=0, description="Instance-grain InfoNCE(z_s, z_c) weight; 0 = off.")
@@ -109,19 +132,22 @@ class LLMConfig(_Section):
                                               "trainable_token_indices) or 'full' (all weights; for 'tiny').")
     tiny_hidden: int = Field(128, ge=16, description="Hidden size of the 'tiny' preset.")
     tiny_layers: int = Field(2, ge=1, description="Decoder layers of the 'tiny' preset.")
-    tiny_heads: int = Field(4, ge=1)
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    tiny_heads: int = Field(4, ge=1, description="Attention heads of the 'tiny' preset (must divide "
+                            "llm.tiny_hidden).")
+    lora_r: int = Field(8, ge=1, description="LoRA rank (finetune='lora').")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha (finetune='lora').")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branches (finetune='lora').")
     loss_vocab: Literal["full", "sid"] = Field("full", description="Softmax over the full vocabulary, or "
                                                "over the item semantic-ID tokens only (cheaper; decoding is "
                                                "trie-constrained to them anyway).")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="Passes over the tuning samples (the step budget, capped by "
+                        "llm.max_steps).")
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimiser steps.")
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(20, ge=0)
+    batch_size: int = Field(8, ge=1, description="Sequences per optimiser step per Ray Train worker.")
+    lr: float = Field(2e-4, gt=0, description="AdamW peak learning rate (linear warm-up, then linear decay "
+                      "to 10 %).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Optimiser steps of linear learning-rate warm-up.")
     max_length: int = Field(256, ge=16, description="Tokens per training sequence (truncated from the left).")
     alpha_tok: float = Field(0.0, ge=0, description="Token-grain alignment weight (DESIGN §1.2): pulls the sum "
                              "of an item's semantic-token input embeddings toward the LLM embedding of its "
@@ -171,7 +197,7 @@ class TaskWeights(_Section):
 
 class TasksConfig(_Section):
     """Tuning tasks (DESIGN §1.5), built from the training split only."""
-    weights: TaskWeights = TaskWeights()
+    weights: TaskWeights = Field(TaskWeights(), description="Samples per epoch of each tuning task.")
     max_title_tokens: int = Field(12, ge=1, description="Title tokens kept in prompts and id2item responses.")
     title_history_len: int = Field(5, ge=1, description="History items (as titles) in title_history prompts.")
     co_topk: int = Field(20, ge=1, description="Co-interaction neighbours kept per item.")
@@ -187,18 +213,23 @@ class TasksConfig(_Section):
 
 class EvalConfig(_Section):
     n_beams: int = Field(20, ge=1, description="Beam width W; also the number of items ranked.")
-    ks: tuple[int, ...] = Field((1, 5, 10), description="Cut-offs K of HR@K / NDCG@K.")
+    ks: tuple[int, ...] = Field((1, 5, 10), description="Cut-offs K of HR@K / NDCG@K; each 1 <= K <= n_beams.")
     max_users: Optional[int] = Field(None, ge=1, description="Evaluate a seeded sample of this many users "
                                      "(reported with the metrics); None = all.")
     batch_size: int = Field(32, ge=1, description="Users per beam-search batch.")
     exclude_seen: bool = Field(False, description="Drop the user's history items from rankings (reported "
                                "under its own name; off = LETTER/LC-Rec protocol).")
 
+    @field_validator("ks", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v   # YAML and to_dict() give lists
+
 
 class RayConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers per stage.")
     cpus_per_worker: float = Field(1.0, gt=0, description="Leave CPU for Ray Data on small machines.")
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="One GPU per Ray Train worker; models run on it (else CPU).")
     address: Optional[str] = Field(None, description="Ray address; None = connect to a running cluster if "
                                    "RAY_ADDRESS is set, else start an embedded one.")
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of the embedded cluster.")
@@ -217,16 +248,16 @@ class TTDSConfig(_Section):
     """The whole run. YAML mirrors this nesting; overrides are dotted (``llm.lr=1e-4``)."""
     name: str = Field("ttds", description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Parent of run directories.")
-    seed: int = 0
-    data: DataConfig
-    embeddings: EmbeddingsConfig = EmbeddingsConfig()
-    cf: CFConfig = CFConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    llm: LLMConfig = LLMConfig()
-    tasks: TasksConfig = TasksConfig()
-    dynamic: DynamicConfig = DynamicConfig()
-    eval: EvalConfig = EvalConfig()
-    ray: RayConfig = RayConfig()
+    seed: int = Field(0, description="Seed of every random step (splits, sampling, init, eval users).")
+    data: DataConfig = Field(..., description="Dataset reading and filtering.")
+    embeddings: EmbeddingsConfig = Field(EmbeddingsConfig(), description="Item text embeddings.")
+    cf: CFConfig = Field(CFConfig(), description="SASRec collaborative embeddings.")
+    tokenizer: TokenizerConfig = Field(TokenizerConfig(), description="Item and user towers (semantic IDs).")
+    llm: LLMConfig = Field(LLMConfig(), description="LLM backbone and its fine-tuning.")
+    tasks: TasksConfig = Field(TasksConfig(), description="Tuning tasks and their mix.")
+    dynamic: DynamicConfig = Field(DynamicConfig(), description="Dynamic semantic indexing.")
+    eval: EvalConfig = Field(EvalConfig(), description="Beam-search evaluation.")
+    ray: RayConfig = Field(RayConfig(), description="Ray cluster and Train workers.")
 
     @model_validator(mode="after")
     def _check(self) -> "TTDSConfig":
@@ -247,6 +278,12 @@ class TTDSConfig(_Section):
                              "seqrec window; lower tasks.window_stride")
         if self.llm.tiny_hidden % self.llm.tiny_heads:
             raise ValueError("llm.tiny_hidden must be a multiple of llm.tiny_heads")
+        if not self.eval.ks:
+            raise ValueError("eval.ks is empty: give at least one cut-off K (e.g. eval.ks=[1,5,10])")
+        bad = [k for k in self.eval.ks if not 1 <= k <= self.eval.n_beams]
+        if bad:
+            raise ValueError(f"eval.ks={list(self.eval.ks)} has cut-offs {bad} outside 1..eval.n_beams="
+                             f"{self.eval.n_beams} (only n_beams items are ranked)")
         return self
 
     @property
@@ -293,8 +330,29 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2-style scalars: only true/false (any case) are booleans, so ``yes``,
+    ``no``, ``on``, ``off`` stay strings (and are refused where a bool is wanted); ``1e-4`` is a float
+    (YAML 1.1 needs a dot: ``1.0e-4``)."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$", re.IGNORECASE),
+                                    list("tTfF"))
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """Turn ``["llm.lr=1e-4", "eval.max_users=50"]`` into a nested dict (values parsed as YAML).
+    """Turn ``["llm.lr=1e-4", "eval.max_users=50"]`` into a nested dict (values parsed as YAML, with
+    only true/false as booleans and ``1e-4`` as a float).
 
     Raises:
         ConfigError: an override without ``=``.
@@ -304,7 +362,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' is not of the form key=value (e.g. llm.lr=1e-4)")
         key, raw = ov.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+        _set_dotted(tree, key.strip(), _yaml_load(raw) if raw != "" else None)
     return tree
 
 
@@ -341,6 +399,30 @@ def config_from_dict(tree: dict, source: str = "<dict>") -> TTDSConfig:
         raise ConfigError(f"invalid config {source}:\n  - " + "\n  - ".join(lines)) from None
 
 
+def _load_trees(path: str | Path | None, overrides: list[str] | None) -> tuple[dict, dict, str]:
+    """``(file tree, override tree, source description)``: the parsing half of :func:`load_config`."""
+    tree: dict = {}
+    source = "<overrides>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            what = "is a directory, not a file" if p.is_dir() else "does not exist"
+            raise ConfigError(f"config file '{p}' {what}; pass --config with a YAML file "
+                              "(see configs/quickstart.yaml)")
+        try:
+            tree = _yaml_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML text: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping at top level")
+        source = str(p)
+    over: dict = {}
+    if overrides:
+        over = parse_overrides(overrides)
+        source = f"{source} + command-line overrides {list(overrides)}"
+    return tree, over, source
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TTDSConfig:
     """Load a YAML config and apply dotted overrides.
 
@@ -351,22 +433,61 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     Raises:
         ConfigError: missing file, YAML syntax error, unknown key, or bad value.
     """
-    tree: dict = {}
-    source = "<overrides>"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            what = "is a directory, not a file" if p.is_dir() else "does not exist"
-            raise ConfigError(f"config file '{p}' {what}; pass --config with a YAML file "
-                              "(see configs/quickstart.yaml)")
-        try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML text: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping at top level")
-        source = str(p)
-    if overrides:
-        tree = _merge(tree, parse_overrides(overrides))
-        source = f"{source} + command-line overrides {list(overrides)}"
-    return config_from_dict(tree, source)
+    tree, over, source = _load_trees(path, overrides)
+    return config_from_dict(_merge(tree, over), source)
+
+
+def _has_key(tree: Any, parts: list[str]) -> bool:
+    for p in parts:
+        if not isinstance(tree, dict) or p not in tree:
+            return False
+        tree = tree[p]
+    return True
+
+
+def config_sources(path: str | Path | None,
+                   overrides: list[str] | None = None) -> list[tuple[str, object, str]]:
+    """Where each resolved setting comes from.
+
+    Returns:
+        ``(dotted key, resolved value, source)`` for every leaf key of the resolved config, in
+        declaration order; source is ``'override'`` (a command-line override), ``'file'`` (set in the
+        YAML file) or ``'default'``.
+
+    Raises:
+        ConfigError: as :func:`load_config`.
+    """
+    tree, over, source = _load_trees(path, overrides)
+    cfg = config_from_dict(_merge(tree, over), source)
+    rows: list[tuple[str, object, str]] = []
+
+    def walk(model: BaseModel, parts: list[str]) -> None:
+        for name in type(model).model_fields:
+            value, key = getattr(model, name), parts + [name]
+            if isinstance(value, BaseModel):
+                walk(value, key)
+                continue
+            src = "override" if _has_key(over, key) else "file" if _has_key(tree, key) else "default"
+            rows.append((".".join(key), value, src))
+
+    walk(cfg, [])
+    return rows
+
+
+def _fmt_value(v: object) -> str:
+    """A value as an override would spell it (``null``, ``true``, ``[1, 5]``)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt_value(x) for x in v) + "]"
+    return str(v)
+
+
+def format_config_sources(rows: list[tuple[str, object, str]]) -> str:
+    """:func:`config_sources` rows as an aligned ``key  value  source`` text table (with a header)."""
+    table = [("key", "value", "source")] + [(k, _fmt_value(v), src) for k, v, src in rows]
+    wk = max(len(r[0]) for r in table)
+    wv = max(len(r[1]) for r in table)
+    return "\n".join(f"{k:<{wk}}  {v:<{wv}}  {src}" for k, v, src in table)
