@@ -7,14 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import ML100K_COUNTS, SCIENTIFIC_COUNTS
 from ttds_ray.config import DataConfig
 from ttds_ray.data import (DATASETS, DataError, Prepared, RawData, default_cache_dir, detect_format,
                            fetch_movielens_100k, history_for, normalize_interactions_batch, prepare,
                            read_lcrec, read_raw, split_leave_one_out, train_item_counts)
-
-ML100K = SHARED_DATA / "movielens_100k"
-SCIENTIFIC = SHARED_DATA / "amazon_scientific_lcrec"
 
 
 def _raw(rows, items=None):
@@ -39,32 +36,40 @@ def _write_lcrec(d, inter, items, prefix="X"):
 
 # ----------------------------------------------------------------------------- real data
 
-def test_read_movielens_100k_counts_match_provenance():
-    raw = read_raw(DataConfig(path=str(ML100K)))
+def test_read_movielens_100k_counts_match_provenance(movielens_100k):
+    raw = read_raw(DataConfig(path=str(movielens_100k)))
     log = raw.interactions
-    assert (len(log), log["user_id"].nunique(), log["item_id"].nunique()) == (100000, 943, 1682)
+    assert (len(log), log["user_id"].nunique(), log["item_id"].nunique()) == ML100K_COUNTS
     assert len(raw.items) == 1682 and (raw.items["title"] != "").all()
     assert raw.items.set_index("item_id").loc["1", "text"].startswith("title: Toy Story; release_year: 1995")
     prep = prepare(raw, kcore=0, seed=0)
-    assert (prep.stats["n_users"], prep.stats["n_items"], prep.stats["n_interactions"]) == (943, 1682, 100000)
+    assert (prep.stats["n_interactions"], prep.stats["n_users"], prep.stats["n_items"]) == ML100K_COUNTS
 
 
-def test_read_scientific_counts_match_provenance_and_keep_lcrec_order():
-    fmt, inter_file, _ = detect_format(SCIENTIFIC)
-    assert fmt == "lcrec" and inter_file.name == "Scientific.inter.json.gz"
-    raw = read_raw(DataConfig(path=str(SCIENTIFIC)))
+def test_read_lcrec_counts_match_provenance_and_keep_lcrec_order(lcrec_data):
+    """Scientific from the shared folder, else MovieLens-100K in the LC-Rec layout (see conftest)."""
+    fmt, inter_file, item_file = detect_format(lcrec_data.path)
+    assert (fmt, inter_file, item_file) == ("lcrec", lcrec_data.inter_file, lcrec_data.item_file)
+    raw = read_raw(DataConfig(path=str(lcrec_data.path)))
     log = raw.interactions
-    assert (len(log), log["user_id"].nunique(), log["item_id"].nunique()) == (58492, 8317, 4344)
-    prep = prepare(raw, kcore=5, seed=0)  # the file is already 5-core: nothing dropped
-    assert (prep.stats["n_users"], prep.stats["n_items"], prep.stats["n_interactions"]) == (8317, 4344, 58492)
+    assert (len(log), log["user_id"].nunique(), log["item_id"].nunique()) == lcrec_data.counts
+    prep = prepare(raw, kcore=0, seed=0)
+    assert (prep.stats["n_interactions"], prep.stats["n_users"], prep.stats["n_items"]) == lcrec_data.counts
     with gzip.open(inter_file, "rt") as f:
         first_user, first_seq = next(iter(json.load(f).items()))
     seq = prep.sequences.set_index("user_id").loc[first_user, "items"]
     assert prep.items["item_id"].to_numpy()[seq].tolist() == [str(i) for i in first_seq]  # row i = item_idx i
 
 
-def test_leave_one_out_targets_never_in_training_items():
-    prep = prepare(read_raw(DataConfig(path=str(ML100K))), kcore=5, seed=0)  # ML-100K: no repeat items
+def test_scientific_is_already_5core(scientific):
+    fmt, inter_file, _ = detect_format(scientific)
+    assert fmt == "lcrec" and inter_file.name == "Scientific.inter.json.gz"
+    prep = prepare(read_raw(DataConfig(path=str(scientific))), kcore=5, seed=0)  # nothing dropped
+    assert (prep.stats["n_interactions"], prep.stats["n_users"], prep.stats["n_items"]) == SCIENTIFIC_COUNTS
+
+
+def test_leave_one_out_targets_never_in_training_items(movielens_100k):
+    prep = prepare(read_raw(DataConfig(path=str(movielens_100k))), kcore=5, seed=0)  # ML-100K: no repeat items
     splits = split_leave_one_out(prep.sequences)
     assert len(splits) == prep.stats["n_users"]
     for u, train, v, t, seq in zip(splits.user_idx, splits.train_items, splits.valid_target,

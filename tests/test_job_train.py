@@ -1,5 +1,5 @@
-"""End to end: jobs/train.py on a small real slice (Scientific, 300 users), and its refusals of bad input."""
-import gzip
+"""End to end: jobs/train.py on a small real slice (300 users of Scientific, or of MovieLens-100K in the
+LC-Rec layout when Scientific is not there; see conftest.lcrec_data), and its refusals of bad input."""
 import json
 import subprocess
 import sys
@@ -8,22 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA
-
 REPO = Path(__file__).resolve().parents[1]
-SCI = SHARED_DATA / "amazon_scientific_lcrec"
 
 
-def _slice(tmp_path: Path, n_users: int = 300) -> Path:
-    inter = json.loads(gzip.open(SCI / "Scientific.inter.json.gz").read())
-    items = json.loads(gzip.open(SCI / "Scientific.item.json.gz").read())
-    keep = {u: inter[u] for u in list(inter)[:n_users]}
-    used = {str(i) for seq in keep.values() for i in seq}
-    d = tmp_path / "sci300"
-    d.mkdir()
-    (d / "Sci.inter.json").write_text(json.dumps(keep))
-    (d / "Sci.item.json").write_text(json.dumps({k: v for k, v in items.items() if k in used}))
-    return d
+def _slice(lcrec_data, tmp_path: Path, n_users: int = 300) -> Path:
+    """The first ``n_users`` users of the real LC-Rec dataset as Slice.inter.json + Slice.item.json."""
+    return lcrec_data.write_slice(tmp_path / "slice", n_users, prefix="Slice")
 
 
 def _config(tmp_path: Path, data_path: Path, extra: str = "") -> Path:
@@ -50,8 +40,8 @@ def _run(cfg: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_train_job_end_to_end_on_real_slice(tmp_path):
-    cfg = _config(tmp_path, _slice(tmp_path))
+def test_train_job_end_to_end_on_real_slice(tmp_path, lcrec_data):
+    cfg = _config(tmp_path, _slice(lcrec_data, tmp_path))
     res = _run(cfg)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "runs" / "e2e"
@@ -98,26 +88,26 @@ def test_train_job_end_to_end_on_real_slice(tmp_path):
 @pytest.mark.parametrize("case", ["unknown_key", "missing_path", "wrong_format", "empty_history",
                                   "item_without_text", "kcore_empties_data", "unknown_backbone",
                                   "id_space_too_small", "binary_config"])
-def test_bad_input_stops_before_training_with_one_clear_message(tmp_path, case):
-    data_path = _slice(tmp_path, n_users=20)
+def test_bad_input_stops_before_training_with_one_clear_message(tmp_path, case, lcrec_data):
+    data_path = _slice(lcrec_data, tmp_path, n_users=20)
     extra, overrides, expect = "", [], ""
     if case == "unknown_key":
         overrides, expect = ["llm.loss_vocabb=sid"], "llm.loss_vocabb"
     elif case == "missing_path":
         overrides, expect = [f"data.path={tmp_path / 'nowhere'}"], "nowhere"
     elif case == "wrong_format":
-        (data_path / "Sci.inter.json").write_text("[1, 2, 3]")
-        expect = "Sci.inter.json"
+        (data_path / "Slice.inter.json").write_text("[1, 2, 3]")
+        expect = "Slice.inter.json"
     elif case == "empty_history":
-        inter = json.loads((data_path / "Sci.inter.json").read_text())
+        inter = json.loads((data_path / "Slice.inter.json").read_text())
         inter[next(iter(inter))] = []
-        (data_path / "Sci.inter.json").write_text(json.dumps(inter))
-        expect = "Sci.inter.json"
+        (data_path / "Slice.inter.json").write_text(json.dumps(inter))
+        expect = "Slice.inter.json"
     elif case == "item_without_text":
-        items = json.loads((data_path / "Sci.item.json").read_text())
+        items = json.loads((data_path / "Slice.item.json").read_text())
         del items[next(iter(items))]
-        (data_path / "Sci.item.json").write_text(json.dumps(items))
-        expect = "Sci.item.json"
+        (data_path / "Slice.item.json").write_text(json.dumps(items))
+        expect = "Slice.item.json"
     elif case == "kcore_empties_data":
         overrides, expect = ["data.kcore=1000"], "data.kcore"
     elif case == "unknown_backbone":

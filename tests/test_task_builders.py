@@ -198,3 +198,97 @@ def test_cooccurrence_and_neighbours_match_brute_force():
         counts = sorted((-sum((i, j) in ps for ps in pairs), j) for j in range(30))
         assert list(zip(nbr[ptr[i]:ptr[i + 1]].tolist(), (-cnt[ptr[i]:ptr[i + 1]]).tolist())) == \
             [(j, c) for c, j in counts if c < 0][:4]
+
+
+def _heldout_run(tmp_path):
+    """A data stage on a hand-made log, as the pipeline leaves it, plus what the log's construction says.
+
+    8 users; each user's last two items are its validation and test targets. Users 0-5 end with two items
+    nobody else has ("held v<u>", "held t<u>", brand Held<u>, so leaked text is visible too); users 6 and 7
+    end with items that other users have in training, which only their position makes held out.
+
+    Returns:
+        ``(run, train, exclusive)``: the RunDir, per user_idx the item_idx of its training prefix (from the
+        construction, not from the split), and the item_idx of the 12 held-out-only items.
+    """
+    import pandas as pd
+
+    from ttds_ray import data
+    from ttds_ray.artifacts import RunDir
+
+    shared = [f"p{k}" for k in range(8)]
+    seqs = {}
+    for u in range(8):
+        train = [shared[(3 * u + t) % 8] for t in range(4 + u % 3)]
+        seqs[f"u{u}"] = train + ([f"held v{u}", f"held t{u}"] if u < 6 else [shared[(u + 1) % 8], shared[u % 8]])
+    rows = [(u, i, t) for u, seq in seqs.items() for t, i in enumerate(seq)]
+    log = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).assign(order=range(len(rows)))
+    ids = sorted({i for _, i, _ in rows})
+    brand = {i: (f"Held{i[-1]}" if i.startswith("held") else f"B{i}") for i in ids}
+    items = pd.DataFrame({"item_id": ids, "title": ids,
+                          "text": [f"title: {i}; brand: {brand[i]}; categories: Top,C{brand[i]}" for i in ids]})
+    prep = data.prepare(data.RawData(data.normalize_interactions_batch(log), items), kcore=0, seed=0)
+    run = RunDir(tmp_path / "run")
+    prep.save(run.stage_dir("data"))
+    (run.stage_dir("data") / "MANIFEST.json").write_text("{}")
+    idx = dict(zip(prep.items["item_id"], prep.items["item_idx"].tolist()))
+    user = dict(zip(prep.sequences["user_id"], prep.sequences["user_idx"].tolist()))
+    train = {user[u]: [idx[i] for i in seq[:-2]] for u, seq in seqs.items()}
+    return run, train, {idx[i] for i in ids if i.startswith("held")}
+
+
+def _is_window(items, seq):
+    return any(seq[a:a + len(items)] == items for a in range(len(seq) - len(items) + 1))
+
+
+def test_no_sample_contains_a_heldout_target_position(tmp_path):
+    """No training sample of any task holds a user's validation or test target at its held-out position.
+
+    The samples come from the pipeline's own TaskContext (train.task_context on a data stage). Every
+    interaction-derived sample must be derivable from the users' training prefixes alone: items that occur
+    only as held-out targets, and their titles / brands, appear in none of them (prompt or response); a
+    seqrec sample of user u is a window of u's training prefix; user2items answers with an item of it;
+    title_history, co_interaction and neighbour_users pairs are ones the training prefixes contain.
+    item2id / id2item are catalogue lookups (titles are metadata): one item, no user.
+    """
+    from ttds_ray import train as train_job
+    from ttds_ray.config import DataConfig, TTDSConfig
+
+    run, train, exclusive = _heldout_run(tmp_path)
+    assert len(exclusive) == 12
+    cfg = TTDSConfig(data=DataConfig(path="unused", max_history=3),
+                     tasks=TasksConfig(weights=TaskWeights(**{t: 5.0 for t in TASKS}), window_stride=2,
+                                       neighbour_min_overlap=1, profile_terms=2, co_topk=50))
+    ctx = train_job.task_context(cfg, run, FakeTok())
+    seqs = list(train.values())
+    th_len, title_cut, window = cfg.tasks.title_history_len, cfg.tasks.max_title_tokens, cfg.data.max_history
+    titles = [t[:title_cut] for t in ctx.titles]
+    title_history = {(tpl.format(titles="; ".join(titles[i] for i in seq[max(0, j - th_len):j])), f"<i{seq[j]}>")
+                     for seq in seqs for j in range(1, len(seq)) for tpl in TEMPLATES["title_history"]}
+    co_pairs = {(s[p], s[q]) for s in seqs for p in range(len(s)) for q in range(len(s))
+                if 0 < abs(p - q) <= window and s[p] != s[q]}
+    seen = set()
+    for epoch in (0, 1):
+        for s in build_task_samples(ctx, cfg.tasks, seed=0, epoch=epoch):
+            task, ids = s["task"], s["ids"]
+            items = [(-1 - x) // 2 for x in ids if x < 0 and x % 2]
+            users = [(-2 - x) // 2 for x in ids if x < 0 and x % 2 == 0]
+            seen.add(task)
+            if task in ("item2id", "id2item"):
+                assert len(items) == 1 and not users, (task, _pair(s))
+                continue
+            assert not set(items) & exclusive, (task, _pair(s))
+            assert "held" not in _text(ids).lower(), (task, _pair(s))       # no held-out title or brand
+            if task == "seqrec":
+                assert len(users) == 1 and _is_window(items, train[users[0]]), (task, _pair(s))
+            elif task == "user2items":
+                assert items[0] in train[users[0]], (task, _pair(s))
+            elif task == "title_history":
+                assert _pair(s) in title_history, (task, _pair(s))
+            elif task == "co_interaction":
+                assert tuple(items) in co_pairs, (task, _pair(s))
+            elif task == "neighbour_users":
+                mine = set(train[users[0]])
+                assert any(v != users[0] and seq[p] in mine and seq[p + 1] == items[0]
+                           for v, seq in train.items() for p in range(len(seq) - 1)), (task, _pair(s))
+    assert seen == set(TASKS)

@@ -81,9 +81,7 @@ def detect_format(path: str | Path, name: str | None = None) -> tuple[str, Path,
     """
     p = resolve_data_path(path)
     if not p.exists():
-        raise DataError(f"dataset path {p} does not exist; run `ttds-ray data fetch movielens-100k` "
-                        f"(its files land in {default_cache_dir()}/movielens-100k, written 'cache:movielens-100k' "
-                        f"in a config) or point data.path at a directory holding {_LAYOUTS}")
+        raise DataError(f"dataset path {p} does not exist; {missing_path_hint(path)}")
     pattern = re.compile(r"^(?P<prefix>.+)\.(?P<kind>inter|item)(?P<json>\.json)?(\.gz)?$")
     files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
     found: dict[tuple[str, str], dict[str, Path]] = {}  # (prefix, fmt) -> {kind: file}
@@ -113,6 +111,43 @@ def detect_format(path: str | Path, name: str | None = None) -> tuple[str, Path,
         ext = ".item.json[.gz]" if fmt == "lcrec" else ".item[.gz]"
         raise DataError(f"{pair['inter']} has no item file {prefix}{ext} in {where}; item text is required")
     return fmt, pair["inter"], pair["item"]
+
+
+#: Words in a path that name a dataset `ttds-ray data fetch` cannot download (Amazon review sets as
+#: LC-Rec/LETTER ship them, Yelp, ...): for those the hint never suggests the MovieLens fetch.
+_EXTERNAL_DATASET_WORDS = ("amazon", "beauty", "yelp", "games", "scientific", "instruments", "arts",
+                           "office", "sports", "toys", "clothing", "lcrec", "lc-rec", "letter")
+_MOVIELENS_WORDS = ("movielens", "ml-100k", "ml100k")
+
+
+def missing_path_hint(path: str | Path) -> str:
+    """What to do about a ``data.path`` that does not exist; depends on what the path names.
+
+    ``cache:NAME`` with NAME in :data:`DATASETS`, or a MovieLens path: the ``ttds-ray data fetch``
+    command. ``cache:NAME`` with an unknown NAME: the names that can be fetched. A path naming an
+    external dataset (Amazon/LC-Rec/LETTER, Yelp, ...): download it yourself in the LC-Rec or RecBole
+    layout and point data.path at it (no fetch suggestion). Anything else: the layouts, plus the one
+    dataset the fetch command can download.
+    """
+    text = str(path)
+    low = text.lower()
+    layout = f"download the dataset yourself in the LC-Rec or RecBole layout ({_LAYOUTS}) and point data.path at it"
+    if text.startswith("cache:"):
+        name = text[len("cache:"):].strip("/")
+        if name in DATASETS:
+            return (f"run `ttds-ray data fetch {name}` (its files land in {default_cache_dir()}/{name}, "
+                    f"which a config writes as 'cache:{name}')")
+        return (f"`ttds-ray data fetch` cannot download {name!r} (it knows {', '.join(sorted(DATASETS))}); "
+                f"{layout}")
+    if any(w in low for w in _MOVIELENS_WORDS):
+        return (f"run `ttds-ray data fetch movielens-100k` (its files land in {default_cache_dir()}/movielens-100k, "
+                f"written 'cache:movielens-100k' in a config) and point data.path there, or put the RecBole "
+                f"files ml-100k.inter/ml-100k.item at {text}")
+    words = set(re.split(r"[^a-z0-9]+", low))
+    if words & set(_EXTERNAL_DATASET_WORDS) or "lc-rec" in low or "amazon" in low:
+        return layout
+    return (f"{layout}; for a quick start, `ttds-ray data fetch movielens-100k` downloads MovieLens-100K "
+            f"(data.path 'cache:movielens-100k')")
 
 
 def _load_json(path: Path) -> object:
@@ -369,7 +404,10 @@ class Prepared:
     sequences: `user_idx` int64 (0..U-1, sorted), `user_id` str, `items` int64 arrays: the user's
         full chronological sequence of item_idx.
     stats: counts (n_users, n_items, n_interactions, n_dropped_*, n_titles_filled: kept items whose
-        title was built from other text), avg_len, kcore, seed.
+        title was built from other text), avg_len, kcore, seed. ``n_dropped_kcore`` counts interactions
+        (kept for older readers; same as ``n_dropped_kcore_interactions``); ``n_dropped_kcore_users`` /
+        ``n_dropped_kcore_items`` count the users and items the k-core filter removed entirely (users
+        dropped afterwards for being too short are ``n_dropped_short_users``).
     """
     items: pd.DataFrame
     sequences: pd.DataFrame
@@ -407,6 +445,13 @@ class Prepared:
         return cls(frames["items"], frames["sequences"], json.loads((in_dir / "stats.json").read_text()))
 
 
+def kcore_drop_counts(before: pd.DataFrame, after: pd.DataFrame) -> dict[str, int]:
+    """Users, items and interactions present in ``before`` but not in ``after`` (the k-core filter's toll)."""
+    return {"users": int(before["user_id"].nunique() - after["user_id"].nunique()),
+            "items": int(before["item_id"].nunique() - after["item_id"].nunique()),
+            "interactions": int(len(before) - len(after))}
+
+
 def _kcore(log: pd.DataFrame, k: int) -> pd.DataFrame:
     """Drop users and items with < k interactions, repeatedly, until none is left to drop."""
     while k > 0:
@@ -441,8 +486,15 @@ def prepare(raw: RawData, *, kcore: int, seed: int) -> Prepared:
     n_raw = len(log)
     log = log.drop_duplicates(["user_id", "item_id", "timestamp"], keep="first")
     n_dedup = len(log)
+    dedup = log
     log = _kcore(log, kcore)
     n_kcore = len(log)
+    kdrop = kcore_drop_counts(dedup, log)
+    if kcore > 0:
+        logging.getLogger("ttds_ray").info(
+            "%d-core filter dropped %d users, %d items and %d interactions (of %d users, %d items, %d interactions)",
+            kcore, kdrop["users"], kdrop["items"], kdrop["interactions"], dedup["user_id"].nunique(),
+            dedup["item_id"].nunique(), len(dedup))
     user_len = log.groupby("user_id")["item_id"].transform("size")
     n_short = log["user_id"][user_len < _MIN_SEQ_LEN].nunique()
     log = log[user_len >= _MIN_SEQ_LEN]
@@ -471,7 +523,9 @@ def prepare(raw: RawData, *, kcore: int, seed: int) -> Prepared:
                         f"read the data with read_raw(), which checks this")
     stats = {"n_users": len(user_map), "n_items": len(item_map), "n_interactions": len(log),
              "n_raw_interactions": n_raw, "n_dropped_duplicates": n_raw - n_dedup,
-             "n_dropped_kcore": n_dedup - n_kcore, "n_dropped_short_users": int(n_short),
+             "n_dropped_kcore": n_dedup - n_kcore, "n_dropped_kcore_users": kdrop["users"],
+             "n_dropped_kcore_items": kdrop["items"], "n_dropped_kcore_interactions": kdrop["interactions"],
+             "n_dropped_short_users": int(n_short),
              "n_titles_filled": n_filled, "n_dropped_textless_items": raw.n_dropped_textless,
              "avg_len": round(len(log) / len(user_map), 4), "kcore": kcore, "seed": seed}
     return Prepared(items, sequences, stats)

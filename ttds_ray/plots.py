@@ -47,18 +47,67 @@ def plot_curve(values: list[float], path: Path, *, title: str, ylabel: str, xlab
     _save(fig, path)
 
 
-def plot_terms(history: dict[str, list[float]], path: Path, *, title: str) -> None:
-    """One line per loss term (log scale), x = epoch."""
+#: Panels of :func:`plot_terms`, in order: (title, predicate on the term name). Names follow
+#: ``towers.tower_loss`` (rec_s_*/rec_c_*, kl, rq, align_*), ``fit_tower`` (loss,
+#: dead_codes_reseeded) and the guided round terms (guide_kl, guide_nce); a name no predicate takes
+#: goes to the last panel, "other".
+_TERM_GROUPS = (
+    ("reconstruction", lambda n: n.startswith("rec")),
+    ("alignment", lambda n: n.startswith("align")),
+    ("KL", lambda n: n == "kl" or n.startswith("kl_")),
+    ("RQ (codebook + commitment)", lambda n: n == "rq" or n.startswith(("rq_", "commit"))),
+    ("recommender guidance (dynamic rounds)", lambda n: n.startswith("guide")),
+    ("total", lambda n: n in ("loss", "total") or n.startswith(("loss_", "total_"))),
+    ("dead codes re-seeded", lambda n: n.startswith("dead_codes")),
+)
+
+
+def group_terms(names) -> dict[str, list[str]]:
+    """Term names -> {panel title: sorted names}, panels in :data:`_TERM_GROUPS` order, empty ones left out."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names):
+        title = next((t for t, pred in _TERM_GROUPS if pred(name)), "other")
+        groups.setdefault(title, []).append(name)
+    order = [t for t, _ in _TERM_GROUPS] + ["other"]
+    return {t: groups[t] for t in order if t in groups}
+
+
+def plot_terms(history: dict[str, list[float]], path: Path, *, title: str):
+    """Loss terms per epoch, one panel per term group (see :data:`_TERM_GROUPS`).
+
+    Each panel has its own legend; a panel is log-scaled when all its plotted values are > 0 (a term
+    with a non-finite value is skipped). Returns the matplotlib figure (already closed; its axes can be
+    inspected, e.g. ``len(fig.axes)``).
+    """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for name, vals in sorted(history.items()):
-        v = np.asarray(vals, dtype=float)
-        if len(v) and np.all(np.isfinite(v)) and np.all(v > 0):
-            ax.plot(v, lw=1.2, label=name)
-    ax.set(title=title, xlabel="epoch", ylabel="value", yscale="log")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+    groups = group_terms(history)
+    if not groups:
+        groups = {"(no terms)": []}
+    n = len(groups)
+    ncols = 1 if n == 1 else 2
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.2 * nrows), dpi=110, squeeze=False)
+    flat = axes.ravel()
+    for ax, (group, names) in zip(flat, groups.items()):
+        positive, plotted = True, 0
+        for name in names:
+            v = np.asarray(history[name], dtype=float)
+            if not len(v) or not np.all(np.isfinite(v)):
+                continue
+            ax.plot(v, lw=1.2, label=name, marker="." if len(v) < 3 else None)
+            positive &= bool(np.all(v > 0))
+            plotted += 1
+        ax.set(title=group, xlabel="epoch", ylabel="value")
+        if plotted:
+            if positive:
+                ax.set_yscale("log")
+            ax.legend(fontsize=7, ncol=2 if plotted > 4 else 1)
+        ax.grid(alpha=0.3)
+    for ax in flat[n:]:
+        fig.delaxes(ax)
+    fig.suptitle(title)
     _save(fig, path)
+    return fig
 
 
 def plot_code_usage(codes: np.ndarray, codebook_size: int, path: Path, *, title: str) -> None:
