@@ -4,7 +4,7 @@ Reads LC-Rec/LETTER JSON (``X.inter.json[.gz]`` + ``X.item.json[.gz]``) or RecBo
 (``X.inter[.gz]`` + ``X.item[.gz]``). Writes ``items.parquet``, ``sequences.parquet``, ``stats.json``.
 
 Pure module (no Ray, STYLE.md B1): Ray Data runs :func:`normalize_interactions_batch` via
-``map_batches`` from ``train.py``. Protocol (DESIGN.md §2, LETTER): dedupe, iterative k-core,
+``map_batches`` from ``train.py``. Protocol (DESIGN §2, LETTER): dedupe, iterative k-core,
 order by timestamp with input order as tie-break, seeded dense ids, leave-one-out split.
 """
 from __future__ import annotations
@@ -470,7 +470,7 @@ def _dense_ids(raw_ids: np.ndarray, rng: np.random.Generator) -> dict[str, int]:
 
 
 def prepare(raw: RawData, *, kcore: int, seed: int) -> Prepared:
-    """Dedupe, k-core filter, order and remap a raw log (DESIGN.md §2).
+    """Dedupe, k-core filter, order and remap a raw log (DESIGN §2).
 
     Steps: drop exact duplicate (user, item, timestamp) rows (first kept); iterative ``kcore``
     filter on users and items (0 = off); drop users left with < 3 interactions (leave-one-out
