@@ -1,4 +1,4 @@
-"""Shared test fixtures and constants (STYLE.md B8).
+"""Shared test fixtures and constants.
 
 Real data for the tests comes from one of two places:
 

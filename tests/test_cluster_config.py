@@ -8,7 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def validate_cluster_config(path: Path) -> dict:
-    """Ray's own launcher validation (private API, wrapped in one place; ../shared/notes/ray-2.60.md)."""
+    """Ray's own launcher validation (a private API, wrapped in this one place)."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     cfg = prepare_config(yaml.safe_load(path.read_text()))

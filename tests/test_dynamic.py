@@ -38,7 +38,7 @@ def _fake_run(root, cfg: TTDSConfig, stages):
 
 
 def test_reuse_links_matching_stages_and_stops_at_the_first_difference(tmp_path):
-    from ttds_ray.train import reuse_stages
+    from ttds_ray.pipeline import reuse_stages
 
     base = config_from_dict({"data": {"path": "x"}, "output_dir": str(tmp_path), "name": "src"})
     src = _fake_run(tmp_path / "src", base, ("data", "embeddings", "cf", "tokenizer", "llm"))

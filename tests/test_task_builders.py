@@ -244,14 +244,14 @@ def _is_window(items, seq):
 def test_no_sample_contains_a_heldout_target_position(tmp_path):
     """No training sample of any task holds a user's validation or test target at its held-out position.
 
-    The samples come from the pipeline's own TaskContext (train.task_context on a data stage). Every
+    The samples come from the pipeline's own TaskContext (recipes.task_context on a data stage). Every
     interaction-derived sample must be derivable from the users' training prefixes alone: items that occur
     only as held-out targets, and their titles / brands, appear in none of them (prompt or response); a
     seqrec sample of user u is a window of u's training prefix; user2items answers with an item of it;
     title_history, co_interaction and neighbour_users pairs are ones the training prefixes contain.
     item2id / id2item are catalogue lookups (titles are metadata): one item, no user.
     """
-    from ttds_ray import train as train_job
+    from ttds_ray import recipes
     from ttds_ray.config import DataConfig, TTDSConfig
 
     run, train, exclusive = _heldout_run(tmp_path)
@@ -259,7 +259,7 @@ def test_no_sample_contains_a_heldout_target_position(tmp_path):
     cfg = TTDSConfig(data=DataConfig(path="unused", max_history=3),
                      tasks=TasksConfig(weights=TaskWeights(**{t: 5.0 for t in TASKS}), window_stride=2,
                                        neighbour_min_overlap=1, profile_terms=2, co_topk=50))
-    ctx = train_job.task_context(cfg, run, FakeTok())
+    ctx = recipes.task_context(cfg, run, FakeTok())
     seqs = list(train.values())
     th_len, title_cut, window = cfg.tasks.title_history_len, cfg.tasks.max_title_tokens, cfg.data.max_history
     titles = [t[:title_cut] for t in ctx.titles]

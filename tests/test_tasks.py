@@ -74,8 +74,8 @@ def _training_inputs(raw):
 def _user_ids(train, n_items, user_s):
     """SASRec on the training split -> user tower -> user semantic IDs (the whole user side)."""
     torch.manual_seed(0)
-    sasrec = cf.fit_sasrec(CFConfig(hidden=8, epochs=2, max_len=8, batch_size=4), train, n_items, seed=0,
-                           window_stride=2)
+    sasrec = cf.fit_sasrec(CFConfig(hidden=8, epochs=2, max_len=8, batch_size=4, window_stride=2), train,
+                           n_items, seed=0)
     user_c = cf.cf_embeddings(sasrec, train).users
     tcfg = TokenizerConfig(epochs=3, batch_size=8)
     tower = fit_tower(tcfg, TowerConfig(n_levels=2, codebook_size=2, latent_dim=4, hidden_dim=8), user_s, user_c,

@@ -23,6 +23,60 @@ import numpy as np
 STAGES = ("data", "embeddings", "cf", "tokenizer", "llm", "eval")
 
 
+class Files:
+    """Every file name of the run directory, defined once (README "Run directory" lists them).
+
+    Paths are relative to the run root (``CONFIG``, ``TRAIN_LOG``, ``RUN_METRICS``) or to a stage
+    directory (the rest, grouped by the stage that writes them).
+    """
+    MANIFEST = "MANIFEST.json"
+    CONFIG = "config.yaml"
+    TRAIN_LOG = "train.log"
+    RUN_METRICS = "metrics.json"
+    # data/
+    ITEMS = "items.parquet"
+    SEQUENCES = "sequences.parquet"
+    DATA_STATS = "stats.json"
+    # embeddings/
+    ITEM_TEXT = "item_text.npy"
+    # cf/
+    SASREC = "sasrec.safetensors"
+    SASREC_META = "sasrec.json"
+    CF_ITEMS = "cf_items.npy"
+    CF_USERS = "cf_users.npy"
+    # tokenizer/ (item and user towers) and llm/ (final item index, refined item tower)
+    ITEM_TOWER = "item_tower.safetensors"
+    USER_TOWER = "user_tower.safetensors"
+    ITEM_SIDS = "item_sids.parquet"
+    USER_SIDS = "user_sids.parquet"
+    TOKENIZER_STATS = "tokenizer_stats.json"
+    TOWER_HISTORY = "history.json"
+    # llm/
+    LLM_META = "llm_meta.json"
+    LOSSES = "losses.json"
+    ROUNDS = "rounds.json"
+    TASK_STATS = "task_stats.json"
+    LOSS_PLOT = "loss.png"
+    # eval/
+    METRICS = "metrics.json"
+    RANKINGS = "rankings.parquet"
+
+    @staticmethod
+    def tower(name: str) -> str:
+        """``item_tower.safetensors`` / ``user_tower.safetensors``."""
+        return {"item": Files.ITEM_TOWER, "user": Files.USER_TOWER}[name]
+
+    @staticmethod
+    def sids(name: str) -> str:
+        """``item_sids.parquet`` / ``user_sids.parquet``."""
+        return {"item": Files.ITEM_SIDS, "user": Files.USER_SIDS}[name]
+
+    @staticmethod
+    def split_metrics(split: str, n_users: int) -> str:
+        """What ``ttds-ray evaluate`` writes at the run root: ``metrics_<split>_<n>users.json``."""
+        return f"metrics_{split}_{n_users}users.json"
+
+
 from .errors import StageMissing  # noqa: E402  (re-exported: the project's error hierarchy)
 
 
@@ -97,7 +151,7 @@ class RunDir:
         """True if the stage finished; with ``config_hash``, also that it was built from that config and
         from the upstream stages now in the run directory (their digests equal the ones recorded in its
         MANIFEST ``inputs``), so a stage built on replaced inputs is not reused."""
-        path = self.stage_dir(stage) / "MANIFEST.json"
+        path = self.stage_dir(stage) / Files.MANIFEST
         if not path.is_file():
             return False
         if config_hash is None:
@@ -111,14 +165,14 @@ class RunDir:
     def changed_inputs(self, stage: str) -> list[str]:
         """Upstream stages whose digest differs from the one ``stage`` was built from (added, removed or
         rebuilt since); [] when ``stage`` is consistent with the run directory or not finished."""
-        path = self.stage_dir(stage) / "MANIFEST.json"
+        path = self.stage_dir(stage) / Files.MANIFEST
         if not path.is_file():
             return []
         recorded, now = read_json(path).get("inputs", {}), self.input_digests(stage)
         return [s for s in STAGES[:STAGES.index(stage)] if recorded.get(s) != now.get(s)]
 
     def manifest(self, stage: str) -> dict:
-        return read_json(self.require(stage) / "MANIFEST.json")
+        return read_json(self.require(stage) / Files.MANIFEST)
 
     def require(self, stage: str) -> Path:
         """Return the finished stage directory.
@@ -127,9 +181,9 @@ class RunDir:
             StageMissing: the stage has no MANIFEST.json (not run, or interrupted).
         """
         d = self.stage_dir(stage)
-        if not (d / "MANIFEST.json").is_file():
+        if not (d / Files.MANIFEST).is_file():
             raise StageMissing(f"{d} has no MANIFEST.json: stage '{stage}' has not finished; run "
-                               f"'ttds-ray train --config {self.root / 'config.yaml'}' to build it")
+                               f"'ttds-ray train --config {self.root / Files.CONFIG}' to build it")
         return d
 
     @contextmanager
@@ -155,7 +209,7 @@ class RunDir:
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "numbers": nums}
             man["digest"] = hashlib.sha256(json.dumps(man, sort_keys=True, default=str).encode()
                                            ).hexdigest()[:12]
-            write_json(tmp / "MANIFEST.json", man)
+            write_json(tmp / Files.MANIFEST, man)
             old = None
             if final.exists():
                 old = final.with_name(f".{stage}.old-{os.getpid()}")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load, save as st_save
 from torch import nn
 
-from ttds_ray.artifacts import atomic_write_bytes
+from ttds_ray.artifacts import Files, atomic_write_bytes
 from ttds_ray.config import CFConfig
 
 log = logging.getLogger(__name__)
@@ -178,15 +178,24 @@ def train_step(model: SASRec, opt: torch.optim.Optimizer, batch: dict) -> float:
     return float(loss.detach())
 
 
+def train_epoch(model, opt: torch.optim.Optimizer, train_seqs: Sequence[Sequence[int]], cfg: CFConfig,
+                rng: np.random.Generator) -> float:
+    """One pass of :func:`train_step` over shuffled :func:`make_training_batches`; returns the mean loss
+    (nats; NaN when there is no batch)."""
+    losses = [train_step(model, opt, b) for b in
+              make_training_batches(train_seqs, cfg.max_len, cfg.batch_size, rng, stride=cfg.window_stride)]
+    return float(np.mean(losses)) if losses else float("nan")
+
+
 def fit_sasrec(cfg: CFConfig, train_seqs: Sequence[Sequence[int]], n_items: int, *, seed: int,
-               on_epoch: Optional[Callable[[int, float], None]] = None,
-               window_stride: Optional[int] = None) -> SASRec:
-    """Train SASRec on the training split for cfg.epochs epochs; seeded (torch global RNG + numpy).
+               on_epoch: Optional[Callable[[int, float], None]] = None) -> SASRec:
+    """Train SASRec on the training split for cfg.epochs epochs, in-process; seeded (torch global RNG +
+    numpy). The pipeline trains it through ``recipes.SASRecRecipe`` (same epochs, checkpointed).
 
     Args:
         on_epoch: called as `on_epoch(epoch, mean_loss)` after each epoch (0-based epoch).
-        window_stride: see :func:`training_windows`; None = each user's last window only.
     Returns: the trained model, in eval mode.
+    Raises: ValueError: no user has two training items.
     """
     if not any(len(s) >= 2 for s in train_seqs):
         raise ValueError(f"no user has >= 2 training items ({len(train_seqs)} users); nothing to train on")
@@ -195,13 +204,9 @@ def fit_sasrec(cfg: CFConfig, train_seqs: Sequence[Sequence[int]], n_items: int,
     model = SASRec.from_config(cfg, n_items)
     opt = make_optimizer(model, cfg)
     for epoch in range(cfg.epochs):
-        t0, losses = time.time(), []
-        for batch in make_training_batches(train_seqs, cfg.max_len, cfg.batch_size, rng,
-                                           stride=window_stride):
-            losses.append(train_step(model, opt, batch))
-        mean_loss = float(np.mean(losses)) if losses else float("nan")
-        log.info("sasrec epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.epochs, mean_loss,
-                 time.time() - t0)
+        t0 = time.time()
+        mean_loss = train_epoch(model, opt, train_seqs, cfg, rng)
+        log.info("sasrec epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.epochs, mean_loss, time.time() - t0)
         if on_epoch is not None:
             on_epoch(epoch, mean_loss)
     return model.eval()
@@ -250,7 +255,7 @@ class CFEmbeddings:
     items: np.ndarray  # float32 (N, D)
     users: np.ndarray  # float32 (U, D)
 
-    FILES = ("cf_items.npy", "cf_users.npy")
+    FILES = (Files.CF_ITEMS, Files.CF_USERS)
 
     def save(self, dir: str | Path) -> None:
         for name, arr in zip(self.FILES, (self.items, self.users)):
@@ -288,16 +293,16 @@ def save_sasrec(model: SASRec, cfg: CFConfig, n_items: int, dir: str | Path) -> 
         raise ValueError(f"model (hidden, n_layers, n_heads, max_len, n_items) = {shape} does not match "
                          f"cfg/n_items {(cfg.hidden, cfg.n_layers, cfg.n_heads, cfg.max_len, n_items)}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(Path(dir) / "sasrec.safetensors", st_save(state))
+    atomic_write_bytes(Path(dir) / Files.SASREC, st_save(state))
     meta = {"hidden": cfg.hidden, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
             "max_len": cfg.max_len, "n_items": n_items}
-    atomic_write_bytes(Path(dir) / "sasrec.json", (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_bytes(Path(dir) / Files.SASREC_META, (json.dumps(meta, indent=2) + "\n").encode())
 
 
 def load_sasrec(dir: str | Path) -> SASRec:
     """Rebuild a SASRec (eval mode) from :func:`save_sasrec`'s files."""
-    meta = json.loads((Path(dir) / "sasrec.json").read_text())
+    meta = json.loads((Path(dir) / Files.SASREC_META).read_text())
     model = SASRec(meta["n_items"], hidden=meta["hidden"], n_layers=meta["n_layers"],
                    n_heads=meta["n_heads"], max_len=meta["max_len"])
-    model.load_state_dict(st_load((Path(dir) / "sasrec.safetensors").read_bytes()))
+    model.load_state_dict(st_load((Path(dir) / Files.SASREC).read_bytes()))
     return model.eval()

@@ -12,6 +12,8 @@ from typing import List, Optional
 
 import typer
 
+from .artifacts import Files
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ttds-ray: train, evaluate and manage TTDS generative recommenders on Ray.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: fetch public data into the local cache.")
@@ -47,6 +49,9 @@ def train(config: Path = typer.Option(..., "--config", "-c", help="YAML config (
           reuse_from: Optional[Path] = typer.Option(None, help="Another run directory whose finished stages "
                                                     "built from the same settings are hard-linked in instead of "
                                                     "recomputed (e.g. a static/dynamic pair sharing the tokenizer)."),
+          no_ray: bool = typer.Option(False, "--no-ray", help="Run every stage in this process, one worker, "
+                                      "without Ray (debugging; same recipes and artifacts)."),
+          device: str = typer.Option("cpu", help="With --no-ray: the torch device, e.g. cpu, cuda, cuda:1."),
           ) -> None:
     """Run the main job: data -> embeddings -> SASRec -> twin towers -> LLM (LoRA or full) -> eval."""
     from .config import ConfigError, load_config
@@ -57,10 +62,15 @@ def train(config: Path = typer.Option(..., "--config", "-c", help="YAML config (
     except ConfigError as e:
         _fail(e)
     from .errors import TTDSError
-    from .train import run_training
 
     try:
-        metrics = run_training(cfg, overwrite=overwrite, stop_after=stop_after, reuse_from=reuse_from)
+        if no_ray:
+            from . import pipeline
+            metrics = pipeline.run(cfg, pipeline.LocalBackend(device), overwrite=overwrite, stop_after=stop_after,
+                                   reuse_from=reuse_from)
+        else:
+            from .train import run_training
+            metrics = run_training(cfg, overwrite=overwrite, stop_after=stop_after, reuse_from=reuse_from)
     except TTDSError as e:          # ConfigError, DataError, BackboneUnavailable, EncoderUnavailable, ...
         _fail(e)
     if metrics:
@@ -106,7 +116,7 @@ def data_fetch(name: str = typer.Argument(..., help="Dataset name: movielens-100
 @app.command("metrics")
 def show_metrics(run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>).")) -> None:
     """Print a run's metrics table."""
-    path = run_dir / "eval" / "metrics.json"
+    path = run_dir / "eval" / Files.METRICS
     if not path.is_file():
         _fail(FileNotFoundError(f"{path} does not exist; the run has not finished its eval stage"))
     metrics = json.loads(path.read_text())
@@ -120,22 +130,20 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run directory with a fi
              ) -> None:
     """Evaluate a trained run on a split; writes <run_dir>/metrics_<split>_<users>users.json (select models on 'valid')."""
     from .artifacts import RunDir, write_json
-    from .config import load_config
     from .errors import TTDSError
     from .evaluate import evaluate_split
+    from .recommender import load_run_config
 
     if split not in ("valid", "test"):
         _fail(ValueError(f"--split must be 'valid' or 'test', got {split!r}"))
-    if not (run_dir / "config.yaml").is_file():
-        _fail(FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); pass runs/<name>"))
     try:
-        cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir.parent}", f"name={run_dir.name}"])
+        cfg = load_run_config(run_dir)
         run = RunDir(run_dir)
         run.require("llm")
         metrics, _, _ = evaluate_split(cfg, run, split, max_users=max_users)
     except TTDSError as e:
         _fail(e)
-    out = run_dir / f"metrics_{split}_{metrics['n_users_evaluated']}users.json"
+    out = run_dir / Files.split_metrics(split, metrics["n_users_evaluated"])
     write_json(out, metrics)
     typer.echo(_metrics_table(metrics))
     typer.echo(f"split {split}; users evaluated: {metrics['n_users_evaluated']} of {metrics['n_users_total']}; "
@@ -180,7 +188,7 @@ def tokenizer_report_table(stats: dict) -> str:
 @tokenizer_app.command("report")
 def tokenizer_report(run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>).")) -> None:
     """Print the tokenizer diagnostics of a run: code usage, entropy, collisions, reconstruction, alignment."""
-    path = run_dir / "tokenizer" / "tokenizer_stats.json"
+    path = run_dir / "tokenizer" / Files.TOKENIZER_STATS
     if not path.is_file():
         _fail(FileNotFoundError(f"{path} does not exist; the run has not finished its tokenizer stage"))
     typer.echo(tokenizer_report_table(json.loads(path.read_text())))

@@ -3,7 +3,7 @@
 Reads LC-Rec/LETTER JSON (``X.inter.json[.gz]`` + ``X.item.json[.gz]``) or RecBole atomic files
 (``X.inter[.gz]`` + ``X.item[.gz]``). Writes ``items.parquet``, ``sequences.parquet``, ``stats.json``.
 
-Pure module (no Ray, STYLE.md B1): Ray Data runs :func:`normalize_interactions_batch` via
+Pure module (no Ray): Ray Data runs :func:`normalize_interactions_batch` via
 ``map_batches`` from ``train.py``. Protocol (DESIGN §2, LETTER): dedupe, iterative k-core,
 order by timestamp with input order as tie-break, seeded dense ids, leave-one-out split.
 """
@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ttds_ray.artifacts import atomic_write_bytes, file_sha256, write_json
+from ttds_ray.artifacts import Files, atomic_write_bytes, file_sha256, write_json
 from ttds_ray.config import DataConfig
 
 
@@ -420,7 +420,7 @@ class Prepared:
             buf = io.BytesIO()
             pq.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False), buf)
             atomic_write_bytes(Path(out_dir) / f"{name}.parquet", buf.getvalue())
-        write_json(Path(out_dir) / "stats.json", self.stats)
+        write_json(Path(out_dir) / Files.DATA_STATS, self.stats)
 
     @classmethod
     def load(cls, in_dir: str | Path) -> "Prepared":
@@ -440,9 +440,9 @@ class Prepared:
                 raise DataError(f"{path} has columns {table.schema.names} {table.schema.types}; expected "
                                 f"{schema.names} {schema.types}; rerun the 'data' stage")
             frames[name] = table.to_pandas()
-        if not (in_dir / "stats.json").is_file():
-            raise DataError(f"{in_dir / 'stats.json'} is missing; rerun the 'data' stage")
-        return cls(frames["items"], frames["sequences"], json.loads((in_dir / "stats.json").read_text()))
+        if not (in_dir / Files.DATA_STATS).is_file():
+            raise DataError(f"{in_dir / Files.DATA_STATS} is missing; rerun the 'data' stage")
+        return cls(frames["items"], frames["sequences"], json.loads((in_dir / Files.DATA_STATS).read_text()))
 
 
 def kcore_drop_counts(before: pd.DataFrame, after: pd.DataFrame) -> dict[str, int]:

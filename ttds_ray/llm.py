@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import read_json, write_json
+from .artifacts import Files, read_json, write_json
 from .config import LLMConfig
 from .sids import SIDVocab, add_sid_tokens, sid_token_strings, sid_vocab_from_tokenizer  # noqa: F401
 
@@ -238,6 +238,9 @@ def wrap_for_training(model: nn.Module, cfg: LLMConfig, new_token_ids: list[int]
     # which peft ties itself, and tests/test_llm.py checks that the output layer sees the trained rows and
     # that a reload reproduces the logits. The message is silenced here only.
     warnings.filterwarnings("ignore", message=".*tied layer is part of the adapter.*")
+    # peft's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing` alias (a FutureWarning
+    # from transformers 5 on every wrap); nothing of ours uses it. Silenced here, for that message only.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated.*", category=FutureWarning)
     if cfg.finetune == "lora":
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules="all-linear", trainable_token_indices=new_token_ids,
@@ -457,7 +460,7 @@ def save_llm(model: nn.Module, tok, out_dir: Path, meta: dict) -> None:
         if hasattr(merged, "merge_and_unload"):
             merged = merged.merge_and_unload()
         merged.save_pretrained(out_dir / "model", safe_serialization=True)
-    write_json(out_dir / "llm_meta.json", meta)
+    write_json(out_dir / Files.LLM_META, meta)
 
 
 def load_llm(llm_dir: Path, cfg: LLMConfig) -> tuple[nn.Module, object, dict]:
@@ -469,7 +472,7 @@ def load_llm(llm_dir: Path, cfg: LLMConfig) -> tuple[nn.Module, object, dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     llm_dir = Path(llm_dir)
-    meta = read_json(llm_dir / "llm_meta.json")
+    meta = read_json(llm_dir / Files.LLM_META)
     tok = AutoTokenizer.from_pretrained(str(llm_dir / "tokenizer"))
     tok.padding_side = "left"
     if meta["finetune"] == "lora":

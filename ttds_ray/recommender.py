@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import cf, data, embeddings, llm, tasks, towers
-from .artifacts import RunDir
+from .artifacts import Files, RunDir
 from .config import TTDSConfig, load_config
 from .decoding import SIDTrie
 from .evaluate import TTDSRanker
@@ -70,7 +70,7 @@ class Recommender:
         self.model, self.tok, self.meta = llm.load_llm(run.require("llm"), cfg.llm)
         self.model.to(self.device).eval()
         tok_dir = run.require("tokenizer")
-        self.user_table = SIDTable.load(tok_dir / "user_sids.parquet")
+        self.user_table = SIDTable.load(tok_dir / Files.USER_SIDS)
         self.item_table = load_final_item_sids(run)
         self.vocab: SIDVocab = sid_vocab_from_tokenizer(self.tok, self.item_table.n_levels,
                                                         self.item_table.codebook_size, self.user_table.n_levels,
@@ -100,11 +100,7 @@ class Recommender:
             ArtifactError / StageMissing: a stage or artifact is missing; ConfigError: bad config.yaml.
         """
         run_dir = Path(run_dir)
-        if cfg is None:
-            if not (run_dir / "config.yaml").is_file():
-                raise ArtifactError(f"{run_dir} is not a run directory (no config.yaml); pass runs/<name>")
-            cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir.parent}", f"name={run_dir.name}"])
-        return cls(cfg, RunDir(run_dir), device)
+        return cls(cfg if cfg is not None else load_run_config(run_dir), RunDir(run_dir), device)
 
     # ------------------------------------------------------------------ lookups
 
@@ -142,10 +138,10 @@ class Recommender:
         """User semantic IDs ``(B, L_u)`` from raw histories (item rows) through the user tower (DESIGN §1.2):
         semantic input = mean item text embedding, collaborative input = SASRec's last hidden state."""
         if self._user_tower is None:
-            item_s = embeddings.load_npy(self.run.require("embeddings") / "item_text.npy",
+            item_s = embeddings.load_npy(self.run.require("embeddings") / Files.ITEM_TEXT,
                                          rows=len(self.item_ids))
             sasrec = cf.load_sasrec(self.run.require("cf"))
-            tower = towers.load_tower(self.run.require("tokenizer") / "user_tower.safetensors", item_s.shape[1],
+            tower = towers.load_tower(self.run.require("tokenizer") / Files.USER_TOWER, item_s.shape[1],
                                       sasrec.hidden, self.cfg.tokenizer.user)
             self._user_tower = (item_s, sasrec, tower)
         item_s, sasrec, tower = self._user_tower
@@ -237,6 +233,19 @@ class Recommender:
         return out
 
 
+def load_run_config(run_dir: str | Path) -> TTDSConfig:
+    """The resolved config a run was trained with (``<run_dir>/config.yaml``), pointed at ``run_dir``
+    wherever the directory now lives.
+
+    Raises:
+        ArtifactError: ``run_dir`` has no config.yaml. ConfigError: the file is not a valid config.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / Files.CONFIG).is_file():
+        raise ArtifactError(f"{run_dir} is not a run directory (no {Files.CONFIG}); pass runs/<name>")
+    return load_config(run_dir / Files.CONFIG, [f"output_dir={run_dir.parent}", f"name={run_dir.name}"])
+
+
 def load_final_item_sids(run: RunDir) -> SIDTable:
     """The item index the LLM was trained with last: ``llm/item_sids.parquet`` (after the dynamic rounds;
     equal to the tokenizer's table under ``dynamic.static_index``). No fallback to another table.
@@ -244,7 +253,7 @@ def load_final_item_sids(run: RunDir) -> SIDTable:
     Raises:
         StageMissing: the llm stage has not finished. ArtifactError: the table is missing or modified.
     """
-    return SIDTable.load(run.require("llm") / "item_sids.parquet")
+    return SIDTable.load(run.require("llm") / Files.ITEM_SIDS)
 
 
 __all__ = ["Recommender", "Recommendation", "load_final_item_sids", "ConfigError"]

@@ -1,0 +1,120 @@
+"""The Ray-free pipeline (pipeline.py + recipes.py): the run loop on LocalBackend, and the LLM recipe's
+checkpoint contract (a recipe restored from a mid-run checkpoint finishes exactly like an uninterrupted one)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ttds_ray import pipeline, recipes
+from ttds_ray.artifacts import STAGES, Files, RunDir
+from ttds_ray.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+_TINY = """
+name: local
+output_dir: {out}
+seed: 3
+data: {{path: {data}, kcore: 0}}
+cf: {{epochs: 2, hidden: 16}}
+tokenizer: {{epochs: 4, item: {{n_levels: 3, codebook_size: 16, latent_dim: 8, hidden_dim: 16}},
+            user: {{n_levels: 2, codebook_size: 8, latent_dim: 8, hidden_dim: 16}}}}
+llm: {{backbone: tiny, finetune: full, loss_vocab: sid, tiny_hidden: 32, tiny_layers: 1, tiny_heads: 2,
+      epochs: 1, max_steps: 6, batch_size: 4, alpha_tok: 0.1}}
+dynamic: {{rounds: 1, guide_samples: 16, tokenizer_epochs: 1}}
+eval: {{max_users: 10, batch_size: 8}}
+ray: {{torch_threads: 1}}
+"""
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, lcrec_data):
+    """A finished run of a 40-user slice, built by pipeline.run on LocalBackend (no Ray)."""
+    tmp = tmp_path_factory.mktemp("local")
+    data_dir = lcrec_data.write_slice(tmp / "slice", 40, prefix="Slice")
+    (tmp / "job.yaml").write_text(_TINY.format(out=tmp / "runs", data=data_dir))
+    cfg = load_config(tmp / "job.yaml")
+    metrics = pipeline.run(cfg, pipeline.LocalBackend())
+    return cfg, RunDir(cfg.run_dir), metrics
+
+
+def test_local_backend_runs_every_stage_and_writes_the_run_dir_contract(local_run):
+    cfg, run, metrics = local_run
+    for stage in STAGES:
+        assert run.is_complete(stage, cfg.stage_hash(stage)), stage
+    assert metrics["n_users_evaluated"] == 10 and set(metrics["stage_wall_s"]) == set(STAGES)
+    assert json.loads((run.root / Files.RUN_METRICS).read_text())["models"] == metrics["models"]
+    rounds = json.loads((run.stage_dir("llm") / Files.ROUNDS).read_text())
+    assert [r["round"] for r in rounds] == [1] and rounds[0]["collisions_final"] == 0
+    assert len(json.loads((run.stage_dir("llm") / Files.LOSSES).read_text())) == 6
+    assert not (run.root / "ray_results").exists()          # the local backend keeps no resume checkpoints
+
+
+def test_a_second_run_reuses_every_stage_and_never_starts_the_backend(local_run):
+    cfg, run, metrics = local_run
+    called = []
+    again = pipeline.run(cfg, pipeline.LocalBackend(), before_first_stage=lambda: called.append(1))
+    assert called == [] and again["models"] == metrics["models"]
+
+
+def test_pipeline_and_recipes_import_no_ray():
+    code = "import sys, ttds_ray.pipeline, ttds_ray.recipes, ttds_ray.evaluate; assert 'ray' not in sys.modules"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+
+
+def _llm_recipe(cfg, run, reports):
+    s = pipeline.llm_samples(cfg, run)
+    env = recipes.WorkerEnv(report=lambda m, f: reports.append((m, f)), progress=lambda *a: None)
+    return recipes.LLMRecipe(cfg, run, env, samples=recipes.group_by_epoch(s.rows), total_steps=s.total_steps,
+                             steps_per_epoch=s.steps_per_epoch)
+
+
+def test_llm_recipe_resumed_from_its_round_checkpoint_ends_like_an_uninterrupted_run(local_run):
+    """state_dict/load_state_dict carry the whole position: weights, item index, tower, step, batch, rounds."""
+    cfg, run, _ = local_run
+    torch.set_num_threads(1)
+    full: list = []
+    _llm_recipe(cfg, run, full).fit()
+    assert any("round" in m for m, _ in full), "the config must have a re-index round mid-run"
+
+    class Stop(Exception):
+        pass
+
+    cut: list = []
+
+    def stop_after_round(m, f):
+        cut.append((m, f))
+        if "round" in m:
+            raise Stop
+    first = _llm_recipe(cfg, run, [])
+    first.env.report = stop_after_round
+    with pytest.raises(Stop):
+        first.fit()
+    resumed_reports: list = []
+    resumed = _llm_recipe(cfg, run, resumed_reports)
+    resumed.load_state_dict(cut[-1][1])
+    assert resumed.step == first.step > 0 and len(resumed.rounds) == 1
+    resumed.fit()
+    want = json.loads(full[-1][1][recipes.STATE])
+    got = json.loads(resumed_reports[-1][1][recipes.STATE])
+    assert got["step"] == want["step"] and len(got["rounds"]) == len(want["rounds"]) == 1
+    np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5)
+    codes = [recipes.load_state(r[-1][1][recipes.ITEM_CODES])["codes"] for r in (full, resumed_reports)]
+    assert torch.equal(codes[0], codes[1])
+    a, b = (recipes.load_state(r[-1][1][recipes.TRAINABLE]) for r in (full, resumed_reports))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_llm_recipe_refuses_a_checkpoint_of_another_model(local_run):
+    from ttds_ray.errors import ArtifactError
+    cfg, run, _ = local_run
+    rec = _llm_recipe(cfg, run, [])
+    files = rec.state_dict()
+    files[recipes.TRAINABLE] = recipes.state_bytes({"not.a.parameter": torch.zeros(1)})
+    with pytest.raises(ArtifactError, match="trainable parameters"):
+        rec.load_state_dict(files)

@@ -1,0 +1,441 @@
+"""Training recipes of the three trained stages (SASRec, the twin towers, the recommender LM), no Ray.
+
+A recipe owns one stage's model, optimiser and position (epoch / step / batch / re-index rounds) and
+exposes ``state_dict()`` / ``load_state_dict()`` as in-memory checkpoint files (``name -> bytes``,
+safetensors + JSON, never pickle) and ``fit()``. The executor gives it a :class:`WorkerEnv`: how to
+report a checkpoint, where to print progress, which device to use and how to wrap the model for
+data-parallel training. ``train.py`` runs recipes inside Ray Train workers (``ray.train.report``,
+``prepare_model``); ``pipeline.LocalBackend`` runs them in-process. The pattern follows torchtune's
+recipes (setup / train / state dict) over plain torch loops.
+
+Reads the run directory's data/, embeddings/, cf/ and tokenizer/ stages (artifacts.Files).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import cf, data, dynamic, embeddings, llm, tasks, towers
+from .artifacts import Files, RunDir
+from .config import TTDSConfig
+from .errors import ArtifactError
+from .sids import SIDTable
+
+Files_ = dict[str, bytes]
+#: Checkpoint-internal file names (inside a Ray Train checkpoint, not the run directory).
+STATE = "state.json"
+WEIGHTS = "model.safetensors"
+TRAINABLE = "trainable.safetensors"
+ITEM_CODES = "item_codes.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+
+
+def _identity(x):
+    return x
+
+
+def _print_progress(stage: str, metrics: dict) -> None:
+    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                     if not k.startswith(("rec_", "s_", "c_")))
+    print(f"[{stage}] {shown}", flush=True)
+
+
+def broadcast_from_rank0(a: np.ndarray) -> np.ndarray:
+    """Rank 0's array on every rank of an initialised ``torch.distributed`` group (identity otherwise).
+
+    The re-index rounds are deterministic on every rank; this guards against drift so that all DDP
+    workers train on one item index.
+    """
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return a
+    t = torch.as_tensor(a, dtype=torch.long).contiguous()
+    dist.broadcast(t, src=0)
+    return t.numpy()
+
+
+@dataclass
+class WorkerEnv:
+    """What an executor gives a recipe.
+
+    Attributes:
+        report: ``report(metrics, files_or_None)``; files are a checkpoint (``name -> bytes``).
+        progress: ``progress(stage, metrics)``: one console line (called on rank 0 only).
+        device: where the model trains (the worker's GPU under ``ray.use_gpu``).
+        wrap_model: DDP wrapper (``ray.train.torch.prepare_model``); identity in-process.
+        rank / world_size: this worker's place in the data-parallel group.
+    """
+    report: Callable[[dict, Files_ | None], None]
+    progress: Callable[[str, dict], None] = _print_progress
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wrap_model: Callable = _identity
+    rank: int = 0
+    world_size: int = 1
+
+    def show(self, stage: str, metrics: dict) -> None:
+        if self.rank == 0:
+            self.progress(stage, metrics)
+
+
+def state_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A dict of tensors as safetensors bytes (CPU, contiguous)."""
+    from safetensors.torch import save
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def load_state(blob: bytes) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`state_bytes` (safetensors: no pickle)."""
+    from safetensors.torch import load
+    return load(blob)
+
+
+def optimizer_files(opt: torch.optim.Optimizer, sched=None) -> Files_:
+    """An optimiser's (and LR scheduler's) state as checkpoint files: the per-parameter tensors (Adam
+    moments, step counts) in safetensors, the rest (param groups, scheduler position) in JSON."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    sched_sd = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"} if sched is not None else None
+    meta = {"param_groups": sd["param_groups"], "scalars": scalars, "scheduler": sched_sd}
+    return {OPTIMIZER: state_bytes(tensors), OPTIMIZER_META: json.dumps(meta).encode()}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, files: Files_, sched=None) -> None:
+    """Inverse of :func:`optimizer_files` (tensors go to the device of the optimiser's parameters)."""
+    meta = json.loads(files[OPTIMIZER_META])
+    state: dict[int, dict] = {}
+    for key, v in load_state(files[OPTIMIZER]).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    for key, v in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if sched is not None and meta["scheduler"] is not None:
+        sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})
+
+
+# ----------------------------------------------------------------------------- stage inputs
+
+def load_splits(run: RunDir) -> tuple[data.Prepared, data.Splits]:
+    """The prepared dataset and its leave-one-out split (DESIGN §2)."""
+    prepared = data.Prepared.load(run.require("data"))
+    return prepared, data.split_leave_one_out(prepared.sequences)
+
+
+def tower_inputs(run: RunDir) -> dict[str, np.ndarray]:
+    """Item and user (semantic, collaborative) inputs of the towers, float32 ``(N, D)`` each; the user side
+    from the training history only (DESIGN §1.2)."""
+    prepared, splits = load_splits(run)
+    item_s = embeddings.load_npy(run.require("embeddings") / Files.ITEM_TEXT, rows=len(prepared.items))
+    cfe = cf.CFEmbeddings.load(run.require("cf"))
+    user_s = towers.user_semantic_embeddings(item_s, [s.tolist() for s in splits.train_items])
+    return {"item_s": item_s, "item_c": cfe.items, "user_s": user_s, "user_c": cfe.users}
+
+
+def load_sid_tables(run: RunDir) -> tuple[SIDTable, SIDTable]:
+    """The tokenizer stage's (item, user) ID tables (the static index, before any re-index round)."""
+    d = run.require("tokenizer")
+    return SIDTable.load(d / Files.ITEM_SIDS), SIDTable.load(d / Files.USER_SIDS)
+
+
+def task_context(cfg: TTDSConfig, run: RunDir, tok) -> tasks.TaskContext:
+    """Everything the tuning-task builders read: training split, titles, item text (DESIGN §1.5)."""
+    prepared, splits = load_splits(run)
+    return tasks.TaskContext(train_seqs=[s.tolist() for s in splits.train_items],
+                             titles=prepared.items["title"].tolist(), item_text=prepared.items["text"].tolist(),
+                             tok=tok, max_history=cfg.data.max_history, use_user_sid=cfg.tasks.use_user_sid)
+
+
+def build_recommender_lm(cfg: TTDSConfig, run: RunDir):
+    """Backbone + tokenizer with semantic-ID tokens, rows initialised from item titles, wrapped for training.
+
+    Returns:
+        ``(model, tokenizer, vocab, base_vocab_size)``; the model is on the CPU.
+    """
+    prepared, splits = load_splits(run)
+    item_t, user_t = load_sid_tables(run)
+    tok = llm.load_tokenizer(cfg.llm.backbone)
+    base_vocab = len(tok)
+    model = llm.build_backbone(cfg.llm, base_vocab, seed=cfg.seed)
+    vocab = llm.add_sid_tokens(tok, item_t.n_levels, item_t.codebook_size, user_t.n_levels, user_t.codebook_size)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    llm.init_sid_rows(model, tok, vocab, item_t.codes, prepared.items["title"].tolist(), user_t.codes,
+                      [s.tolist() for s in splits.train_items])
+    model = llm.wrap_for_training(model, cfg.llm, vocab.new_token_ids)
+    return model, tok, vocab, base_vocab
+
+
+def group_by_epoch(rows) -> dict[int, list[dict]]:
+    """LLM sample rows ``{"epoch", "ids", "resp"}`` (a list, or a Ray Data shard's ``iter_rows()``) as
+    ``epoch -> [{"ids", "resp"}]`` in arrival order (each epoch is shuffled by the recipe, seeded)."""
+    out: dict[int, list[dict]] = {}
+    for r in rows:
+        out.setdefault(int(r["epoch"]), []).append({"ids": list(r["ids"]), "resp": list(r["resp"])})
+    return out
+
+
+# ----------------------------------------------------------------------------- SASRec
+
+class SASRecRecipe:
+    """SASRec on the training split (DESIGN §1.1), checkpointed about five times per stage.
+
+    Each worker trains on every ``world_size``-th user; DDP averages the gradients.
+    """
+
+    def __init__(self, cfg: TTDSConfig, run: RunDir, env: WorkerEnv):
+        self.cfg, self.env = cfg, env
+        prepared, splits = load_splits(run)
+        self.seqs = [s.tolist() for s in splits.train_items[env.rank::env.world_size]]
+        self.base = cf.SASRec.from_config(cfg.cf, len(prepared.items)).to(env.device)
+        self.opt = cf.make_optimizer(self.base, cfg.cf)
+        self.epoch = 0
+
+    def state_dict(self) -> Files_:
+        """Weights, optimiser state and the last finished epoch."""
+        return {WEIGHTS: state_bytes(self.base.state_dict()), STATE: json.dumps({"epoch": self.epoch}).encode(),
+                **optimizer_files(self.opt)}
+
+    def load_state_dict(self, files: Files_) -> None:
+        """Resume after the checkpoint's epoch (``{}``: start from scratch)."""
+        if files:
+            self.base.load_state_dict(load_state(files[WEIGHTS]))
+            load_optimizer(self.opt, files)
+            self.epoch = json.loads(files[STATE])["epoch"] + 1
+
+    def fit(self) -> None:
+        cfg, start = self.cfg, self.epoch
+        model = self.env.wrap_model(self.base)
+        rng = np.random.default_rng([cfg.seed, start])
+        torch.manual_seed(cfg.seed + start)
+        every = max(1, cfg.cf.epochs // 5)
+        for self.epoch in range(start, cfg.cf.epochs):
+            metrics = {"epoch": self.epoch, "loss": cf.train_epoch(model, self.opt, self.seqs, cfg.cf, rng)}
+            self.env.show("cf", metrics)
+            last = self.epoch == cfg.cf.epochs - 1
+            self.env.report(metrics, self.state_dict() if self.epoch % every == every - 1 or last else None)
+
+
+# ----------------------------------------------------------------------------- twin towers
+
+class TokenizerRecipe:
+    """The item tower, then the user tower (DESIGN §1.2–1.4), on all entities; one checkpoint at the end
+    (``item_tower.safetensors``, ``user_tower.safetensors``, ``history.json``: loss terms per epoch)."""
+
+    def __init__(self, cfg: TTDSConfig, run: RunDir, env: WorkerEnv):
+        self.cfg, self.env = cfg, env
+        self.x = tower_inputs(run)
+
+    def fit(self) -> None:
+        cfg, files, history = self.cfg, {}, {}
+        for name, tcfg in (("item", cfg.tokenizer.item), ("user", cfg.tokenizer.user)):
+            every = max(1, cfg.tokenizer.epochs // 10)
+            history[name] = {}
+
+            def on_epoch(epoch, terms, name=name):
+                for k, v in terms.items():
+                    history[name].setdefault(k, []).append(v)
+                if epoch % every == every - 1:
+                    self.env.show(f"tokenizer/{name}", {"epoch": epoch, **terms})
+                    self.env.report({"tower": name, "epoch": epoch, **terms}, None)
+
+            tower = towers.fit_tower(cfg.tokenizer, tcfg, self.x[f"{name}_s"], self.x[f"{name}_c"], seed=cfg.seed,
+                                     on_epoch=on_epoch, device=self.env.device)
+            files[Files.tower(name)] = towers.tower_bytes(tower)
+        files[Files.TOWER_HISTORY] = json.dumps(history).encode()
+        self.env.report({"tower": "done"}, files)
+
+    def load_state_dict(self, files: Files_) -> None:
+        """The towers train in one piece (seconds to minutes); an interrupted stage starts over."""
+
+
+# ----------------------------------------------------------------------------- recommender LM
+
+class LLMRecipe:
+    """Fine-tuning of the recommender LM on the tuning tasks (DESIGN §1.5), with the dynamic re-indexing
+    rounds of DESIGN §1.6 between training segments (none under ``dynamic.static_index``).
+
+    Setup builds the backbone with semantic-ID tokens (:func:`build_recommender_lm`), the optimiser and
+    schedule for ``total_steps``, and (when rounds are due) the item tower. :meth:`fit` trains from the
+    current position: at every step it first runs a re-index round if one is due
+    (:meth:`reindex_round`), then one optimiser step on the next batch (:meth:`train_step`), with the
+    batch on the model's device. Checkpoints (trainable weights, item codes, item tower, position,
+    losses, round log; plus the saved LM at the end) are reported at every round and epoch end; a
+    recipe restored with :meth:`load_state_dict` continues from the exact batch.
+
+    Args:
+        samples: ``epoch -> [{"ids", "resp"}]`` token-id samples of this worker (:func:`group_by_epoch`).
+        total_steps / steps_per_epoch: the step budget per worker (``pipeline.llm_budget``).
+    """
+
+    def __init__(self, cfg: TTDSConfig, run: RunDir, env: WorkerEnv, *, samples: dict[int, list[dict]],
+                 total_steps: int, steps_per_epoch: int):
+        self.cfg, self.env, self.samples = cfg, env, samples
+        self.total, self.spe, self.bs = total_steps, steps_per_epoch, cfg.llm.batch_size
+        torch.manual_seed(cfg.seed)
+        self.base, self.tok, self.vocab, base_vocab = build_recommender_lm(cfg, run)
+        self.base.to(env.device)
+        prepared, splits = load_splits(run)
+        self.item_t, user_t = load_sid_tables(run)
+        self.item_codes, self.user_tok = self.item_t.codes, self.vocab.user_tokens(user_t.codes)
+        self.item_tok = self.vocab.item_tokens(self.item_codes)
+        self.opt, self.sched = llm.make_optimizer(self.base, cfg.llm, total_steps)
+        self.reindex_at = dynamic.reindex_steps(total_steps, cfg.dynamic)
+        self.tower, self.x = None, None
+        if self.reindex_at:
+            self.x = tower_inputs(run)
+            self.tower = towers.load_tower(run.require("tokenizer") / Files.ITEM_TOWER)
+        self.title_vecs = (llm.title_vectors(self.base, self.tok, prepared.items["title"].tolist())
+                           if cfg.llm.alpha_tok > 0 else None)
+        sid_ids = self.vocab.item_token_ids.flatten() if cfg.llm.loss_vocab == "sid" else None
+        self.model = env.wrap_model(llm.LMLoss(self.base, sid_ids))   # DDP wraps the loss (several workers)
+        self.pieces = tasks.PromptPieces.build(self.tok)
+        self.train_seqs = [s.tolist() for s in splits.train_items]
+        self.item_names = prepared.items["item_id"].tolist()
+        self.meta = {"backbone": cfg.llm.backbone, "finetune": cfg.llm.finetune, "base_vocab_size": base_vocab,
+                     "vocab_size": len(self.tok)}
+        self.step, self.epoch, self.batch = 0, 0, 0
+        self.losses: list[float] = []
+        self.rounds: list[dict] = []
+
+    # -------------------------------------------------------------- checkpoints
+
+    def state_dict(self, *, final: bool = False) -> Files_:
+        """Checkpoint files; ``final`` adds the saved LM (adapter or model, tokenizer, ``llm_meta.json``)."""
+        trainable = {n: p for n, p in self.base.named_parameters() if p.requires_grad}
+        out = {TRAINABLE: state_bytes(trainable),
+               ITEM_CODES: state_bytes({"codes": torch.as_tensor(self.item_codes)}),
+               STATE: json.dumps({"step": self.step, "epoch": self.epoch, "batch": self.batch,
+                                  "losses": self.losses, "rounds": self.rounds}).encode(),
+               **optimizer_files(self.opt, self.sched)}
+        if self.tower is not None:
+            out[Files.ITEM_TOWER] = towers.tower_bytes(self.tower)
+        if final:
+            with tempfile.TemporaryDirectory() as d:
+                llm.save_llm(self.base, self.tok, Path(d), self.meta)
+                out.update({str(p.relative_to(d)): p.read_bytes() for p in Path(d).rglob("*") if p.is_file()})
+        return out
+
+    def load_state_dict(self, files: Files_) -> None:
+        """Restore a checkpoint of :meth:`state_dict` (``{}``: start from scratch).
+
+        Raises:
+            ArtifactError: the checkpoint's trainable parameters are not this model's.
+        """
+        if not files:
+            return
+        trainable = {n for n, p in self.base.named_parameters() if p.requires_grad}
+        state = load_state(files[TRAINABLE])
+        if set(state) != trainable:
+            raise ArtifactError("LLM checkpoint does not match the model's trainable parameters "
+                                f"({len(set(state) ^ trainable)} names differ)")
+        self.base.load_state_dict(state, strict=False)
+        meta = json.loads(files[STATE])
+        self.step, self.epoch, self.batch = meta["step"], meta["epoch"], meta["batch"]
+        self.losses, self.rounds = meta["losses"], meta["rounds"]
+        self.item_codes = load_state(files[ITEM_CODES])["codes"].numpy()
+        self.item_tok = self.vocab.item_tokens(self.item_codes)
+        if self.tower is not None and Files.ITEM_TOWER in files:
+            self.tower.load_state_dict(load_state(files[Files.ITEM_TOWER]))
+        load_optimizer(self.opt, files, self.sched)
+
+    def _checkpoint(self, final: bool, metrics: dict) -> None:
+        self.env.report(metrics, self.state_dict(final=final))
+
+    # -------------------------------------------------------------- the two kinds of step
+
+    def round_due(self) -> bool:
+        return len(self.rounds) < len(self.reindex_at) and self.step >= self.reindex_at[len(self.rounds)]
+
+    def reindex_round(self) -> dict:
+        """One tokenizer step + re-index with the LLM frozen (DESIGN §1.6; ``dynamic.run_round``): the item
+        tower is refined under the LLM's guidance on seeded seqrec prompts and every item gets its new
+        unique semantic ID. Returns the round's stats (``changed``, collisions, wall seconds)."""
+        cfg, r = self.cfg, len(self.rounds)
+        users, hist, tgt = dynamic.guidance_prompts(self.train_seqs, cfg.dynamic.guide_samples,
+                                                    max_history=cfg.data.max_history, seed=cfg.seed + 1000 + r)
+        prompts = tasks.build_eval_prompts(hist, self.item_tok, self.user_tok[users], self.pieces, cfg.tasks,
+                                           max_history=cfg.data.max_history, max_length=cfg.llm.max_length)
+        res = dynamic.run_round(self.base, self.tower, SIDTable(self.item_codes, self.item_t.codebook_size),
+                                prompts=prompts, targets=tgt, pad_id=self.tok.pad_token_id,
+                                level1_token_ids=self.vocab.item_token_ids[0], item_s=self.x["item_s"],
+                                item_c=self.x["item_c"], tok_cfg=cfg.tokenizer, dyn_cfg=cfg.dynamic,
+                                seed=cfg.seed + r, item_names=self.item_names)
+        self.tower, self.item_codes = res.tower, broadcast_from_rank0(res.table.codes)
+        self.item_tok = self.vocab.item_tokens(self.item_codes)
+        stats = {"round": r + 1, "step": self.step, **res.stats}
+        self.rounds.append(stats)
+        return stats
+
+    def _aux_loss(self):
+        """The token-grain alignment term (DESIGN §1.4, weight ``llm.alpha_tok``) on a random item batch,
+        drawn from a generator seeded by (seed, step), so a resumed run draws what the original would."""
+        if self.title_vecs is None:
+            return None
+        rng = np.random.default_rng([self.cfg.seed, self.step, 1])
+        n = len(self.item_codes)
+        items = rng.choice(n, size=min(self.bs, n), replace=False)
+        dev = llm.model_device(self.base)
+        ids = torch.as_tensor(self.item_tok[items]).to(dev)
+        vecs = self.title_vecs[torch.as_tensor(items)].to(dev)
+        return lambda: self.cfg.llm.alpha_tok * llm.token_alignment_loss(self.base, ids, vecs)
+
+    def train_step(self, rows: list[dict]) -> float:
+        """One optimiser step on ``rows`` rendered with the current item index; the batch goes to the
+        model's device inside ``llm.train_step``. Returns the LM loss (nats/token)."""
+        b = tasks.collate(tasks.render_batch(rows, self.item_tok, self.user_tok), self.tok.pad_token_id,
+                          self.cfg.llm.max_length)
+        loss = llm.train_step(self.model, self.opt, self.sched, b, aux_loss=self._aux_loss())
+        self.losses.append(loss)
+        self.step += 1
+        return loss
+
+    # -------------------------------------------------------------- the loop
+
+    def fit(self) -> None:
+        """Train from the current position to ``total_steps`` (or the last epoch of samples)."""
+        cfg, bs = self.cfg, self.bs
+        t_start, start_step = time.time(), self.step
+        n_epochs = max(self.samples) + 1 if self.samples else 0
+        epoch0, batch0 = self.epoch, self.batch
+        for epoch in range(epoch0, n_epochs):
+            self.epoch = epoch
+            ep = self.samples.get(epoch, [])
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(ep))
+            ep_losses = []
+            for i in range(batch0 if epoch == epoch0 else 0, min(self.spe, len(order) // bs)):
+                self.batch = i
+                if self.round_due():
+                    st = self.reindex_round()
+                    self.env.show("llm/reindex", {k: st[k] for k in ("round", "step", "changed", "wall_s")})
+                    self._checkpoint(False, {"epoch": epoch, "step": self.step, "round": st["round"]})
+                ep_losses.append(self.train_step([ep[j] for j in order[i * bs:(i + 1) * bs]]))
+                if self.step % 50 == 0:
+                    self.env.show("llm", {"epoch": epoch, "step": f"{self.step}/{self.total}",
+                                          "loss": float(np.mean(self.losses[-50:])),
+                                          "sec_per_step": round((time.time() - t_start) / (self.step - start_step), 3)})
+                if self.step >= self.total:
+                    break
+            done = self.step >= self.total or epoch == n_epochs - 1
+            self.epoch, self.batch = epoch + 1, 0
+            self._checkpoint(done, {"epoch": epoch, "step": self.step,
+                                    "loss": float(np.mean(ep_losses)) if ep_losses else None})
+            if done:
+                break
+
+
+#: stage -> recipe class; the executor builds ``RECIPES[stage](cfg, run, env, **extra)``.
+RECIPES = {"cf": SASRecRecipe, "tokenizer": TokenizerRecipe, "llm": LLMRecipe}
