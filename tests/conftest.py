@@ -144,3 +144,52 @@ def lcrec_data(request, tmp_path_factory) -> LcrecData:
         return LcrecData("Scientific", sci, SCIENTIFIC_COUNTS)
     ml = request.getfixturevalue("movielens_100k")
     return LcrecData("ML100K", movielens_as_lcrec(ml, tmp_path_factory.mktemp("ml100k_lcrec")), ML100K_COUNTS)
+
+
+#: Config of the shared tiny run (a 40-user slice, every stage, one dynamic round), built without Ray.
+TINY_RUN_CONFIG = """
+name: local
+output_dir: {out}
+seed: 3
+data: {{path: {data}, kcore: 0}}
+cf: {{epochs: 2, hidden: 16}}
+tokenizer: {{epochs: 4, item: {{n_levels: 3, codebook_size: 16, latent_dim: 8, hidden_dim: 16}},
+            user: {{n_levels: 2, codebook_size: 8, latent_dim: 8, hidden_dim: 16}}}}
+llm: {{backbone: tiny, finetune: full, loss_vocab: sid, tiny_hidden: 32, tiny_layers: 1, tiny_heads: 2,
+      epochs: 1, max_steps: 6, batch_size: 4, alpha_tok: 0.1}}
+dynamic: {{rounds: 1, guide_samples: 16, tokenizer_epochs: 1}}
+eval: {{max_users: 10, batch_size: 8}}
+ray: {{torch_threads: 1}}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, lcrec_data):
+    """``(cfg, RunDir, metrics)`` of a finished run of a 40-user slice, built once per test session by
+    ``pipeline.run`` on ``LocalBackend`` (no Ray). Shared: tests that write into a run dir (cold-start
+    items) work on a :func:`copy_run` of it."""
+    from ttds_ray import pipeline
+    from ttds_ray.artifacts import RunDir
+    from ttds_ray.config import load_config
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    data_dir = lcrec_data.write_slice(tmp / "slice", 40, prefix="Slice")
+    (tmp / "job.yaml").write_text(TINY_RUN_CONFIG.format(out=tmp / "runs", data=data_dir))
+    cfg = load_config(tmp / "job.yaml")
+    metrics = pipeline.run(cfg, pipeline.LocalBackend())
+    return cfg, RunDir(cfg.run_dir), metrics
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A private copy of a run directory (files hard-linked where possible; writes replace files atomically,
+    so the source is never changed)."""
+    import os
+    import shutil
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    shutil.copytree(src, dst, copy_function=link)
+    return dst

@@ -15,31 +15,10 @@ from ttds_ray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-_TINY = """
-name: local
-output_dir: {out}
-seed: 3
-data: {{path: {data}, kcore: 0}}
-cf: {{epochs: 2, hidden: 16}}
-tokenizer: {{epochs: 4, item: {{n_levels: 3, codebook_size: 16, latent_dim: 8, hidden_dim: 16}},
-            user: {{n_levels: 2, codebook_size: 8, latent_dim: 8, hidden_dim: 16}}}}
-llm: {{backbone: tiny, finetune: full, loss_vocab: sid, tiny_hidden: 32, tiny_layers: 1, tiny_heads: 2,
-      epochs: 1, max_steps: 6, batch_size: 4, alpha_tok: 0.1}}
-dynamic: {{rounds: 1, guide_samples: 16, tokenizer_epochs: 1}}
-eval: {{max_users: 10, batch_size: 8}}
-ray: {{torch_threads: 1}}
-"""
-
-
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory, lcrec_data):
-    """A finished run of a 40-user slice, built by pipeline.run on LocalBackend (no Ray)."""
-    tmp = tmp_path_factory.mktemp("local")
-    data_dir = lcrec_data.write_slice(tmp / "slice", 40, prefix="Slice")
-    (tmp / "job.yaml").write_text(_TINY.format(out=tmp / "runs", data=data_dir))
-    cfg = load_config(tmp / "job.yaml")
-    metrics = pipeline.run(cfg, pipeline.LocalBackend())
-    return cfg, RunDir(cfg.run_dir), metrics
+def local_run(tiny_run):
+    """A finished run of a 40-user slice, built by pipeline.run on LocalBackend (no Ray; conftest.tiny_run)."""
+    return tiny_run
 
 
 def test_local_backend_runs_every_stage_and_writes_the_run_dir_contract(local_run):

@@ -60,6 +60,9 @@ class Files:
     # eval/
     METRICS = "metrics.json"
     RANKINGS = "rankings.parquet"
+    # cold_start/ (items added to a served run after training; catalogue.py)
+    COLD_START_DIR = "cold_start"
+    COLD_START_ITEMS = "items.json"
 
     @staticmethod
     def tower(name: str) -> str:

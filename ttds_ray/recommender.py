@@ -14,19 +14,22 @@ Example::
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
 from . import cf, data, embeddings, llm, tasks, towers
 from .artifacts import Files, RunDir
+from .catalogue import AddedItem, ColdStartStore
 from .config import TTDSConfig, load_config
 from .decoding import SIDTrie
 from .evaluate import TTDSRanker
-from .errors import ArtifactError, ConfigError, UnknownIdError
+from .errors import ArtifactError, ConfigError, TTDSError, UnknownIdError
 from .sids import SIDTable, SIDVocab, sid_vocab_from_tokenizer
 
 log = logging.getLogger(__name__)
@@ -53,10 +56,33 @@ class Recommendation:
     item_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
+@dataclass(frozen=True)
+class RecRequest:
+    """One recommendation request: a known ``user_id`` or a raw ``history`` (item ids, oldest first).
+
+    ``k`` items are returned (1 <= k); ``exclude_seen`` drops the history's items from them.
+    """
+    user_id: str | None = None
+    history: Sequence[str] | None = None
+    k: int = 10
+    exclude_seen: bool = True
+
+
+class InvalidRequest(TTDSError, ValueError):
+    """A request is malformed (both or neither of user_id/history, an empty history, a bad k)."""
+
+
+class DuplicateItemError(TTDSError, ValueError):
+    """A cold-start item's id is already in the catalogue."""
+
+
 class Recommender:
     """Final item index, user tower, LLM + tokenizer and prefix trie of one run, loaded once.
 
-    Build with :meth:`from_run`. Item and user ids are the dataset's raw ids (strings).
+    Build with :meth:`from_run`. Item and user ids are the dataset's raw ids (strings). Items added
+    after training (:meth:`add_item`, DESIGN §1.7) are persisted in the run directory
+    (:mod:`ttds_ray.catalogue`) and picked up by every Recommender of the same run on its next call.
+    Thread-safe: one lock guards the trie and the catalogue.
 
     Args:
         cfg: the run's resolved config; run: its :class:`RunDir`; device: torch device for the LLM,
@@ -72,6 +98,7 @@ class Recommender:
         tok_dir = run.require("tokenizer")
         self.user_table = SIDTable.load(tok_dir / Files.USER_SIDS)
         self.item_table = load_final_item_sids(run)
+        self.base_sha256 = self.item_table.content_hash()
         self.vocab: SIDVocab = sid_vocab_from_tokenizer(self.tok, self.item_table.n_levels,
                                                         self.item_table.codebook_size, self.user_table.n_levels,
                                                         self.user_table.codebook_size)
@@ -80,12 +107,20 @@ class Recommender:
         self.user_tokens = self.vocab.user_tokens(self.user_table.codes)        # (U, L_u) token ids
         self.pieces = tasks.PromptPieces.build(self.tok)
         self.item_ids: list[str] = [str(i) for i in self.prepared.items["item_id"].tolist()]
+        self.titles: list[str] = [str(t) for t in self.prepared.items["title"].tolist()]
         self.user_ids: list[str] = [str(u) for u in self.prepared.sequences["user_id"].tolist()]
+        self.n_base_items = len(self.item_ids)
         self._item_row = {i: n for n, i in enumerate(self.item_ids)}
         self._user_row = {u: n for n, u in enumerate(self.user_ids)}
         self._item_sid = self.item_table.sid_strings("i")
         self._user_sid = self.user_table.sid_strings("u")
         self._user_tower = None                                       # loaded on first raw history
+        self._item_tower = None                                       # loaded on first cold-start item
+        self._lock = threading.RLock()
+        self.store = ColdStartStore(run.root)
+        self.added: list[AddedItem] = []
+        self._stamp = None
+        self.sync()
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu",
@@ -104,31 +139,64 @@ class Recommender:
 
     # ------------------------------------------------------------------ lookups
 
+    @property
+    def n_items(self) -> int:
+        """Catalogue size: trained items + cold-start items."""
+        return len(self.item_ids)
+
+    def id_table_sha256(self) -> str:
+        """sha256 of the current item semantic-ID table (trained + cold-start items)."""
+        return SIDTable(self.trie.codes, self.item_table.codebook_size).content_hash()
+
     def item(self, item_id: str) -> dict:
-        """``{item_id, title, semantic_id, item_idx}`` of a catalogue item.
+        """``{item_id, title, semantic_id, item_idx, cold_start}`` of a catalogue item.
 
         Raises:
             UnknownIdError: the id is not in the catalogue.
         """
+        self.sync()
         row = self._item_rows([item_id])[0]
-        return {"item_id": self.item_ids[row], "title": str(self.prepared.items["title"].iloc[row]),
-                "semantic_id": self._item_sid[row], "item_idx": row}
+        return {"item_id": self.item_ids[row], "title": self.titles[row], "semantic_id": self._item_sid[row],
+                "item_idx": row, "cold_start": row >= self.n_base_items}
+
+    def search(self, query: str, limit: int = 20) -> list[dict]:
+        """Catalogue items whose title contains every word of ``query`` (case-insensitive), at most ``limit``,
+        in catalogue order: the demo page's item picker."""
+        self.sync()
+        words = query.lower().split()
+        out = []
+        for row, title in enumerate(self.titles):
+            t = title.lower()
+            if all(w in t for w in words) or (words and self.item_ids[row].lower() == query.lower().strip()):
+                out.append({"item_id": self.item_ids[row], "title": title, "semantic_id": self._item_sid[row]})
+                if len(out) >= limit:
+                    break
+        return out
 
     def _item_rows(self, ids: Sequence) -> list[int]:
         unknown = [i for i in ids if str(i) not in self._item_row]
         if unknown:
-            raise UnknownIdError("item", unknown)
+            raise UnknownIdError("item", list(dict.fromkeys(unknown)))
         return [self._item_row[str(i)] for i in ids]
 
     def _user_rows(self, ids: Sequence) -> list[int]:
         unknown = [u for u in ids if str(u) not in self._user_row]
         if unknown:
-            raise UnknownIdError("user", unknown)
+            raise UnknownIdError("user", list(dict.fromkeys(unknown)))
         return [self._user_row[str(u)] for u in ids]
 
-    def user_history(self, user_id: str) -> np.ndarray:
-        """A known user's whole logged history (item rows, oldest first): training + validation + test items."""
+    def user_history(self, user_id: str, split: Literal["valid", "test"] | None = None) -> np.ndarray:
+        """A known user's history (item rows, oldest first).
+
+        Args:
+            split: None: the whole logged history (training + validation + test items; what serving
+                recommends after); 'test' / 'valid': the history before that split's target (the
+                evaluation prompt), cut to ``data.max_history``.
+        """
         r = self._user_rows([user_id])[0]
+        if split is not None:
+            return data.history_for(self.splits, split, int(self.splits.user_idx[r]),
+                                    max_history=self.cfg.data.max_history)
         return np.concatenate([self.splits.train_items[r], [self.splits.valid_target[r],
                                                             self.splits.test_target[r]]]).astype(np.int64)
 
@@ -136,17 +204,20 @@ class Recommender:
 
     def _user_codes(self, histories: list[np.ndarray]) -> np.ndarray:
         """User semantic IDs ``(B, L_u)`` from raw histories (item rows) through the user tower (DESIGN §1.2):
-        semantic input = mean item text embedding, collaborative input = SASRec's last hidden state."""
+        semantic input = mean item text embedding, collaborative input = SASRec's last hidden state over
+        the history's trained items (cold-start items have no SASRec embedding and are left out of it)."""
         if self._user_tower is None:
             item_s = embeddings.load_npy(self.run.require("embeddings") / Files.ITEM_TEXT,
-                                         rows=len(self.item_ids))
+                                         rows=self.n_base_items)
             sasrec = cf.load_sasrec(self.run.require("cf"))
             tower = towers.load_tower(self.run.require("tokenizer") / Files.USER_TOWER, item_s.shape[1],
                                       sasrec.hidden, self.cfg.tokenizer.user)
             self._user_tower = (item_s, sasrec, tower)
         item_s, sasrec, tower = self._user_tower
+        if self.added:
+            item_s = np.concatenate([item_s, np.asarray([a.s for a in self.added], np.float32)])
         s = towers.user_semantic_embeddings(item_s, [h.tolist() for h in histories])
-        c = cf.encode_users(sasrec, [h.tolist() for h in histories], self.cfg.cf.max_len)
+        c = cf.encode_users(sasrec, [h[h < self.n_base_items].tolist() for h in histories], self.cfg.cf.max_len)
         codes, _ = towers.encode_codes(tower, s, c)
         return codes
 
@@ -157,7 +228,8 @@ class Recommender:
             UnknownIdError: items not in the catalogue. ValueError: empty history.
         """
         if len(history) == 0:
-            raise ValueError("history is empty: give at least one item id")
+            raise InvalidRequest("history is empty: give at least one item id")
+        self.sync()
         codes = self._user_codes([np.asarray(self._item_rows(list(history)), np.int64)])[0]
         return "".join(f"<u{l + 1}_{k}>" for l, k in enumerate(codes.tolist()))
 
@@ -180,57 +252,197 @@ class Recommender:
         user_tok = None
         if self.cfg.tasks.use_user_sid and user_codes is not None:
             user_tok = self.vocab.user_tokens(np.asarray(user_codes))
-        prompts = tasks.build_eval_prompts([np.asarray(h)[-mh:].tolist() for h in histories], self.item_tokens,
-                                           user_tok, self.pieces, self.cfg.tasks, max_history=mh,
-                                           max_length=self.cfg.llm.max_length)
-        ranker = TTDSRanker(self.model, self.trie, self.tok.pad_token_id, n_beams, self.cfg.llm.max_length)
-        return ranker.rank_with_scores(prompts, batch_size or self.cfg.eval.batch_size, progress=progress)
+        with self._lock:
+            prompts = tasks.build_eval_prompts([np.asarray(h)[-mh:].tolist() for h in histories], self.item_tokens,
+                                               user_tok, self.pieces, self.cfg.tasks, max_history=mh,
+                                               max_length=self.cfg.llm.max_length)
+            ranker = TTDSRanker(self.model, self.trie, self.tok.pad_token_id, n_beams, self.cfg.llm.max_length)
+            return ranker.rank_with_scores(prompts, batch_size or self.cfg.eval.batch_size, progress=progress)
+
+    def _prepare(self, req: RecRequest, split: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(history item rows, user codes ``(L_u,)`` or None) of one request; raises on bad input."""
+        if (req.user_id is None) == (req.history is None):
+            raise InvalidRequest("give exactly one of user_id / history")
+        if not isinstance(req.k, int) or isinstance(req.k, bool) or req.k < 1:
+            raise InvalidRequest(f"k must be an int >= 1, got {req.k!r}")
+        if req.user_id is not None:
+            row = self._user_rows([req.user_id])[0]
+            return self.user_history(self.user_ids[row], split), self.user_table.codes[row]
+        if len(req.history) == 0:
+            raise InvalidRequest("history is empty: give at least one item id")
+        return np.asarray(self._item_rows(list(req.history)), np.int64), None
+
+    def recommend_many(self, requests: Sequence[RecRequest], *, split: Literal["valid", "test"] | None = None,
+                       batch_size: int | None = None, progress: bool = False) -> list[Recommendation | TTDSError]:
+        """Top-k items for many requests at once; a bad request never fails the others.
+
+        Requests are grouped by beam width (so a request's result never depends on what else is in the
+        batch) and each group is ranked in batches of ``batch_size`` (default ``eval.batch_size``).
+        Known users use their stored user semantic ID; raw histories get theirs from the user tower.
+
+        Args:
+            split: for known users, None = recommend after the whole logged history; 'test' / 'valid' =
+                the evaluation prompt (history before that split's target), as ``ttds-ray evaluate``.
+
+        Returns:
+            One entry per request, in order: a :class:`Recommendation`, or the :class:`TTDSError`
+            (``UnknownIdError``, ``InvalidRequest``) that request raised.
+        """
+        self.sync()
+        out: list = [None] * len(requests)
+        prepared = {}
+        for i, req in enumerate(requests):
+            try:
+                prepared[i] = self._prepare(req, split)
+            except TTDSError as e:
+                out[i] = e
+        raw = [i for i in prepared if requests[i].history is not None]
+        if raw and self.cfg.tasks.use_user_sid:
+            for i, codes in zip(raw, self._user_codes([prepared[i][0] for i in raw])):
+                prepared[i] = (prepared[i][0], codes)
+        mh, n_items = self.cfg.data.max_history, self.n_items
+        groups: dict[int, list[int]] = {}
+        for i, (h, _) in prepared.items():
+            n_seen = len(set(h.tolist())) if requests[i].exclude_seen else 0
+            groups.setdefault(min(n_items, max(self.cfg.eval.n_beams, requests[i].k + n_seen)), []).append(i)
+        for width, members in groups.items():
+            codes = [prepared[i][1] for i in members]
+            idx, scores = self.rank([prepared[i][0] for i in members],
+                                    None if codes[0] is None else np.stack(codes), n_beams=width,
+                                    batch_size=batch_size, progress=progress)
+            for b, i in enumerate(members):
+                h, ucodes = prepared[i]
+                seen = set(h.tolist()) if requests[i].exclude_seen else set()
+                keep = [j for j, it in enumerate(idx[b]) if it >= 0 and int(it) not in seen][:requests[i].k]
+                items = idx[b, keep]
+                usid = None if ucodes is None else "".join(f"<u{l + 1}_{c}>" for l, c in
+                                                            enumerate(np.asarray(ucodes).tolist()))
+                out[i] = Recommendation(item_ids=[self.item_ids[j] for j in items], scores=scores[b, keep],
+                                        semantic_ids=[self._item_sid[j] for j in items], user_semantic_id=usid,
+                                        truncated_history=split is None and len(h) > mh,
+                                        item_idx=items.astype(np.int64))
+        return out
 
     def recommend(self, user_ids: Sequence[str] | None = None, histories: Sequence[Sequence[str]] | None = None,
-                  k: int = 10, exclude_seen: bool = True) -> list[Recommendation]:
+                  k: int = 10, exclude_seen: bool = True,
+                  split: Literal["valid", "test"] | None = None) -> list[Recommendation]:
         """Top-k items per request: give either known ``user_ids`` or raw ``histories`` (item ids, oldest first).
 
-        A known user's prompt uses the whole logged history and the user's stored semantic ID; a raw
-        history gets its user semantic ID from the user tower. Histories longer than ``data.max_history``
-        keep the most recent items (``truncated_history``). With ``exclude_seen`` the beam is widened to
+        A known user's prompt uses the whole logged history (or, with ``split``, the evaluation prompt of
+        that split) and the user's stored semantic ID; a raw history gets its user semantic ID from the
+        user tower. Histories longer than ``data.max_history`` keep the most recent items
+        (``truncated_history``). With ``exclude_seen`` the beam is widened to
         ``max(eval.n_beams, k + |seen|)`` (capped at the catalogue) so that k unseen items come back
         whenever the catalogue has them.
 
         Raises:
-            ValueError: both or neither of user_ids/histories, k < 1, an empty history.
+            InvalidRequest (a ValueError): both or neither of user_ids/histories, k < 1, an empty history.
             UnknownIdError: unknown user or item ids (all of them named).
         """
         if (user_ids is None) == (histories is None):
-            raise ValueError("give exactly one of user_ids= or histories=")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
+            raise InvalidRequest("give exactly one of user_ids= or histories=")
         if user_ids is not None:
-            rows = self._user_rows(list(user_ids))
-            hists = [self.user_history(self.user_ids[r]) for r in rows]
-            user_codes = self.user_table.codes[rows]
+            self._user_rows(list(user_ids))
+            reqs = [RecRequest(user_id=u, k=k, exclude_seen=exclude_seen) for u in user_ids]
         else:
-            if any(len(h) == 0 for h in histories):
-                raise ValueError("a history is empty: give at least one item id per request")
-            unknown = [i for h in histories for i in h if str(i) not in self._item_row]
-            if unknown:
-                raise UnknownIdError("item", list(dict.fromkeys(unknown)))
-            hists = [np.asarray(self._item_rows(list(h)), np.int64) for h in histories]
-            user_codes = self._user_codes(hists) if self.cfg.tasks.use_user_sid else None
-        mh = self.cfg.data.max_history
-        n_items = len(self.item_ids)
-        seen = [set(h.tolist()) if exclude_seen else set() for h in hists]
-        width = min(n_items, max(self.cfg.eval.n_beams, k + max((len(s) for s in seen), default=0)))
-        idx, scores = self.rank(hists, user_codes, n_beams=width)
-        out = []
-        for b, h in enumerate(hists):
-            keep = [j for j, i in enumerate(idx[b]) if i >= 0 and int(i) not in seen[b]][:k]
-            items = idx[b, keep]
-            usid = None if user_codes is None else "".join(f"<u{l + 1}_{c}>" for l, c in
-                                                              enumerate(np.asarray(user_codes[b]).tolist()))
-            out.append(Recommendation(item_ids=[self.item_ids[i] for i in items], scores=scores[b, keep],
-                                      semantic_ids=[self._item_sid[i] for i in items], user_semantic_id=usid,
-                                      truncated_history=len(h) > mh, item_idx=items.astype(np.int64)))
+            self.sync()
+            self._item_rows([i for h in histories for i in h])
+            reqs = [RecRequest(history=list(h), k=k, exclude_seen=exclude_seen) for h in histories]
+        out = self.recommend_many(reqs, split=split)
+        for r in out:
+            if isinstance(r, TTDSError):
+                raise r
         return out
+
+    # ------------------------------------------------------------------ cold-start items
+
+    def _load_item_tower(self):
+        if self._item_tower is None:
+            llm_tower = self.run.require("llm") / Files.ITEM_TOWER     # refined by the dynamic rounds
+            path = llm_tower if llm_tower.is_file() else self.run.require("tokenizer") / Files.ITEM_TOWER
+            self._item_tower = (towers.load_tower(path), cf.CFEmbeddings.load(self.run.require("cf")).items)
+        return self._item_tower
+
+    def _apply(self, items: list[AddedItem]) -> None:
+        """Put persisted cold-start items into the lookups and the trie (caller holds the lock)."""
+        if not items:
+            return
+        codes = np.asarray([a.codes for a in items], np.int64)
+        self.trie.add_items(codes)
+        self.item_tokens = np.concatenate([self.item_tokens, self.vocab.item_tokens(codes)])
+        for a in items:
+            self._item_row[a.item_id] = len(self.item_ids)
+            self.item_ids.append(a.item_id)
+            self.titles.append(a.title)
+            self._item_sid.append("".join(f"<i{l + 1}_{k}>" for l, k in enumerate(a.codes)))
+        self.added.extend(items)
+
+    def sync(self) -> None:
+        """Pick up cold-start items that this or another process persisted since the last call (one stat()
+        when nothing changed).
+
+        Raises:
+            ArtifactError: the persisted list no longer starts with the items already loaded.
+        """
+        stamp = self.store.stamp()
+        if stamp == self._stamp:
+            return
+        with self._lock:
+            stored = self.store.read()
+            if [a.item_id for a in stored[:len(self.added)]] != [a.item_id for a in self.added]:
+                raise ArtifactError(f"{self.store.path} was rewritten: it no longer lists the cold-start items "
+                                    "this process loaded; restart the app")
+            self._apply(stored[len(self.added):])
+            self._stamp = stamp
+
+    def add_item(self, item_id: str, text: str, title: str | None = None,
+                 co_items: Sequence[str] = ()) -> dict:
+        """Add a cold-start item: the item tower gives it a unique semantic ID from the modalities it has
+        (text; plus collaborative, the mean SASRec embedding of ``co_items``, when given), the trie is
+        updated in place and the item is recommendable at once, without retraining (DESIGN §1.7).
+        Persisted atomically in ``<run>/cold_start/``; safe against concurrent additions from other
+        processes serving the same run (file lock).
+
+        Args:
+            item_id: a new raw id. text: the item's text (title, description, ...).
+            title: display title (default: the first 80 characters of ``text``).
+            co_items: ids of trained catalogue items co-interacted with the new one.
+
+        Returns:
+            :meth:`item` of the new item plus ``modalities``.
+
+        Raises:
+            InvalidRequest: empty id or text. DuplicateItemError: the id exists.
+            UnknownIdError: a co-item is unknown or itself a cold-start item (it has no collaborative
+            embedding). CollisionError: no free ID under the item's prefix.
+        """
+        item_id, text = str(item_id).strip(), str(text).strip()
+        if not item_id:
+            raise InvalidRequest("item_id is empty")
+        if not text:
+            raise InvalidRequest("text is empty: a new item needs text for its semantic ID")
+        title = " ".join((title or text[:80]).split())
+        co_rows = self._item_rows(list(co_items)) if co_items else []
+        cold = [i for i, r in zip(co_items, co_rows) if r >= self.n_base_items]
+        if cold:
+            raise UnknownIdError("co-interacted trained item", cold)
+        tower, cf_items = self._load_item_tower()
+        s = embeddings.encode_with(self.cfg.embeddings, [data._text(title, {"description": text})])[0]
+        c = cf_items[co_rows].mean(0) if co_rows else None
+        with self._lock, self.store.locked():
+            self.sync()
+            if item_id in self._item_row:
+                raise DuplicateItemError(f"item id {item_id!r} already exists ({self.titles[self._item_row[item_id]]!r})")
+            taken = set(map(tuple, self.trie.codes.tolist()))
+            codes = towers.cold_start_codes(tower, s, c, taken)
+            entry = AddedItem(item_id=item_id, title=title, text=text, co_items=[str(i) for i in co_items],
+                              codes=[int(x) for x in codes], s=[float(x) for x in s], created=time.time(),
+                              modalities=["text", "collaborative"] if co_rows else ["text"])
+            self.store.write(self.added + [entry])
+            self._apply([entry])
+            self._stamp = self.store.stamp()
+        log.info("cold-start item %s -> %s (%s)", item_id, self._item_sid[-1], "+".join(entry.modalities))
+        return {**self.item(item_id), "modalities": entry.modalities}
 
 
 def load_run_config(run_dir: str | Path) -> TTDSConfig:
@@ -256,4 +468,5 @@ def load_final_item_sids(run: RunDir) -> SIDTable:
     return SIDTable.load(run.require("llm") / Files.ITEM_SIDS)
 
 
-__all__ = ["Recommender", "Recommendation", "load_final_item_sids", "ConfigError"]
+__all__ = ["Recommender", "Recommendation", "RecRequest", "InvalidRequest", "DuplicateItemError",
+           "load_final_item_sids", "ConfigError"]

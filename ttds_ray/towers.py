@@ -21,6 +21,7 @@ from torch import nn
 
 from .artifacts import atomic_write_bytes
 from .config import TokenizerConfig, TowerConfig
+from .errors import CollisionError
 from .sids import SIDTable  # noqa: F401  (re-exported)
 from .quantizer import ResidualQuantizer, code_usage, unique_codes
 from .vae import DMVAE, info_nce, kl_gauss, kl_std_normal, sym_kl_categorical
@@ -58,6 +59,23 @@ class Tower(nn.Module):
         """Deterministic fused latent μ of q(z|s,c): ``(N, Z)``; independent of batch composition."""
         s, c = self.normalise(s, c)
         return self.vae.encode(s, c)[2].mu
+
+    @torch.no_grad()
+    def latent_from(self, s: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent μ from the modalities an entity has (DESIGN §1.2, §1.7: cold-start items).
+
+        With both, the product of experts of q(z|s) and q(z|c) (= :meth:`latent`); with text only,
+        q(z|s) alone (a product of one expert).
+
+        Args:
+            s: ``(N, d_s)`` semantic embeddings; c: ``(N, d_c)`` collaborative embeddings or None.
+
+        Returns:
+            ``(N, Z)`` in the dtype of the tower's weights.
+        """
+        if c is not None:
+            return self.latent(s, c)
+        return self.vae._post(self.vae.enc_s((s - self.s_mean) / self.s_scale)).mu
 
 
 def tower_loss(tower: Tower, s: torch.Tensor, c: torch.Tensor, cfg: TokenizerConfig
@@ -399,6 +417,39 @@ def export_item_sids(tower: Tower, s: np.ndarray, c: np.ndarray, cfg: TokenizerC
     assert table.n_shared() == 0, "item semantic IDs are not unique at export"
     stats.update(code_usage(table.codes, table.codebook_size))
     return table, stats
+
+
+@torch.no_grad()
+def cold_start_codes(tower: Tower, s: np.ndarray, c: np.ndarray | None, taken: set[tuple[int, ...]]
+                     ) -> np.ndarray:
+    """A unique semantic ID for one new item from the modalities it has (DESIGN §1.7).
+
+    Greedy residual quantization of :meth:`Tower.latent_from` (float64) gives the item's prefix of
+    L-1 codes; the last level takes the nearest code whose full ID is not in ``taken``, as the export's
+    collision resolver does (:func:`quantizer.unique_codes`). The codebooks are not changed.
+
+    Args:
+        s: float ``(d_s,)``; c: float ``(d_c,)`` or None (text only); taken: IDs already held.
+
+    Returns:
+        int64 ``(L,)``.
+
+    Raises:
+        CollisionError: every code under the item's prefix is held (names the prefix).
+    """
+    t64 = copy.deepcopy(tower).double().eval()
+    z = t64.latent_from(torch.as_tensor(s, dtype=torch.float64)[None],
+                        None if c is None else torch.as_tensor(c, dtype=torch.float64)[None])
+    codes, last = t64.rq.encode(z)
+    codes = codes[0].numpy().astype(np.int64)
+    cost = ((last[0][None, :] - t64.rq.codebooks[-1]) ** 2).sum(-1).numpy()      # (K,)
+    prefix = tuple(int(x) for x in codes[:-1])
+    for k in np.argsort(cost, kind="stable"):
+        if prefix + (int(k),) not in taken:
+            codes[-1] = int(k)
+            return codes
+    raise CollisionError(f"every one of the {len(cost)} semantic IDs under prefix {prefix} is taken; the new "
+                         "item cannot get a unique ID without retraining with a larger tokenizer.item.codebook_size")
 
 
 def export_user_sids(tower: Tower, s: np.ndarray, c: np.ndarray) -> tuple[SIDTable, dict]:
