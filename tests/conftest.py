@@ -193,3 +193,21 @@ def copy_run(src: Path, dst: Path) -> Path:
             shutil.copy2(a, b)
     shutil.copytree(src, dst, copy_function=link)
     return dst
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster for the whole test session (2 CPUs, small object store), started on first use and
+    shut down at the end; tests that need Ray take this fixture instead of calling ``ray.init`` themselves.
+    The package must be importable by workers: it is (``pip install -e .``)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, object_store_memory=256 * 1024 ** 2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {k: os.environ[k] for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED",
+                                                                      "RAY_DATA_USE_DATASOURCE_V2", "HF_HUB_OFFLINE",
+                                                                      "TOKENIZERS_PARALLELISM")}})
+    yield ray
+    if started:
+        ray.shutdown()
