@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Optional
@@ -160,9 +161,11 @@ class TTDSService:
         self.settings = settings
         self.rec = recommender or Recommender.from_run(settings.run_dir, device=settings.device)
         self.started = time.time()
+        self.batch_sizes: Counter[int] = Counter()     # requests per rank_batch call -> calls (in /metadata)
 
     def rank_batch(self, requests: list[RecRequest]) -> list[Recommendation | TTDSError]:
         """Rank many requests in one call; a bad request yields its error and never fails the others."""
+        self.batch_sizes[len(requests)] += 1
         return self.rec.recommend_many(requests)
 
     async def recommend_one(self, request: RecRequest) -> Recommendation | TTDSError:
@@ -202,6 +205,9 @@ class TTDSService:
                 "model_version": self.model_version, "run_dir": str(rec.run.root),
                 "semantic_id_levels": rec.item_table.n_levels, "codebook_size": rec.item_table.codebook_size,
                 "max_history": rec.cfg.data.max_history, "max_batch_size": self.settings.max_batch_size,
+                "batches": {"calls": sum(self.batch_sizes.values()), "requests": sum(k * v for k, v in
+                                                                                      self.batch_sizes.items()),
+                            "largest": max(self.batch_sizes, default=0)},
                 "started": self.started}
 
 
