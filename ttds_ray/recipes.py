@@ -13,6 +13,7 @@ Reads the run directory's data/, embeddings/, cf/ and tokenizer/ stages (artifac
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,9 @@ def _identity(x):
 def _print_progress(stage: str, metrics: dict) -> None:
     shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
                      if not k.startswith(("rec_", "s_", "c_")))
-    print(f"[{stage}] {shown}", flush=True)
+    # to the process's real stdout: in a Ray Train V2 worker, print() to sys.stdout is both teed to the
+    # worker's stream and logged through Train's root logger, which showed every line twice on the driver
+    print(f"[{stage}] {shown}", file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def broadcast_from_rank0(a: np.ndarray) -> np.ndarray:

@@ -110,7 +110,7 @@ class RayBackend:
     def encode_items(self, items: pd.DataFrame, ecfg: EmbeddingsConfig) -> np.ndarray:
         out = ray.data.from_pandas(items).map_batches(
             _TextEncoderUDF, fn_constructor_args=(ecfg.model_dump(),), batch_size=1024, batch_format="pandas",
-            concurrency=1).to_pandas().sort_values("item_idx")
+            compute=ray.data.ActorPoolStrategy(size=1)).to_pandas().sort_values("item_idx")
         return np.stack(out["emb"].to_numpy()).astype(np.float32)
 
     @staticmethod
