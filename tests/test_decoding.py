@@ -224,3 +224,37 @@ def test_top_k_holds_only_catalogue_items_even_when_the_lm_prefers_padding_and_u
     for items, scores in zip(result.item_idx.tolist(), result.scores):
         assert all(0 <= i < len(codes) for i in items) and len(set(items)) == len(items)
         assert torch.isfinite(scores).all()
+
+
+def test_excluded_items_are_masked_per_prompt_and_the_rest_rank_exactly(tiny_llama):
+    """exclude= (exclude_seen): an exhaustive search returns exactly the brute-force ranking of the items not
+    excluded; prompts without exclusions in the same batch are unaffected."""
+    codes = random_codes(12, seed=2)
+    trie = SIDTrie(codes, LEVEL_TOKEN_IDS)
+    input_ids, attention_mask = random_prompts([6, 4], seed=5)
+    banned = [3, 7, 7, 11, 99]                    # a repeat and an id outside the catalogue are ignored
+    res = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=16, exclude=[banned, []])
+    plain = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=16)
+    prompt = input_ids[0][attention_mask[0].bool()]
+    expected = brute_force_scores(tiny_llama, prompt, codes)
+    order = [i for i in torch.argsort(expected, descending=True).tolist() if i not in banned]
+    assert res.item_idx[0, :9].tolist() == order and res.item_idx[0, 9:].tolist() == [-1, -1, -1]
+    torch.testing.assert_close(res.scores[0, :9], expected[order], atol=1e-4, rtol=0)
+    assert res.item_idx[1].tolist() == plain.item_idx[1].tolist()
+
+
+def test_a_narrow_beam_skips_prefixes_whose_items_are_all_excluded(tiny_llama):
+    """With W = 3 and the model's own top items excluded, the search still returns 3 allowed items: a beam is
+    never spent on a prefix that leads only to excluded items."""
+    codes = random_codes(40, seed=3)
+    trie = SIDTrie(codes, LEVEL_TOKEN_IDS)
+    input_ids, attention_mask = random_prompts([5], seed=1)
+    top = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=40).item_idx[0].tolist()
+    first = codes[top[0], 0]
+    banned = [i for i in range(40) if codes[i, 0] == first] + top[:5]   # the best level-1 subtree and more
+    res = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=3, exclude=[banned])
+    got = res.item_idx[0].tolist()
+    assert len(got) == 3 and -1 not in got and not set(got) & set(banned)
+    assert all(codes[i, 0] != first for i in got)
+    counts = trie.unseen_counts([banned])[0]
+    assert int(counts[0]) == 40 - len(set(banned)) and int(counts[trie.item_path[top[0], 0]]) == 0

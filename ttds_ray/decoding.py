@@ -85,6 +85,8 @@ class SIDTrie:
         self.children = self.children.to(device)
         self.leaf_item = self.leaf_item.to(device)
         self.level_token_ids = self.level_token_ids.to(device)
+        self.item_path = self.item_path.to(device)
+        self.n_leaves = self.n_leaves.to(device)
         return self
 
     def root_nodes(self, batch_size: int) -> Tensor:
@@ -181,6 +183,7 @@ class SIDTrie:
         # Level by level: unique prefixes of length l+1 are the depth-(l+1) nodes.
         parent = np.zeros(n_items, dtype=np.int64)  # (N,) node of each item's prefix at the current depth
         edges_parent, edges_code, edges_child = [], [], []
+        item_path = np.zeros((n_items, n_levels), dtype=np.int64)  # (N, M) node of each item at depth l+1
         offset = 1
         for level in range(n_levels):
             if n_items == 0:
@@ -192,6 +195,7 @@ class SIDTrie:
             edges_code.append(prefixes[:, level])
             edges_child.append(node_ids)
             parent = offset + inverse.reshape(-1)  # (N,)
+            item_path[:, level] = parent
             offset += len(prefixes)
         children = torch.full((offset, self.codebook_size), -1, dtype=torch.int64)
         leaf_item = torch.full((offset,), -1, dtype=torch.int64)
@@ -199,10 +203,40 @@ class SIDTrie:
             children[torch.from_numpy(np.concatenate(edges_parent)),
                      torch.from_numpy(np.concatenate(edges_code))] = torch.from_numpy(np.concatenate(edges_child))
             leaf_item[torch.from_numpy(parent)] = torch.arange(n_items, dtype=torch.int64)
+        n_leaves = np.bincount(item_path.reshape(-1), minlength=offset).astype(np.int64)
+        n_leaves[0] = n_items
         device = self.children.device if hasattr(self, "children") else torch.device("cpu")
         self.children = children.to(device)
         self.leaf_item = leaf_item.to(device)
+        self.item_path = torch.from_numpy(item_path).to(device)     # (N, M)
+        self.n_leaves = torch.from_numpy(n_leaves).to(device)       # (n_nodes,) items under each node
         self.codes = codes
+
+    def unseen_counts(self, exclude: list, device: torch.device | str | None = None) -> Tensor:
+        """Per prompt, the number of items under each node once that prompt's excluded items are removed.
+
+        Args:
+            exclude: B sequences of item_idx to leave out (repeats and ids >= n_items are ignored).
+
+        Returns:
+            int64 ``(B, n_nodes)``; a node with count 0 leads to no allowed item (the beam search masks it).
+        """
+        device = device or self.children.device
+        counts = self.n_leaves.to(device).unsqueeze(0).repeat(len(exclude), 1)  # (B, n_nodes)
+        rows, items = [], []
+        for b, ex in enumerate(exclude):
+            ex = np.unique(np.asarray(list(ex), dtype=np.int64))
+            ex = ex[(ex >= 0) & (ex < self.n_items)]
+            rows.append(np.full(len(ex), b, dtype=np.int64))
+            items.append(ex)
+        items_t = torch.from_numpy(np.concatenate(items)).to(device)
+        if items_t.numel():
+            rows_t = torch.from_numpy(np.concatenate(rows)).to(device)
+            path = self.item_path.to(device)[items_t]                             # (S, M)
+            counts.index_put_((rows_t.repeat_interleave(self.n_levels), path.reshape(-1)),
+                              torch.full((path.numel(),), -1, dtype=torch.int64, device=device), accumulate=True)
+            counts[:, 0] -= torch.bincount(rows_t, minlength=len(exclude))
+        return counts
 
 
 @dataclass(frozen=True)
@@ -235,7 +269,7 @@ def _level_logprobs(logits: Tensor, token_ids: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attention_mask: Tensor, *,
-                n_beams: int = 20) -> BeamResult:
+                n_beams: int = 20, exclude: list | None = None) -> BeamResult:
     """Trie-constrained beam search over SID tokens; every result is an existing, distinct item.
 
     One forward over the prompts fills the KV cache; the cache is then expanded to W beams and
@@ -251,6 +285,10 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
         input_ids: int64 `(B, T)`, LEFT-padded prompt token ids, on any device: moved to the model's.
         attention_mask: int64 `(B, T)`, 1 for real tokens, 0 for padding.
         n_beams: W, beams kept per prompt; also the number of items returned (capped at n_items).
+        exclude: optional B sequences of item_idx that prompt b must not get (e.g. the user's seen items).
+            They are masked in the trie for that prompt: a prefix is allowed only while it still leads to an
+            item not excluded (:meth:`SIDTrie.unseen_counts`), so no beam is spent on excluded items and
+            W distinct allowed items come back whenever there are W; otherwise the row is padded with -1.
 
     Returns:
         BeamResult with `item_idx` int64 `(B, W')` sorted by score descending and `scores`
@@ -274,6 +312,9 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
     if n_out == 0 or batch_size == 0:
         return BeamResult(torch.full((batch_size, n_out), -1, dtype=torch.int64, device=device),
                           torch.full((batch_size, n_out), float("-inf"), device=device))
+    if exclude is not None and len(exclude) != batch_size:
+        raise ValueError(f"exclude must hold one sequence per prompt: {len(exclude)} for {batch_size} prompts")
+    counts = trie.unseen_counts(exclude, device) if exclude is not None else None  # (B, n_nodes) or None
     children = trie.children.to(device)
     leaf_item = trie.leaf_item.to(device)
     level_token_ids = trie.level_token_ids.to(device)  # (M, K)
@@ -299,7 +340,10 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
         for level in range(trie.n_levels):
             logp = _level_logprobs(logits, level_token_ids[level]).view(batch_size, width, n_codes)  # (B, width, K)
             alive = nodes >= 0  # (B, width)
-            allowed = (children[nodes.clamp(min=0)] >= 0) & alive.unsqueeze(-1)  # (B, width, K)
+            child = children[nodes.clamp(min=0)]  # (B, width, K)
+            allowed = (child >= 0) & alive.unsqueeze(-1)  # (B, width, K)
+            if counts is not None:  # only prefixes that still lead to an item this prompt may get
+                allowed &= counts.gather(1, child.clamp(min=0).view(batch_size, -1)).view_as(child) > 0
             cand = (scores.unsqueeze(-1) + logp).masked_fill(~allowed, float("-inf"))  # (B, width, K)
             new_width = min(n_beams, width * n_codes)
             scores, flat = cand.view(batch_size, width * n_codes).topk(new_width, dim=-1)  # (B, W)
@@ -330,7 +374,7 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
     sorted_items = torch.where(valid, item_idx, -1 - torch.arange(n_out, device=device)).sort(dim=1).values
     assert bool((sorted_items[:, 1:] != sorted_items[:, :-1]).all()), "beam search returned an item twice"
     n_short = int((~valid).any(dim=1).sum())
-    if n_short:
+    if n_short and exclude is None:  # with exclusions, fewer than W allowed items is expected
         logger.warning("beam_search: %d of %d prompts got fewer than %d finite-scored items; padded with -1",
                        n_short, batch_size, n_out)
     return BeamResult(item_idx=item_idx, scores=scores)

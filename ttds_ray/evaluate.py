@@ -60,17 +60,19 @@ class TTDSRanker:
     max_length: int = 1024
 
     @torch.inference_mode()
-    def rank_with_scores(self, prompts: list[list[int]], batch_size: int, progress: bool = False
-                         ) -> tuple[np.ndarray, np.ndarray]:
+    def rank_with_scores(self, prompts: list[list[int]], batch_size: int, progress: bool = False,
+                         exclude: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(item_idx int64 (U, W), scores float32 (U, W))`` per prompt, best first; -1 / -inf pad.
-        Prompts are token-id lists; the beam search runs on the model's device."""
+        Prompts are token-id lists; the beam search runs on the model's device. ``exclude``: per prompt, item
+        rows masked in the trie for it (``decoding.beam_search``)."""
         idx_out, sc_out = [], []
         it = range(0, len(prompts), batch_size)
         for start in tqdm(it, desc="beam search", disable=not progress, unit="batch"):
             batch = collate([{"input_ids": p} for p in prompts[start:start + batch_size]], self.pad_id,
                             self.max_length)
             res = beam_search(self.model, self.trie, batch["input_ids"], batch["attention_mask"],
-                              n_beams=self.n_beams)
+                              n_beams=self.n_beams,
+                              exclude=None if exclude is None else exclude[start:start + batch_size])
             idx_out.append(res.item_idx.cpu().numpy())
             sc_out.append(res.scores.float().cpu().numpy())
         if not idx_out:

@@ -237,13 +237,15 @@ class Recommender:
 
     @torch.inference_mode()
     def rank(self, histories: list[np.ndarray], user_codes: np.ndarray | None, *, n_beams: int,
-             batch_size: int | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+             batch_size: int | None = None, progress: bool = False,
+             exclude: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Trie-constrained beam search for prompts built from item-row histories (the eval + serve path).
 
         Args:
             histories: B int arrays of item rows, oldest first (cut to the last ``data.max_history``).
             user_codes: int ``(B, L_u)`` user semantic IDs, or None when ``tasks.use_user_sid`` is off.
             n_beams: beam width W (also the number of items returned, capped at the catalogue).
+            exclude: optional B collections of item rows masked in the trie for that prompt (exclude_seen).
 
         Returns:
             ``(item_idx int64 (B, W'), scores float32 (B, W'))``, best first; -1 / -inf pad.
@@ -257,7 +259,8 @@ class Recommender:
                                                user_tok, self.pieces, self.cfg.tasks, max_history=mh,
                                                max_length=self.cfg.llm.max_length)
             ranker = TTDSRanker(self.model, self.trie, self.tok.pad_token_id, n_beams, self.cfg.llm.max_length)
-            return ranker.rank_with_scores(prompts, batch_size or self.cfg.eval.batch_size, progress=progress)
+            return ranker.rank_with_scores(prompts, batch_size or self.cfg.eval.batch_size, progress=progress,
+                                           exclude=exclude)
 
     def _prepare(self, req: RecRequest, split: str | None) -> tuple[np.ndarray, np.ndarray | None]:
         """(history item rows, user codes ``(L_u,)`` or None) of one request; raises on bad input."""
@@ -277,8 +280,11 @@ class Recommender:
         """Top-k items for many requests at once; a bad request never fails the others.
 
         Requests are grouped by beam width (so a request's result never depends on what else is in the
-        batch) and each group is ranked in batches of ``batch_size`` (default ``eval.batch_size``).
-        Known users use their stored user semantic ID; raw histories get theirs from the user tower.
+        batch) and each group is ranked in batches of ``batch_size`` (default ``eval.batch_size``); the width is
+        ``max(eval.n_beams, k)``. With ``exclude_seen`` the request's history items are masked in the trie for
+        that request (``decoding.beam_search(exclude=)``), so k unseen items come back whenever the catalogue
+        has them, at the same cost as without. Known users use their stored user semantic ID; raw histories
+        get theirs from the user tower.
 
         Args:
             split: for known users, None = recommend after the whole logged history; 'test' / 'valid' =
@@ -302,18 +308,18 @@ class Recommender:
                 prepared[i] = (prepared[i][0], codes)
         mh, n_items = self.cfg.data.max_history, self.n_items
         groups: dict[int, list[int]] = {}
-        for i, (h, _) in prepared.items():
-            n_seen = len(set(h.tolist())) if requests[i].exclude_seen else 0
-            groups.setdefault(min(n_items, max(self.cfg.eval.n_beams, requests[i].k + n_seen)), []).append(i)
+        for i in prepared:
+            groups.setdefault(min(n_items, max(self.cfg.eval.n_beams, requests[i].k)), []).append(i)
         for width, members in groups.items():
             codes = [prepared[i][1] for i in members]
+            seen = [set(prepared[i][0].tolist()) if requests[i].exclude_seen else set() for i in members]
             idx, scores = self.rank([prepared[i][0] for i in members],
                                     None if codes[0] is None else np.stack(codes), n_beams=width,
-                                    batch_size=batch_size, progress=progress)
+                                    batch_size=batch_size, progress=progress,
+                                    exclude=seen if any(seen) else None)
             for b, i in enumerate(members):
                 h, ucodes = prepared[i]
-                seen = set(h.tolist()) if requests[i].exclude_seen else set()
-                keep = [j for j, it in enumerate(idx[b]) if it >= 0 and int(it) not in seen][:requests[i].k]
+                keep = [j for j, it in enumerate(idx[b]) if it >= 0 and int(it) not in seen[b]][:requests[i].k]
                 items = idx[b, keep]
                 usid = None if ucodes is None else "".join(f"<u{l + 1}_{c}>" for l, c in
                                                             enumerate(np.asarray(ucodes).tolist()))
@@ -331,9 +337,8 @@ class Recommender:
         A known user's prompt uses the whole logged history (or, with ``split``, the evaluation prompt of
         that split) and the user's stored semantic ID; a raw history gets its user semantic ID from the
         user tower. Histories longer than ``data.max_history`` keep the most recent items
-        (``truncated_history``). With ``exclude_seen`` the beam is widened to
-        ``max(eval.n_beams, k + |seen|)`` (capped at the catalogue) so that k unseen items come back
-        whenever the catalogue has them.
+        (``truncated_history``). With ``exclude_seen`` the history's items are masked in the trie for that
+        request, so k unseen items come back whenever the catalogue has them.
 
         Raises:
             InvalidRequest (a ValueError): both or neither of user_ids/histories, k < 1, an empty history.
