@@ -209,3 +209,15 @@ def test_concurrent_additions_from_two_processes_never_share_a_semantic_id(tiny_
     assert a.id_table_sha256() == b.id_table_sha256() == fresh.id_table_sha256()
     stored = json.loads((run_dir / "cold_start" / "items.json").read_text())
     assert [e["item_id"] for e in stored] and len(stored) == 8
+
+
+def test_online_answers_equal_the_library_for_the_same_users(served):
+    """POST /recommend {user_id} == Recommender.recommend(user_ids=...) (the batch job is checked against the
+    same call and against `ttds-ray evaluate` in test_batch_score.py)."""
+    svc, c = served
+    for user in svc.rec.user_ids[5:8]:
+        for exclude_seen in (True, False):
+            want = svc.rec.recommend(user_ids=[user], k=7, exclude_seen=exclude_seen)[0]
+            got = c.post("/recommend", json={"user_id": user, "k": 7, "exclude_seen": exclude_seen}).json()
+            assert [i["item_id"] for i in got["items"]] == want.item_ids
+            np.testing.assert_allclose([i["score"] for i in got["items"]], want.scores, rtol=1e-6)
