@@ -150,6 +150,43 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run directory with a fi
                f"written to {out}")
 
 
+@app.command("score")
+def score(run_dir: Path = typer.Option(..., "--run", help="A run directory with finished data and llm stages."),
+          out: Path = typer.Option(..., "--out", help="Output parquet (user, rank, item_id, score, semantic_id); "
+                                   "replaced atomically."),
+          histories: Optional[Path] = typer.Option(None, help="Parquet of raw histories: 'user' (str), 'history' "
+                                                   "(list of item ids, oldest first). Default: the run's users."),
+          k: int = typer.Option(10, help="Items per user."),
+          exclude_seen: bool = typer.Option(True, "--exclude-seen/--no-exclude-seen",
+                                            help="Drop the user's history items (as serving does)."),
+          split: str = typer.Option("none", help="Prepared users: 'none' = after the whole logged history (as "
+                                    "online serving); 'test' / 'valid' = the evaluation prompt."),
+          batch_size: int = typer.Option(32, help="Users per UDF call and per beam-search batch."),
+          concurrency: int = typer.Option(1, help="Ray Data actors, each holding the model."),
+          device: str = typer.Option("cpu", help="cpu or cuda (then one GPU per actor)."),
+          max_users: Optional[int] = typer.Option(None, help="Score a seeded sample of this many users (smoke runs)."),
+          seed: Optional[int] = typer.Option(None, help="Seed of --max-users; default the run's seed."),
+          no_ray: bool = typer.Option(False, "--no-ray", help="Run the same scorer in this process, without Ray."),
+          ) -> None:
+    """Batch scoring: top-k items for every user of a run (or a histories file), written to one parquet file."""
+    from .batch import ScoreOptions, score as score_job
+    from .errors import TTDSError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        summary = score_job(run_dir, out, histories=histories, max_users=max_users, seed=seed, use_ray=not no_ray,
+                            concurrency=concurrency, device=device,
+                            options=ScoreOptions(k=k, exclude_seen=exclude_seen, batch_size=batch_size,
+                                                 split=None if split == "none" else split))
+    except TTDSError as e:
+        _fail(e)
+    typer.echo(summary.line())
+    for e in summary.errors[:5]:
+        typer.echo(f"  not scored: row {e['pos']} user {e['user']!r}: {e['error']}")
+    if summary.n_errors > 5:
+        typer.echo(f"  ... {summary.n_errors - 5} more (all listed in the file's 'ttds_ray.score' metadata)")
+
+
 def tokenizer_report_table(stats: dict) -> str:
     """Markdown table of ``tokenizer/tokenizer_stats.json``: one column per tower."""
     towers = [t for t in ("item", "user") if t in stats]
