@@ -107,6 +107,9 @@ def test_batch_endpoint_answers_each_request_and_bounds_the_count(served):
     assert res[1]["status"] == 404 and res[1]["unknown_ids"] == ["ghost"]
     assert res[2]["status"] == 422 and res[2]["unknown_ids"] == ["ghost-item"]
     assert res[0] == c.post("/recommend", json=good).json()
+    mixed = c.post("/recommend/batch", json={"requests": [{"k": 0}, good, {}]}).json()["results"]
+    assert mixed[0]["status"] == mixed[2]["status"] == 422 and "k" in mixed[0]["detail"]
+    assert mixed[1] == res[0]                                    # a malformed neighbour fails alone
     over = c.post("/recommend/batch", json={"requests": [good] * 5})
     assert over.status_code == 413 and "limit is 4" in over.json()["detail"]
     assert c.post("/recommend/batch", json={"requests": []}).status_code == 422
@@ -221,3 +224,44 @@ def test_online_answers_equal_the_library_for_the_same_users(served):
             got = c.post("/recommend", json={"user_id": user, "k": 7, "exclude_seen": exclude_seen}).json()
             assert [i["item_id"] for i in got["items"]] == want.item_ids
             np.testing.assert_allclose([i["score"] for i in got["items"]], want.scores, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method,path,status", [("GET", "/nowhere", 404), ("GET", "/recommend", 405),
+                                                ("GET", "/items/a%2Fb", 404)])
+def test_router_errors_keep_the_error_body_shape(served, method, path, status):
+    _, c = served
+    r = c.request(method, path)
+    assert r.status_code == status and r.json()["status"] == status and r.json()["detail"]
+
+
+@pytest.mark.parametrize("item_id", [" padded ", "a/b", "tab\tid", "nul\x00"])
+def test_new_item_ids_that_could_not_be_looked_up_are_refused(served, item_id):
+    _, c = served
+    r = c.post("/items", json={"item_id": item_id, "text": "a drill"})
+    assert r.status_code == 422 and "plain id" in r.json()["detail"]
+
+
+def test_a_damaged_or_deleted_cold_start_list_is_a_clear_503_and_a_deletion_resets(tiny_run, tmp_path):
+    run_dir = copy_run(tiny_run[1].root, tmp_path / "run")
+    svc = TTDSService(ServeSettings(run_dir=str(run_dir)))
+    c = TestClient(create_app(svc))
+    n0 = svc.rec.n_items
+    assert c.post("/items", json={"item_id": "cold-a", "text": "a brass hinge", "title": "  "}).status_code == 201
+    assert c.get("/items/cold-a").json()["title"] == "a brass hinge"           # a blank title falls back
+    path = run_dir / "cold_start" / "items.json"
+    good = path.read_text()
+    path.write_text(good[: len(good) // 2])                                      # truncated by hand
+    for r in (c.get("/healthz"), c.get("/search", params={"q": "x"}), c.get("/metadata"),
+              c.post("/recommend", json={"user_id": svc.rec.user_ids[0]})):
+        assert r.status_code == 503 and "items.json" in r.json()["detail"], r.text
+    bad = json.loads(good)
+    bad[0]["codes"] = [999] * len(bad[0]["codes"])                               # an out-of-range ID
+    path.write_text(json.dumps(bad))
+    r = c.post("/recommend", json={"user_id": svc.rec.user_ids[0]})
+    assert r.status_code == 503 and "invalid semantic ID" in r.json()["detail"]
+    path.unlink()                                                                # deleted: back to trained items
+    r = c.post("/recommend", json={"user_id": svc.rec.user_ids[0], "k": 3})
+    assert r.status_code == 200 and svc.rec.n_items == n0
+    assert c.get("/items/cold-a").status_code == 404
+    assert c.post("/items", json={"item_id": "cold-b", "text": "a steel hinge"}).status_code == 201
+    assert Recommender.from_run(run_dir).n_items == n0 + 1

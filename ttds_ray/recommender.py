@@ -149,15 +149,17 @@ class Recommender:
         return SIDTable(self.trie.codes, self.item_table.codebook_size).content_hash()
 
     def item(self, item_id: str) -> dict:
-        """``{item_id, title, semantic_id, item_idx, cold_start}`` of a catalogue item.
+        """``{item_id, title, semantic_id, item_idx, cold_start, modalities}`` of a catalogue item.
 
         Raises:
             UnknownIdError: the id is not in the catalogue.
         """
         self.sync()
         row = self._item_rows([item_id])[0]
+        cold = row >= self.n_base_items
         return {"item_id": self.item_ids[row], "title": self.titles[row], "semantic_id": self._item_sid[row],
-                "item_idx": row, "cold_start": row >= self.n_base_items}
+                "item_idx": row, "cold_start": cold,
+                "modalities": self.added[row - self.n_base_items].modalities if cold else ["text", "collaborative"]}
 
     def search(self, query: str, limit: int = 20) -> list[dict]:
         """Catalogue items whose title contains every word of ``query`` (case-insensitive), at most ``limit``,
@@ -206,13 +208,9 @@ class Recommender:
         """User semantic IDs ``(B, L_u)`` from raw histories (item rows) through the user tower (DESIGN §1.2):
         semantic input = mean item text embedding, collaborative input = SASRec's last hidden state over
         the history's trained items (cold-start items have no SASRec embedding and are left out of it)."""
-        if self._user_tower is None:
-            item_s = embeddings.load_npy(self.run.require("embeddings") / Files.ITEM_TEXT,
-                                         rows=self.n_base_items)
-            sasrec = cf.load_sasrec(self.run.require("cf"))
-            tower = towers.load_tower(self.run.require("tokenizer") / Files.USER_TOWER, item_s.shape[1],
-                                      sasrec.hidden, self.cfg.tokenizer.user)
-            self._user_tower = (item_s, sasrec, tower)
+        with self._lock:
+            if self._user_tower is None:
+                self._user_tower = self._load_user_tower()
         item_s, sasrec, tower = self._user_tower
         if self.added:
             item_s = np.concatenate([item_s, np.asarray([a.s for a in self.added], np.float32)])
@@ -220,6 +218,14 @@ class Recommender:
         c = cf.encode_users(sasrec, [h[h < self.n_base_items].tolist() for h in histories], self.cfg.cf.max_len)
         codes, _ = towers.encode_codes(tower, s, c)
         return codes
+
+    def _load_user_tower(self) -> tuple:
+        """(item text embeddings, SASRec, user tower) of the run, for raw histories."""
+        item_s = embeddings.load_npy(self.run.require("embeddings") / Files.ITEM_TEXT, rows=self.n_base_items)
+        sasrec = cf.load_sasrec(self.run.require("cf"))
+        tower = towers.load_tower(self.run.require("tokenizer") / Files.USER_TOWER, item_s.shape[1],
+                                  sasrec.hidden, self.cfg.tokenizer.user)
+        return item_s, sasrec, tower
 
     def user_semantic_id(self, history: Sequence[str]) -> str:
         """Semantic-ID string of a user given only a raw history (item ids, oldest first).
@@ -362,6 +368,10 @@ class Recommender:
     # ------------------------------------------------------------------ cold-start items
 
     def _load_item_tower(self):
+        with self._lock:
+            return self._load_item_tower_locked()
+
+    def _load_item_tower_locked(self):
         if self._item_tower is None:
             llm_tower = self.run.require("llm") / Files.ITEM_TOWER     # refined by the dynamic rounds
             path = llm_tower if llm_tower.is_file() else self.run.require("tokenizer") / Files.ITEM_TOWER
@@ -369,11 +379,19 @@ class Recommender:
         return self._item_tower
 
     def _apply(self, items: list[AddedItem]) -> None:
-        """Put persisted cold-start items into the lookups and the trie (caller holds the lock)."""
+        """Put persisted cold-start items into the lookups and the trie (caller holds the lock).
+
+        Raises:
+            ArtifactError: an entry's semantic ID is malformed, out of range or already held.
+        """
         if not items:
             return
-        codes = np.asarray([a.codes for a in items], np.int64)
-        self.trie.add_items(codes)
+        try:
+            codes = np.asarray([a.codes for a in items], np.int64).reshape(len(items), self.item_table.n_levels)
+            self.trie.add_items(codes)
+        except ValueError as e:
+            raise ArtifactError(f"{self.store.path}: a cold-start entry has an invalid semantic ID ({e}); restore "
+                                "the file from a backup or delete it to drop the added items") from None
         self.item_tokens = np.concatenate([self.item_tokens, self.vocab.item_tokens(codes)])
         for a in items:
             self._item_row[a.item_id] = len(self.item_ids)
@@ -382,22 +400,39 @@ class Recommender:
             self._item_sid.append("".join(f"<i{l + 1}_{k}>" for l, k in enumerate(a.codes)))
         self.added.extend(items)
 
+    def _reset_cold_start(self) -> None:
+        """Back to the trained catalogue (caller holds the lock): the persisted list was rewritten or deleted."""
+        n = self.n_base_items
+        for a in self.added:
+            self._item_row.pop(a.item_id, None)
+        del self.item_ids[n:], self.titles[n:], self._item_sid[n:]
+        self.item_tokens = self.item_tokens[:n]
+        self.trie = SIDTrie(self.item_table.codes, self.vocab.item_token_ids).to(self.device)
+        self.added = []
+
     def sync(self) -> None:
         """Pick up cold-start items that this or another process persisted since the last call (one stat()
-        when nothing changed).
+        when nothing changed). If the persisted list was rewritten (it no longer starts with the items this
+        process loaded) or deleted, the catalogue is rebuilt from the trained items plus the list as it is now.
 
         Raises:
-            ArtifactError: the persisted list no longer starts with the items already loaded.
+            ArtifactError: the persisted list is unreadable or holds an invalid entry (the catalogue is then
+                the trained items only, until the file is fixed).
         """
         stamp = self.store.stamp()
         if stamp == self._stamp:
             return
         with self._lock:
-            stored = self.store.read()
-            if [a.item_id for a in stored[:len(self.added)]] != [a.item_id for a in self.added]:
-                raise ArtifactError(f"{self.store.path} was rewritten: it no longer lists the cold-start items "
-                                    "this process loaded; restart the app")
-            self._apply(stored[len(self.added):])
+            try:
+                stored = self.store.read()
+                if [a.item_id for a in stored[:len(self.added)]] != [a.item_id for a in self.added]:
+                    log.warning("%s was rewritten or deleted: reloading the cold-start items", self.store.path)
+                    self._reset_cold_start()
+                self._apply(stored[len(self.added):])
+            except ArtifactError:
+                self._reset_cold_start()
+                self._stamp = None
+                raise
             self._stamp = stamp
 
     def add_item(self, item_id: str, text: str, title: str | None = None,
@@ -414,19 +449,23 @@ class Recommender:
             co_items: ids of trained catalogue items co-interacted with the new one.
 
         Returns:
-            :meth:`item` of the new item plus ``modalities``.
+            :meth:`item` of the new item.
 
         Raises:
-            InvalidRequest: empty id or text. DuplicateItemError: the id exists.
+            InvalidRequest: an empty text; an empty id, or one with surrounding spaces, a control character or '/'.
+            DuplicateItemError: the id exists.
             UnknownIdError: a co-item is unknown or itself a cold-start item (it has no collaborative
             embedding). CollisionError: no free ID under the item's prefix.
         """
-        item_id, text = str(item_id).strip(), str(text).strip()
-        if not item_id:
+        item_id, text = str(item_id), str(text).strip()
+        if not item_id.strip():
             raise InvalidRequest("item_id is empty")
+        if item_id != item_id.strip() or any(not ch.isprintable() for ch in item_id) or "/" in item_id:
+            raise InvalidRequest(f"item_id {item_id!r} has leading/trailing spaces, a control character or '/'; "
+                                 "use a plain id")
         if not text:
             raise InvalidRequest("text is empty: a new item needs text for its semantic ID")
-        title = " ".join((title or text[:80]).split())
+        title = " ".join((title or "").split()) or " ".join(text[:80].split())
         co_rows = self._item_rows(list(co_items)) if co_items else []
         cold = [i for i, r in zip(co_items, co_rows) if r >= self.n_base_items]
         if cold:
@@ -447,7 +486,7 @@ class Recommender:
             self._apply([entry])
             self._stamp = self.store.stamp()
         log.info("cold-start item %s -> %s (%s)", item_id, self._item_sid[-1], "+".join(entry.modalities))
-        return {**self.item(item_id), "modalities": entry.modalities}
+        return self.item(item_id)
 
 
 def load_run_config(run_dir: str | Path) -> TTDSConfig:

@@ -5,9 +5,10 @@ run the same app in one process.
 
 Endpoints (OpenAPI at ``/docs``): ``POST /recommend``, ``POST /recommend/batch``, ``POST /items`` (a
 cold-start item), ``GET /items/{id}``, ``GET /search``, ``GET /healthz``, ``GET /metadata``, ``GET /``
-(the demo page). Every client error is a 4xx JSON ``{"detail": ..., ...}``: unknown ids (404 for a user
+(the demo page). Every client error is a 4xx JSON ``{"status": ..., "detail": ..., ...}``: unknown ids (404 for a user
 or item looked up, 422 for item ids inside a request body; ``unknown_ids`` names them), bad fields (422),
-malformed JSON or non-UTF-8 bytes (400), a body over ``max_body_bytes`` (413), an existing item id (409).
+malformed JSON or non-UTF-8 bytes (400), a body over ``max_body_bytes`` (413), an existing item id (409);
+a damaged run directory (an unreadable cold-start list) is 503 with the file named.
 Reads the run directory (``Recommender.from_run``); writes only ``<run>/cold_start/`` (catalogue.py).
 """
 from __future__ import annotations
@@ -24,9 +25,11 @@ from typing import Annotated, Optional
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
+                      model_validator)
 
-from .errors import CollisionError, TTDSError, UnknownIdError
+from .errors import ArtifactError, CollisionError, TTDSError, UnknownIdError
 from .recommender import DuplicateItemError, InvalidRequest, Recommendation, Recommender, RecRequest
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,6 @@ class ServeSettings(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="Seconds a batch waits to fill.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Request bodies over this get 413.")
     max_batch_requests: int = Field(64, ge=1, le=10_000, description="Requests per POST /recommend/batch.")
-    max_k: int = Field(100, ge=1, le=1000, description="Largest k a request may ask for.")
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -96,8 +98,9 @@ class ErrorOut(BaseModel):
 
 
 class BatchIn(BaseModel):
+    """Requests are checked one by one: a malformed one gets its own 422 in ``results``."""
     model_config = ConfigDict(extra="forbid")
-    requests: list[RecommendIn] = Field(..., min_length=1, description="Up to max_batch_requests requests.")
+    requests: list[dict] = Field(..., min_length=1, description="Up to max_batch_requests RecommendIn bodies.")
 
 
 class BatchOut(BaseModel):
@@ -127,7 +130,7 @@ class ItemInfo(BaseModel):
 # ----------------------------------------------------------------------------- the service
 
 class ClientError(Exception):
-    """An HTTP 4xx with a message (and the unknown ids, if any)."""
+    """An HTTP error answer (4xx; 503 for a damaged run directory) with a message and the unknown ids, if any."""
 
     def __init__(self, status: int, detail: str, unknown_ids: list | None = None):
         super().__init__(detail)
@@ -141,7 +144,10 @@ class ClientError(Exception):
 
 
 def client_error(e: TTDSError, *, lookup: bool = False) -> ClientError:
-    """The HTTP form of a refusal of the library. ``lookup``: the id was the resource asked for (404)."""
+    """The HTTP form of a refusal of the library. ``lookup``: the id was the resource asked for (404).
+    A damaged run directory (``ArtifactError``) is the server's fault: 503 with the message."""
+    if isinstance(e, ArtifactError):
+        return ClientError(503, str(e))
     if isinstance(e, UnknownIdError):
         status = 404 if lookup or e.kind == "user" else 422
         return ClientError(status, str(e), e.ids)
@@ -184,8 +190,6 @@ class TTDSService:
                             truncated_history=r.truncated_history)
 
     async def recommend(self, body: RecommendIn) -> RecommendOut:
-        if body.k > self.settings.max_k:
-            raise ClientError(422, f"k={body.k} is over this app's max_k={self.settings.max_k}")
         try:
             r = await self.recommend_one(body.to_request())
         except TTDSError as e:              # raised (not returned) by the batch path for a bad request
@@ -196,6 +200,7 @@ class TTDSService:
 
     def metadata(self) -> dict:
         rec = self.rec
+        rec.sync()
         stats = rec.prepared.stats
         return {"dataset": rec.cfg.data.path, "dataset_name": Path(rec.cfg.data.path).name,
                 "backbone": rec.cfg.llm.backbone, "finetune": rec.cfg.llm.finetune,
@@ -305,17 +310,30 @@ def create_app(service: TTDSService) -> FastAPI:
     async def _client_error(_: Request, exc: ClientError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):     # unknown route, wrong method, parse error
+        return JSONResponse({"status": exc.status_code, "detail": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
         return HTMLResponse(demo_page())
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"model": ErrorOut}})
     async def healthz() -> dict:
+        """200 when the model is loaded and the run directory's cold-start list is readable."""
+        try:
+            service.rec.sync()
+        except TTDSError as e:
+            raise client_error(e) from None
         return {"status": "ok", "n_items": service.rec.n_items}
 
-    @app.get("/metadata")
+    @app.get("/metadata", responses={503: {"model": ErrorOut}})
     async def metadata() -> dict:
-        return service.metadata()
+        try:
+            return service.metadata()
+        except TTDSError as e:
+            raise client_error(e) from None
 
     @app.post("/recommend", response_model=RecommendOut, responses={404: {"model": ErrorOut},
                                                                    422: {"model": ErrorOut}})
@@ -329,9 +347,12 @@ def create_app(service: TTDSService) -> FastAPI:
         if len(body.requests) > s.max_batch_requests:
             raise ClientError(413, f"{len(body.requests)} requests in one batch; the limit is {s.max_batch_requests}")
 
-        async def one(req: RecommendIn):
+        async def one(raw: dict):
             try:
-                return await service.recommend(req)
+                return await service.recommend(RecommendIn.model_validate(raw))
+            except ValidationError as e:
+                return ErrorOut(status=422, detail="; ".join(
+                    f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in e.errors()[:10]))
             except ClientError as e:
                 return ErrorOut(**e.body())
         return BatchOut(results=list(await asyncio.gather(*(one(r) for r in body.requests))))
@@ -346,18 +367,21 @@ def create_app(service: TTDSService) -> FastAPI:
             raise client_error(e) from None
         return ItemInfo(**{k: out[k] for k in ("item_id", "title", "semantic_id", "cold_start", "modalities")})
 
-    @app.get("/items/{item_id}", response_model=ItemInfo, responses={404: {"model": ErrorOut}})
+    @app.get("/items/{item_id:path}", response_model=ItemInfo, responses={404: {"model": ErrorOut}})
     async def get_item(item_id: str) -> ItemInfo:
         try:
             out = service.rec.item(item_id)
         except TTDSError as e:
             raise client_error(e, lookup=True) from None
-        return ItemInfo(**{k: out[k] for k in ("item_id", "title", "semantic_id", "cold_start")})
+        return ItemInfo(**{k: out[k] for k in ("item_id", "title", "semantic_id", "cold_start", "modalities")})
 
     @app.get("/search")
     async def search(q: Annotated[str, Query(max_length=200)] = "",
                      limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
         """Items whose title contains every word of ``q`` (case-insensitive)."""
-        return {"items": service.rec.search(q, limit)}
+        try:
+            return {"items": service.rec.search(q, limit)}
+        except TTDSError as e:
+            raise client_error(e) from None
 
     return app
