@@ -232,6 +232,35 @@ def tokenizer_report(run_dir: Path = typer.Argument(..., help="A run directory (
     typer.echo(f"plots: {run_dir / 'tokenizer'}/{{item,user}}_code_usage.png, {{item,user}}_losses.png")
 
 
+@app.command("tune")
+def tune(config: Path = typer.Option(..., "--config", "-c", help="Base YAML config (see configs/)."),
+         space: Path = typer.Option(..., "--space", help="Search space YAML (see tune_spaces/, docs/TUNING.md)."),
+         overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides of the base config."),
+         num_samples: Optional[int] = typer.Option(None, min=1, help="Trials; default the space's num_samples."),
+         resume: bool = typer.Option(False, "--resume", help="Continue the interrupted sweep of the same name."),
+         name: Optional[str] = typer.Option(None, help="Sweep name; default <config name>-<space stem>; the sweep "
+                                            "directory is <output_dir>/sweeps/<name>."),
+         max_concurrent: Optional[int] = typer.Option(None, min=1, help="Trials at once; default the space's "
+                                                      "max_concurrent (1 on a 2-core machine)."),
+         baseline: bool = typer.Option(False, "--baseline", help="Also train the base config itself (trial 'base', "
+                                       "same budget) first, for comparison; it builds the shared stages."),
+         ) -> None:
+    """Hyperparameter sweep on Ray Tune (OptunaSearch TPE + ASHA) maximising validation NDCG@10; writes the
+    results table, objective.png, best.yaml and best_run into the sweep directory."""
+    from .errors import TTDSError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        from .tune_ray import run_sweep
+        out = run_sweep(config, space, overrides or [], num_samples=num_samples, resume=resume, name=name,
+                        max_concurrent=max_concurrent, baseline=baseline)
+    except TTDSError as e:
+        _fail(e)
+    typer.echo(out["results_md"])
+    typer.echo(f"sweep dir {out['sweep_dir']}" + (f"; best config {out['sweep_dir']}/best.yaml" if out["best"] else
+                                                   "; no trial completed"))
+
+
 def main() -> None:
     app()
 

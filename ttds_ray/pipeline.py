@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -296,6 +297,23 @@ def _is_run_dir(path: Path) -> bool:
     return (Path(path) / "data" / Files.MANIFEST).is_file()
 
 
+def link_stage(src: Path, dst: Path) -> None:
+    """Put a copy of the finished stage directory ``src`` at ``dst``: files hard-linked (copied across file
+    systems) into a temp sibling, then renamed in place of whatever ``dst`` held."""
+    tmp = dst.with_name(f".{dst.name}.reuse-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    shutil.copytree(src, tmp, copy_function=link)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
 def reuse_stages(cfg: TTDSConfig, src: Path, run: RunDir) -> list[str]:
     """Hard-link (or copy) the finished stages of run directory ``src`` that were built from the same
     settings as ``cfg`` into ``run``, in stage order, stopping at the first that differs.
@@ -319,19 +337,7 @@ def reuse_stages(cfg: TTDSConfig, src: Path, run: RunDir) -> list[str]:
                             "(%s changed since); it is rebuilt here", src, stage, ", ".join(changed))
             break
         if not run.is_complete(stage, h):
-            dst = run.stage_dir(stage)
-            tmp = dst.with_name(f".{stage}.reuse-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-
-            def link(a, b):
-                try:
-                    os.link(a, b)
-                except OSError:
-                    shutil.copy2(a, b)
-            shutil.copytree(src_run.stage_dir(stage), tmp, copy_function=link)
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
+            link_stage(src_run.stage_dir(stage), run.stage_dir(stage))
         taken.append(stage)
     if not taken:
         raise ConfigError(f"--reuse-from {src}: its data stage was built from other settings (data path, "

@@ -282,16 +282,21 @@ class LLMRecipe:
     Args:
         samples: ``epoch -> [{"ids", "resp"}]`` token-id samples of this worker (:func:`group_by_epoch`).
         total_steps / steps_per_epoch: the step budget per worker (``pipeline.llm_budget``).
+        valid_users: when set (sweeps, ``sweep.py``), every epoch but the last reports ``valid_ndcg@10`` etc.
+            (:meth:`validate`) on a seeded sample of this many validation users, for early stopping. It
+            consumes no random numbers, so the trained model does not depend on it.
     """
 
     def __init__(self, cfg: TTDSConfig, run: RunDir, env: WorkerEnv, *, samples: dict[int, list[dict]],
-                 total_steps: int, steps_per_epoch: int):
+                 total_steps: int, steps_per_epoch: int, valid_users: int | None = None):
         self.cfg, self.env, self.samples = cfg, env, samples
+        self.valid_users = valid_users
         self.total, self.spe, self.bs = total_steps, steps_per_epoch, cfg.llm.batch_size
         torch.manual_seed(cfg.seed)
         self.base, self.tok, self.vocab, base_vocab = build_recommender_lm(cfg, run)
         self.base.to(env.device)
-        prepared, splits = load_splits(run)
+        prepared, self.splits = load_splits(run)
+        splits = self.splits
         self.item_t, user_t = load_sid_tables(run)
         self.item_codes, self.user_tok = self.item_t.codes, self.vocab.user_tokens(user_t.codes)
         self.item_tok = self.vocab.item_tokens(self.item_codes)
@@ -383,6 +388,32 @@ class LLMRecipe:
         self.rounds.append(stats)
         return stats
 
+    @torch.inference_mode()
+    def validate(self) -> dict[str, float]:
+        """``{"valid_hr@k", "valid_ndcg@k"}`` for ``eval.ks`` on the validation split (never test), with the model
+        and item index as they are now: the eval prompts and trie-constrained beam search of ``ttds-ray
+        evaluate --split valid``, on the same seeded sample of ``valid_users`` users (``evaluate.select_eval_users``)."""
+        from .decoding import SIDTrie
+        from .evaluate import TTDSRanker, eval_histories, select_eval_users, targets_of
+        from .metrics import hr_ndcg, target_ranks
+
+        cfg, sp = self.cfg, self.splits
+        rows = select_eval_users(len(sp), self.valid_users, cfg.seed)
+        hist = eval_histories(sp, rows, "valid", cfg.data.max_history)
+        user_tok = self.user_tok[sp.user_idx[rows]] if cfg.tasks.use_user_sid else None
+        prompts = tasks.build_eval_prompts([h.tolist() for h in hist], self.item_tok, user_tok, self.pieces, cfg.tasks,
+                                           max_history=cfg.data.max_history, max_length=cfg.llm.max_length)
+        trie = SIDTrie(self.item_codes, self.vocab.item_token_ids).to(llm.model_device(self.base))
+        was_training = self.base.training
+        self.base.eval()
+        try:
+            ranked = TTDSRanker(self.base, trie, self.tok.pad_token_id, cfg.eval.n_beams,
+                                cfg.llm.max_length).rank(prompts, cfg.eval.batch_size)
+        finally:
+            self.base.train(was_training)
+        m = hr_ndcg(target_ranks(ranked, targets_of(sp, rows, "valid")), ks=cfg.eval.ks)
+        return {f"valid_{k.lower()}": float(v) for k, v in m.items() if "@" in k}
+
     def _aux_loss(self):
         """The token-grain alignment term (DESIGN §1.4, weight ``llm.alpha_tok``) on a random item batch,
         drawn from a generator seeded by (seed, step), so a resumed run draws what the original would."""
@@ -434,8 +465,11 @@ class LLMRecipe:
                     break
             done = self.step >= self.total or epoch == n_epochs - 1
             self.epoch, self.batch = epoch + 1, 0
-            self._checkpoint(done, {"epoch": epoch, "step": self.step,
-                                    "loss": float(np.mean(ep_losses)) if ep_losses else None})
+            metrics = {"epoch": epoch, "step": self.step, "loss": float(np.mean(ep_losses)) if ep_losses else None}
+            if self.valid_users and not done and self.env.rank == 0:   # the last epoch: the sweep evaluates the saved LM
+                metrics.update(self.validate())
+                self.env.show("llm/valid", metrics)
+            self._checkpoint(done, metrics)
             if done:
                 break
 

@@ -45,11 +45,24 @@ def init_ray(cfg: TTDSConfig) -> None:
     if ray.is_initialized():
         return
     addr = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
     if addr:  # a running cluster (e.g. inside `ray job submit`): keep the job's own runtime_env
         ray.init(address=addr)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, runtime_env=env)
+        return
+    # Pin the State API (dashboard) address for every process of this cluster: Ray Train's placement-group
+    # cleaner looks the controller up through it, and with a second local Ray instance on the machine its
+    # auto-detection fails ("Found multiple active Ray instances"), leaking the placement group of a trial
+    # that Tune stopped, so the next trial never starts (measured in a sweep).
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"     # this new cluster's dashboard
+    env = {"env_vars": {k: os.environ[k] for k in (*RAY_ENV, "RAY_API_SERVER_ADDRESS")}}
+    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_port=port, runtime_env=env)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _report(metrics: dict, files: dict[str, bytes] | None = None) -> None:
@@ -101,7 +114,15 @@ class _TextEncoderUDF:
 
 class RayBackend:
     """``pipeline.Backend`` on Ray: Ray Data for the batch transforms, a TorchTrainer per trained stage
-    (``ray.num_workers`` workers, ``ray.use_gpu``, ``ray.max_failures``)."""
+    (``ray.num_workers`` workers, ``ray.use_gpu``, ``ray.max_failures``).
+
+    Args:
+        callbacks: stage -> Ray Train callbacks of that stage's TorchTrainer (a sweep forwards the LLM
+            stage's per-epoch validation to Ray Tune this way; ``tune_ray.py``).
+    """
+
+    def __init__(self, callbacks: dict[str, list] | None = None):
+        self.callbacks = dict(callbacks or {})
 
     def normalize(self, interactions: pd.DataFrame) -> pd.DataFrame:
         return ray.data.from_pandas(interactions).map_batches(data.normalize_interactions_batch,
@@ -128,7 +149,8 @@ class RayBackend:
                                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
             run_config=RunConfig(name=name.name, storage_path=str(name.parent),
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 callbacks=self.callbacks.get(stage)))
         result = trainer.fit()
         return _ckpt_files(result.checkpoint), dict(result.metrics or {})
 
