@@ -782,10 +782,11 @@ def plot_sweep(records: list[TrialRecord], space: SearchSpace, path: Path) -> No
             xs = [cats.index(json.dumps(v)) if json.dumps(v) in cats else -1 for v, _ in pts]
             ax.set_xticks(range(len(cats)), [c.strip('"') for c in cats], fontsize=7)
         else:
-            xs = [v for v, _ in pts]
-            if p.kind == "loguniform" or p.log:
+            if p.kind == "loguniform" or p.log:       # an 'otherwise: 0' (switched off) has no place on a log axis
+                pts = [(v, r) for v, r in pts if v > 0]
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(plt.NullFormatter())
+            xs = [v for v, _ in pts]
         for x, (_, r) in zip(xs, pts):
             ax.scatter([x], [r.metric if r.metric is not None else 0.0], **mark(r))
         ax.set(title=p.key + (" (switch)" if p.switch else ""), ylabel=METRIC)
