@@ -174,6 +174,17 @@ def test_conditional_keys_are_sampled_only_when_their_condition_holds(tmp_path, 
     assert all(c["llm.lora_r"] in (4, 8, 16) for c in _sample(space, lora, 5))
 
 
+def test_space_keeps_its_conditions_through_pickling(tmp_path, base):
+    """--resume unpickles OptunaSearch with its define-by-run space: 'otherwise' must survive (it once was an
+    identity sentinel, so a resumed sweep handed trials a bare object() as a config value)."""
+    import pickle
+
+    space = pickle.loads(pickle.dumps(_space(tmp_path, _COND, base)))
+    for c in _sample(space, sweep.base_tree(base, [], space), 20):
+        assert isinstance(c["llm.alpha_tok"], (int, float)) and (c["token_grain"] or c["llm.alpha_tok"] == 0)
+        assert all(isinstance(v, (int, float, bool, str)) for v in c.values())
+
+
 def test_overrides_build_each_trials_config(tmp_path, base):
     space = _space(tmp_path, "fixed: {llm.epochs: 3}\n" + _COND, base)
     params = {"token_grain": True, "dynamic.rounds": 2, "dynamic.tokenizer_lr": 1.5e-05, "dynamic.gamma_kl": 0.25,
@@ -224,12 +235,16 @@ def test_results_table_plot_and_best_yaml_reproduce_the_best_trial(tmp_path, bas
                 started="2026-01-01T00:04:00", error="CollisionError: prefix (3,) overflows")
     _fake_trial(paths, "e5", {"token_grain": False, "dynamic.rounds": 1, "llm.alpha_tok": 0}, "running",
                 started="2026-01-01T00:05:00")
-    records = sweep.collect_records(paths, {"c3": {"status": "terminated"},
-                                            "e5": {"status": "error", "error": "actor died"}})
-    assert [r.trial_id for r in records] == ["base", "b1", "a2", "c3", "d4", "e5"]      # base first, then by start
+    paths.trial("f6").mkdir()      # Tune saw it fail before the trial wrote trial.json
+    tune_status = {"c3": {"status": "terminated"}, "e5": {"status": "error", "error": "actor died"},
+                   "f6": {"status": "error", "error": "TypeError: bad", "params": {"dynamic.rounds": 3},
+                          "started": "2026-01-01T00:06:00"}}
+    records = sweep.collect_records(paths, tune_status)
+    assert [r.trial_id for r in records] == ["base", "b1", "a2", "c3", "d4", "e5", "f6"]   # base first, then by start
     status = {r.trial_id: r.status for r in records}
     assert status == {"base": "completed", "b1": "completed", "a2": "completed", "c3": "stopped (ASHA)",
-                      "d4": "error", "e5": "error"}
+                      "d4": "error", "e5": "error", "f6": "error"}
+    assert records[-1].params == {"dynamic.rounds": 3} and records[-1].error == "TypeError: bad"
     c3 = records[3]
     assert c3.metric == 0.001 and c3.epochs == 1          # a stopped trial: its last per-epoch value
     best = sweep.write_results(paths, records, space, str(base), [], "mysweep")
@@ -237,11 +252,11 @@ def test_results_table_plot_and_best_yaml_reproduce_the_best_trial(tmp_path, bas
     rows = list(__import__("csv").reader((paths.root / "results.csv").open()))
     assert rows[0][:6] == ["trial", "status", f"{sweep.METRIC} (valid, 50 users)", "LLM epochs", "wall s",
                            "stages built"]
-    assert [r[0] for r in rows[1:]] == ["base", "b1", "a2", "c3", "d4", "e5"]
+    assert [r[0] for r in rows[1:]] == ["base", "b1", "a2", "c3", "d4", "e5", "f6"]
     assert rows[3][2] == "0.0450" and rows[5][1].startswith("error: CollisionError")
     assert rows[1][5] == "data, cf"
     md = (paths.root / "results.md").read_text()
-    assert "Best: trial `a2`" in md and "(base config: 0.0200)" in md and md.count("\n| ") == 7
+    assert "Best: trial `a2`" in md and "(base config: 0.0200)" in md and md.count("\n| ") == 8
     assert (paths.root / "objective.png").stat().st_size > 10_000
     assert (paths.root / "best_run").resolve() == paths.trial("a2").resolve()
     # best.yaml is a runnable config that reproduces the best trial's settings (every stage hash)

@@ -46,7 +46,6 @@ _TOP_KEYS = {"description", "num_samples", "valid_users", "seed", "n_startup_tri
 _ASHA_KEYS = {"grace_period", "reduction_factor", "max_t"}
 _SPEC_KEYS = set(KINDS) | {"step", "log", "when", "otherwise"}
 _RESERVED = {"name", "output_dir"}          # set by the sweep for every trial
-_UNSET = object()
 
 
 # ----------------------------------------------------------------------------- search spaces
@@ -65,7 +64,8 @@ class Param:
     step: float | int | None = None
     log: bool = False
     when: tuple = ()
-    otherwise: Any = _UNSET
+    otherwise: Any = None
+    has_otherwise: bool = False     # a flag, not a sentinel object: the space is pickled (searcher checkpoints)
     switch: bool = False
 
     def suggest(self, trial) -> Any:
@@ -79,10 +79,6 @@ class Param:
 
     def holds(self, lookup: Callable[[str], Any]) -> bool:
         return all(_OPS[op](lookup(k), v) for k, op, v in self.when)
-
-    @property
-    def has_otherwise(self) -> bool:
-        return self.otherwise is not _UNSET
 
     def candidates(self) -> list:
         """Values to check against the config model: the bounds (or every choice) and ``otherwise``."""
@@ -140,8 +136,8 @@ class SearchSpace:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["params"] = [{**dataclasses.asdict(p), "otherwise": p.otherwise if p.has_otherwise else None,
-                        "values": list(p.values), "when": [list(w) for w in p.when]} for p in self.params]
+        d["params"] = [{**dataclasses.asdict(p), "values": list(p.values), "when": [list(w) for w in p.when]}
+                       for p in self.params]
         return d
 
 
@@ -249,7 +245,7 @@ def _parse_param(key: str, spec: Any, where: str, *, switch: bool, known_names: 
     if "otherwise" in spec and not when:
         raise ConfigError(f"{where}: '{key}': 'otherwise' needs a 'when'")
     return Param(key=key, kind=kind, values=values, step=step, log=bool(log_), when=when,
-                 otherwise=spec.get("otherwise", _UNSET), switch=switch)
+                 otherwise=spec.get("otherwise"), has_otherwise="otherwise" in spec, switch=switch)
 
 
 def parse_space(tree: Any, base_config: str | Path, base_overrides: list[str] | None = None, *,
@@ -624,9 +620,13 @@ def collect_records(paths: SweepPaths, tune_status: dict[str, dict] | None = Non
         return out
     for d in sorted(paths.trials.iterdir()):
         f = d / TRIAL_FILE
-        if not f.is_file():
+        if f.is_file():
+            t = read_json(f)
+        elif d.name in tune_status:     # failed before it could write trial.json
+            t = {"trial_id": d.name, "status": "running", "params": tune_status[d.name].get("params") or {},
+                 "run_dir": str(d), "started": tune_status[d.name].get("started", "")}
+        else:
             continue
-        t = read_json(f)
         curve = read_curve(d)
         status, err = t["status"], t.get("error")
         ts = tune_status.get(t["trial_id"], {})

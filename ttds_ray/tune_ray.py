@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import optuna
@@ -97,7 +99,8 @@ class TrialStatus(tune.Callback):
     def _write(self, trial, status: dict) -> None:
         d = Path(self.trials_dir) / trial.trial_id
         d.mkdir(parents=True, exist_ok=True)
-        write_json(d / TUNE_STATUS, status)
+        params = json.loads(json.dumps(dict(trial.config or {}), default=str))
+        write_json(d / TUNE_STATUS, {**status, "params": params, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._write(trial, {"status": "terminated"})
