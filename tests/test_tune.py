@@ -44,6 +44,13 @@ def _space(tmp_path, text: str, base: Path) -> sweep.SearchSpace:
     return sweep.load_space(f, base)
 
 
+def test_sweep_logic_imports_no_ray():
+    """Spaces, the stage store and the results are Ray-free; only tune_ray.py (and train.py, jobs/) import Ray."""
+    code = "import sys, ttds_ray.sweep, ttds_ray.cli; assert 'ray' not in sys.modules, 'ray imported'"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+
+
 # ----------------------------------------------------------------------------- parsing and validation
 
 @pytest.mark.parametrize("space_file", SPACES, ids=lambda p: p.name)

@@ -578,7 +578,7 @@ def execute_trial(paths: SweepPaths, trial_id: str, base_config: str | Path, bas
 class TrialRecord:
     """One row of the results table."""
     trial_id: str
-    status: str                     # completed | stopped (ASHA) | error | running | base
+    status: str                     # completed | stopped (ASHA) | error | running (interrupted)
     params: dict
     metric: float | None            # final validation NDCG@10, or the last per-epoch value of a stopped trial
     epochs: int | None              # LLM epochs trained
