@@ -243,15 +243,19 @@ def test_results_table_plot_and_best_yaml_reproduce_the_best_trial(tmp_path, bas
     _fake_trial(paths, "e5", {"token_grain": False, "dynamic.rounds": 1, "llm.alpha_tok": 0}, "running",
                 started="2026-01-01T00:05:00")
     paths.trial("f6").mkdir()      # Tune saw it fail before the trial wrote trial.json
+    _fake_trial(paths, "g7", {"dynamic.rounds": 2}, "error", curve=[0.002, 0.003], started="2026-01-01T00:07:00",
+                error="ActorDiedError: ... its placement group was removed")   # what an ASHA stop can look like
     tune_status = {"c3": {"status": "terminated"}, "e5": {"status": "error", "error": "actor died"},
+                   "g7": {"status": "terminated"},
                    "f6": {"status": "error", "error": "TypeError: bad", "params": {"dynamic.rounds": 3},
                           "started": "2026-01-01T00:06:00"}}
     records = sweep.collect_records(paths, tune_status)
-    assert [r.trial_id for r in records] == ["base", "b1", "a2", "c3", "d4", "e5", "f6"]   # base first, then by start
+    assert [r.trial_id for r in records] == ["base", "b1", "a2", "c3", "d4", "e5", "f6", "g7"]   # base first, by start
     status = {r.trial_id: r.status for r in records}
     assert status == {"base": "completed", "b1": "completed", "a2": "completed", "c3": "stopped (ASHA)",
-                      "d4": "error", "e5": "error", "f6": "error"}
-    assert records[-1].params == {"dynamic.rounds": 3} and records[-1].error == "TypeError: bad"
+                      "d4": "error", "e5": "error", "f6": "error", "g7": "stopped (ASHA)"}
+    assert records[6].params == {"dynamic.rounds": 3} and records[6].error == "TypeError: bad"
+    assert (records[7].metric, records[7].epochs, records[7].error) == (0.003, 2, None)
     c3 = records[3]
     assert c3.metric == 0.001 and c3.epochs == 1          # a stopped trial: its last per-epoch value
     best = sweep.write_results(paths, records, space, str(base), [], "mysweep")
@@ -259,11 +263,11 @@ def test_results_table_plot_and_best_yaml_reproduce_the_best_trial(tmp_path, bas
     rows = list(__import__("csv").reader((paths.root / "results.csv").open()))
     assert rows[0][:6] == ["trial", "status", f"{sweep.METRIC} (valid, 50 users)", "LLM epochs", "wall s",
                            "stages built"]
-    assert [r[0] for r in rows[1:]] == ["base", "b1", "a2", "c3", "d4", "e5", "f6"]
+    assert [r[0] for r in rows[1:]] == ["base", "b1", "a2", "c3", "d4", "e5", "f6", "g7"]
     assert rows[3][2] == "0.0450" and rows[5][1].startswith("error: CollisionError")
     assert rows[1][5] == "data, cf"
     md = (paths.root / "results.md").read_text()
-    assert "Best: trial `a2`" in md and "(base config: 0.0200)" in md and md.count("\n| ") == 8
+    assert "Best: trial `a2`" in md and "(base config: 0.0200)" in md and md.count("\n| ") == 9
     assert (paths.root / "objective.png").stat().st_size > 10_000
     assert (paths.root / "best_run").resolve() == paths.trial("a2").resolve()
     # best.yaml is a runnable config that reproduces the best trial's settings (every stage hash)

@@ -630,10 +630,12 @@ def collect_records(paths: SweepPaths, tune_status: dict[str, dict] | None = Non
         curve = read_curve(d)
         status, err = t["status"], t.get("error")
         ts = tune_status.get(t["trial_id"], {})
-        if status == "running" and ts.get("status") == "error":
+        if status != "completed" and ts.get("status") == "terminated":
+            # Tune stopped it (ASHA): removing the trial's placement group can kill its Train controller
+            # first, so the trial itself may have recorded that as an error
+            status, err = "stopped (ASHA)", None
+        elif status == "running" and ts.get("status") == "error":
             status, err = "error", ts.get("error")
-        elif status == "running" and ts.get("status") == "terminated":
-            status = "stopped (ASHA)"
         metric = t.get("metric") if status == "completed" else (curve[-1] if curve else None)
         epochs = t.get("epochs") if status == "completed" else (len(curve) or None)
         built = [s for s, how in (t.get("stages") or {}).items() if how == "built"]
