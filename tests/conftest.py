@@ -181,17 +181,12 @@ def tiny_run(tmp_path_factory, lcrec_data):
 
 
 def copy_run(src: Path, dst: Path) -> Path:
-    """A private copy of a run directory (files hard-linked where possible; writes replace files atomically,
-    so the source is never changed)."""
-    import os
-    import shutil
+    """A private copy of a run directory (files hard-linked where possible, as ``--reuse-from`` links stages;
+    writes replace files atomically, so the source is never changed)."""
+    from ttds_ray.pipeline import link_stage
 
-    def link(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-    shutil.copytree(src, dst, copy_function=link)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    link_stage(Path(src), Path(dst))
     return dst
 
 
