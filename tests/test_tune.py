@@ -239,7 +239,7 @@ def test_results_table_plot_and_best_yaml_reproduce_the_best_trial(tmp_path, bas
     _fake_trial(paths, "c3", {"token_grain": True, "dynamic.rounds": 3, "llm.alpha_tok": 0.9}, "running",
                 curve=[0.001], started="2026-01-01T00:03:00")
     _fake_trial(paths, "d4", {"token_grain": False, "dynamic.rounds": 2, "llm.alpha_tok": 0}, "error",
-                started="2026-01-01T00:04:00", error="CollisionError: prefix (3,) overflows")
+                started="2026-01-01T00:04:00", error="CollisionError: prefix (3,)\n  overflows")
     _fake_trial(paths, "e5", {"token_grain": False, "dynamic.rounds": 1, "llm.alpha_tok": 0}, "running",
                 started="2026-01-01T00:05:00")
     paths.trial("f6").mkdir()      # Tune saw it fail before the trial wrote trial.json
@@ -264,7 +264,7 @@ def test_results_table_plot_and_best_yaml_reproduce_the_best_trial(tmp_path, bas
     assert rows[0][:6] == ["trial", "status", f"{sweep.METRIC} (valid, 50 users)", "LLM epochs", "wall s",
                            "stages built"]
     assert [r[0] for r in rows[1:]] == ["base", "b1", "a2", "c3", "d4", "e5", "f6", "g7"]
-    assert rows[3][2] == "0.0450" and rows[5][1].startswith("error: CollisionError")
+    assert rows[3][2] == "0.0450" and rows[5][1] == "error: CollisionError: prefix (3,) overflows"
     assert rows[1][5] == "data, cf"
     md = (paths.root / "results.md").read_text()
     assert "Best: trial `a2`" in md and "(base config: 0.0200)" in md and md.count("\n| ") == 9

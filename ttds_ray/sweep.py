@@ -673,7 +673,7 @@ def results_rows(records: list[TrialRecord], space: SearchSpace) -> tuple[list[s
               "stages built"] + keys      # a key a trial did not sample shows its value in that trial's config
     rows = []
     for r in records:
-        status = r.status if r.status != "error" else f"error: {(r.error or '')[:80]}"
+        status = r.status if r.status != "error" else "error: " + " ".join((r.error or "").split())[:80]
         rows.append([r.trial_id, status, "–" if r.metric is None else f"{r.metric:.4f}", _fmt(r.epochs),
                      _fmt(r.wall_s), ", ".join(r.built) or "–"]
                     + [_fmt(r.params[k] if k in r.params else r.values.get(k)) for k in keys])
