@@ -772,10 +772,13 @@ def plot_sweep(records: list[TrialRecord], space: SearchSpace, path: Path) -> No
     ax.legend(fontsize=7)
     ax = axes[1]
     for r in trials + ([base] if base else []):
-        ys = list(r.curve) + ([r.metric] if r.status == "completed" and r.metric is not None else [])
+        xs, ys = list(range(1, len(r.curve) + 1)), list(r.curve)
+        if r.status == "completed" and r.metric is not None:      # the final metric belongs to the last epoch
+            xs.append(max(r.epochs or 0, len(xs) + 1))               # (a reused LLM stage has no curve)
+            ys.append(r.metric)
         if ys:
-            ax.plot(range(1, len(ys) + 1), ys, marker=".", lw=0.8, alpha=0.8,
-                    color="gray" if r.is_base else None, ls="--" if r.is_base else "-")
+            ax.plot(xs, ys, marker=".", lw=0.8, alpha=0.8, color="gray" if r.is_base else None,
+                    ls="--" if r.is_base else "-")
     ax.set(title="validation per LLM epoch", xlabel="epoch", ylabel=METRIC)
     for ax, p in zip(axes[2:], params):
         pts = [(r.params.get(p.key), r) for r in trials if r.params.get(p.key) is not None]
