@@ -432,14 +432,16 @@ def _tune(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_four_trial_sweep_on_a_real_slice_shares_stages_and_writes_results(tmp_path, lcrec_data):
     """jobs/tune.py in its own process (its own Ray cluster, dashboard on): 4 trials over LLM-stage keys of the
-    tiny test config; SASRec and the towers are built once for all trials; table, plot and best.yaml written."""
+    tiny test config, two at a time (logical CPUs 4: each trial holds 0.1 + 1 Train worker, Ray Data gets the
+    rest), so the second trial waits on the stage locks while the first builds; SASRec and the towers are built
+    once for all trials; table, plot and best.yaml written; --resume."""
     from conftest import TINY_RUN_CONFIG
 
     data_dir = lcrec_data.write_slice(tmp_path / "slice", 40, prefix="Slice")
     (tmp_path / "job.yaml").write_text(TINY_RUN_CONFIG.format(out=tmp_path / "runs", data=data_dir))
     (tmp_path / "space.yaml").write_text(_SLOW_SPACE)
     args = ["--config", str(tmp_path / "job.yaml"), "--space", str(tmp_path / "space.yaml"), "--name", "t4",
-            "llm.max_steps=null", "llm.epochs=2", "ray.num_cpus=2"]
+            "--max-concurrent", "2", "llm.max_steps=null", "llm.epochs=2", "ray.num_cpus=4"]
     res = _tune(*args)
     assert res.returncode == 0, res.stderr[-4000:]
     root = tmp_path / "runs" / "sweeps" / "t4"
@@ -448,10 +450,12 @@ def test_four_trial_sweep_on_a_real_slice_shares_stages_and_writes_results(tmp_p
     built = {s: sum(t.get("stages", {}).get(s) == "built" for t in trials) for s in sweep.TRIAL_STAGES}
     assert built["data"] == built["embeddings"] == built["cf"] == built["tokenizer"] == 1, built
     assert len(list((root / "stages").glob("cf-*"))) == len(list((root / "stages").glob("tokenizer-*"))) == 1
-    for t in trials:       # every trial that got past the stages linked SASRec and the towers from the store
-        assert t["stages"].get("cf") in ("built", "reused") and t["status"] in ("completed", "running")
+    for t in trials:       # every trial got SASRec and the towers: built once, linked by the others
+        assert t["stages"].get("cf") in ("built", "reused") and t["stages"].get("tokenizer") in ("built", "reused")
     rows = list(__import__("csv").reader((root / "results.csv").open()))
+    # a trial ASHA stopped may have recorded its Train controller dying as an error: Tune's status decides
     assert len(rows) == 5 and {r[1] for r in rows[1:]} <= {"completed", "stopped (ASHA)"}
+    assert "completed" in {r[1] for r in rows[1:]}
     assert (root / "objective.png").stat().st_size > 10_000 and "| trial |" in (root / "results.md").read_text()
     best = read_json(root / "best.json")
     cfg = load_config(root / "best.yaml")
