@@ -65,13 +65,13 @@ def model_dims(rec) -> dict:
     model = rec.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
-    emb, head = base.get_input_embeddings().weight, base.get_output_embeddings().weight
-    skip = {id(emb), id(head)}
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    skip = {id(p) for mod in (emb, head) for p in mod.parameters()}   # incl. peft wrappers' copies / row deltas
     n_ne = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in skip)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return {"n_params_non_embedding": int(n_ne), "n_layer": int(cfg.num_hidden_layers),
             "d_model": int(cfg.hidden_size), "d_attn": int(cfg.num_attention_heads * head_dim),
-            "lm_head_rows": int(head.shape[0]), "levels": int(rec.item_table.n_levels),
+            "lm_head_rows": int(head.weight.shape[0]), "levels": int(rec.item_table.n_levels),
             "codebook_size": int(rec.item_table.codebook_size)}
 
 
