@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ttds_ray.metrics import hr_ndcg, popularity_ranking, target_ranks, topk_from_scores
+from ttds_ray.metrics import hr_ndcg, popularity_ranking, score_ranks, target_ranks, topk_from_scores
 
 
 def test_hr_ndcg_golden_values():
@@ -99,3 +99,75 @@ def test_popularity_ranking_most_popular_first_ties_by_idx():
     assert popularity_ranking(counts, 6).tolist() == [5, 1, 2, 0, 4, 3]
     with pytest.raises(ValueError):
         popularity_ranking(counts, 7)
+
+
+def test_topk_from_scores_rejects_excluded_items_out_of_range():
+    with pytest.raises(ValueError, match="excluded item_idx"):
+        topk_from_scores(torch.zeros(1, 4), 2, exclude=[[4]])
+
+
+# ----------------------------------------------------------------------------- tie policy (pessimistic ranks)
+
+def test_score_ranks_equals_topk_position_without_ties():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(50, 40)).astype(np.float32)  # continuous: no ties
+    targets = rng.integers(0, 40, size=50)
+    exclude = [rng.choice(40, size=int(rng.integers(0, 6)), replace=False).tolist() for _ in range(50)]
+    for excl in (None, exclude):
+        via_list = target_ranks(topk_from_scores(scores, 40, exclude=excl), targets)
+        assert score_ranks(scores, targets, exclude=excl).tolist() == via_list.tolist()
+        assert score_ranks(torch.from_numpy(scores), torch.from_numpy(targets), exclude=excl).tolist() == \
+            via_list.tolist()
+
+
+def test_score_ranks_puts_the_target_after_every_tied_item():
+    scores = np.array([[0.5, 0.9, 0.5, 0.9, 0.1],
+                       [0.5, 0.9, 0.5, 0.9, 0.1],
+                       [1.0, 1.0, 1.0, 1.0, 1.0]])
+    # item 1 ties with item 3 -> rank 2 (not 1); item 0 ties with 2 and follows 1, 3 -> rank 4; all tied -> 5
+    assert score_ranks(scores, np.array([1, 0, 0])).tolist() == [2, 4, 5]
+    # exclusion removes items from the count; an excluded target is not ranked (0), repeats count once
+    assert score_ranks(scores, np.array([1, 0, 0]), exclude=[[3, 3], [0], [1, 2]]).tolist() == [1, 0, 3]
+
+
+def test_score_ranks_shared_vector_is_each_user_against_the_whole_catalogue():
+    counts = np.array([3, 7, 7, 0, 3, 9], dtype=np.uint32)  # popularity: count ties at 7 and at 3
+    assert score_ranks(counts, np.array([5, 1, 2, 0, 4, 3])).tolist() == [1, 3, 3, 5, 5, 6]
+    assert score_ranks(counts, np.array([0, 0]), exclude=[[4], []]).tolist() == [4, 5]
+    assert score_ranks(counts, np.zeros(0, np.int64)).tolist() == []
+
+
+def test_score_ranks_rejects_bad_input():
+    with pytest.raises(ValueError, match="targets must be item_idx"):
+        score_ranks(np.zeros((1, 3)), np.array([3]))
+    with pytest.raises(ValueError, match="expected scores"):
+        score_ranks(np.zeros((2, 3)), np.array([0]))
+    with pytest.raises(ValueError, match="NaN"):
+        score_ranks(np.array([[np.nan, 1.0]]), np.array([1]))
+    with pytest.raises(ValueError, match="one collection per user"):
+        score_ranks(np.zeros((2, 3)), np.array([0, 1]), exclude=[[1]])
+    with pytest.raises(ValueError, match="excluded item_idx"):
+        score_ranks(np.zeros((1, 3)), np.array([0]), exclude=[[-1]])
+
+
+def test_target_ranks_with_list_scores_resolves_ties_against_the_target():
+    ranked = np.array([[4, 2, 8, 6], [4, 2, 8, 6], [4, -1, 4, 2], [1, 1, 3, -1]])
+    scores = np.array([[-1.0, -2.0, -2.0, -3.0],
+                       [-1.0, -2.0, -2.0, -3.0],
+                       [-1.0, -1.0, -5.0, -2.0],  # the pad's and the repeat's scores are ignored
+                       [-1.0, -1.0, -1.0, -np.inf]])
+    targets = np.array([2, 8, 2, 1])
+    assert target_ranks(ranked, targets).tolist() == [2, 3, 2, 1]  # list order alone
+    # 2 and 8 tie at -2 -> both rank 3; row 3: 1 and 3 tie (the repeated 1 counts once) -> 2
+    assert target_ranks(ranked, targets, scores=scores).tolist() == [3, 3, 2, 2]
+    assert target_ranks(ranked, np.array([9, 4, 4, 3]), scores=scores).tolist() == [0, 1, 1, 2]
+
+
+def test_target_ranks_rejects_unsorted_or_nan_list_scores():
+    ranked = np.array([[4, 2, 8]])
+    with pytest.raises(ValueError, match="non-increasing"):
+        target_ranks(ranked, np.array([2]), scores=np.array([[-2.0, -1.0, -3.0]]))
+    with pytest.raises(ValueError, match="NaN"):
+        target_ranks(ranked, np.array([2]), scores=np.array([[-1.0, np.nan, -3.0]]))
+    with pytest.raises(ValueError, match="shape"):
+        target_ranks(ranked, np.array([2]), scores=np.zeros((1, 2)))
