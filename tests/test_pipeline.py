@@ -48,8 +48,9 @@ def test_pipeline_and_recipes_import_no_ray():
 
 def _llm_recipe(cfg, run, reports):
     s = pipeline.llm_samples(cfg, run)
-    env = recipes.WorkerEnv(report=lambda m, f: reports.append((m, f)), progress=lambda *a: None)
-    return recipes.LLMRecipe(cfg, run, env, samples=recipes.group_by_epoch(s.rows), total_steps=s.total_steps,
+    env = recipes.WorkerEnv(report=lambda m, f: reports.append((m, f)), progress=lambda *a: None,
+                            dataset=pipeline.local_datasets(s.datasets))
+    return recipes.LLMRecipe(cfg, run, env, n_epochs=s.n_epochs, total_steps=s.total_steps,
                              steps_per_epoch=s.steps_per_epoch)
 
 

@@ -392,8 +392,9 @@ def test_llm_recipe_reports_validation_every_epoch_but_the_last_without_changing
 
     def train(valid_users):
         reports = []
-        env = recipes.WorkerEnv(report=lambda m, f: reports.append(dict(m)), progress=lambda *a: None)
-        r = recipes.LLMRecipe(cfg, run, env, samples=recipes.group_by_epoch(s.rows), total_steps=s.total_steps,
+        env = recipes.WorkerEnv(report=lambda m, f: reports.append(dict(m)), progress=lambda *a: None,
+                                dataset=pipeline.local_datasets(s.datasets))
+        r = recipes.LLMRecipe(cfg, run, env, n_epochs=s.n_epochs, total_steps=s.total_steps,
                               steps_per_epoch=s.steps_per_epoch, valid_users=valid_users)
         r.fit()
         return r, [m for m in reports if "loss" in m]     # epoch ends (re-index rounds report too)

@@ -134,6 +134,35 @@ def training_windows(train_seqs: Sequence[Sequence[int]], max_len: int, *,
     return {"seq": seq, "target": target}
 
 
+def window_rows(sequences: "pd.DataFrame", *, max_len: int, stride: Optional[int]) -> "pd.DataFrame":
+    """Ray Data ``map_batches`` function: the SASRec training windows of a batch of users, one row each.
+
+    Args:
+        sequences: rows of ``data/sequences.parquet`` (``user_idx`` int64, ``items``: the user's full
+            chronological item_idx sequence); the leave-one-out training part (all but the last two items,
+            ``data.split_leave_one_out``) is cut into windows as :func:`training_windows` does.
+
+    Returns:
+        Columns ``user_idx``, ``win`` (int64; the pair is the row's unique, order-defining key), ``seq`` and
+        ``target`` (int64 lists of length ``max_len``, left-padded with -1).
+    """
+    import pandas as pd
+
+    out = {"user_idx": [], "win": [], "seq": [], "target": []}
+    for u, items in zip(sequences["user_idx"].to_numpy(), sequences["items"]):
+        train = list(np.asarray(items, dtype=np.int64)[:-2])
+        if len(train) < 2:
+            continue
+        win = training_windows([train], max_len, stride=stride)
+        for w in range(len(win["seq"])):
+            out["user_idx"].append(int(u))
+            out["win"].append(w)
+            out["seq"].append(win["seq"][w])
+            out["target"].append(win["target"][w])
+    return pd.DataFrame({"user_idx": np.asarray(out["user_idx"], np.int64), "win": np.asarray(out["win"], np.int64),
+                         "seq": out["seq"], "target": out["target"]})
+
+
 def make_training_batches(train_seqs: Sequence[Sequence[int]], max_len: int, batch_size: int,
                           rng: np.random.Generator, *, stride: Optional[int] = None
                           ) -> Iterator[dict[str, np.ndarray]]:

@@ -237,6 +237,9 @@ class RayConfig(_Section):
                                          "(Ray sets OMP threads = CPUs per worker; None = all cores).")
     max_failures: int = Field(1, ge=0, description="Worker failures a stage survives by resuming from its "
                               "last checkpoint (FailureConfig).")
+    checkpoint_every_steps: Optional[int] = Field(None, ge=1, description="LLM stage: also checkpoint every N "
+                                                  "optimiser steps (weights, optimiser, scheduler, data position, "
+                                                  "item IDs), besides each re-index round and epoch end.")
 
 
 #: Config sections each pipeline stage reads, in stage order (see TTDSConfig.stage_hash).

@@ -36,15 +36,57 @@ from .sids import SIDTable
 log = logging.getLogger("ttds_ray")
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A training dataset of a stage: parquet file(s), an optional row transform, and the key columns.
+
+    The backend reads ``paths`` (Ray Data ``read_parquet`` + ``map_batches(transform)``, sharded across the
+    Ray Train workers by ``get_dataset_shard``; in-process: pandas), and a worker gets its shard as a
+    DataFrame sorted by ``key`` (``recipes.WorkerEnv.dataset``), so row order never depends on block order.
+
+    Attributes:
+        paths: parquet files, read in this order.
+        key: columns whose values identify a row (unique), the sort order of a shard.
+        transform: a pure, importable ``DataFrame -> DataFrame`` function (e.g. ``cf.window_rows``), or None.
+        kwargs: keyword arguments of ``transform``.
+    """
+    paths: tuple[str, ...]
+    key: tuple[str, ...]
+    transform: Callable | None = None
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def read_local(self) -> pd.DataFrame:
+        """The whole dataset in this process (pandas), transformed and sorted by ``key``."""
+        import pyarrow.parquet as pq
+        df = pd.concat([pq.read_table(p).to_pandas() for p in self.paths], ignore_index=True)
+        return sort_shard(self.transform(df, **self.kwargs) if self.transform else df, self.key)
+
+
+def local_datasets(specs: dict[str, DatasetSpec]) -> Callable[[str], pd.DataFrame]:
+    """``recipes.WorkerEnv.dataset`` in one process: each dataset read once (pandas) and handed out per epoch."""
+    cache: dict[str, pd.DataFrame] = {}
+
+    def dataset(name: str) -> pd.DataFrame:
+        if name not in cache:
+            cache[name] = specs[name].read_local()
+        return cache[name]
+    return dataset
+
+
+def sort_shard(df: pd.DataFrame, key) -> pd.DataFrame:
+    """``df`` sorted by the key columns (stable), with a fresh index."""
+    return df.sort_values(list(key), kind="stable").reset_index(drop=True)
+
+
 class Backend(Protocol):
     """Where the compute of a stage runs. ``fit`` returns the final checkpoint files and metrics of a
-    recipe run (``recipes.RECIPES[stage]``); ``rows`` are the LLM stage's sample rows."""
+    recipe run (``recipes.RECIPES[stage]``); ``datasets`` are the stage's training datasets by name."""
 
     def normalize(self, interactions: pd.DataFrame) -> pd.DataFrame: ...
 
     def encode_items(self, items: pd.DataFrame, ecfg: EmbeddingsConfig) -> np.ndarray: ...
 
-    def fit(self, cfg: TTDSConfig, run: RunDir, stage: str, *, rows: list[dict] | None = None,
+    def fit(self, cfg: TTDSConfig, run: RunDir, stage: str, *, datasets: dict[str, DatasetSpec] | None = None,
             extra: dict | None = None, num_workers: int | None = None) -> tuple[dict[str, bytes], dict]: ...
 
     def cleanup(self, cfg: TTDSConfig, run: RunDir, stage: str) -> None: ...
@@ -74,7 +116,7 @@ class LocalBackend:
         out = encode_item_batch(items, ecfg)
         return np.stack(out["emb"].to_numpy()).astype(np.float32)
 
-    def fit(self, cfg, run, stage, *, rows=None, extra=None, num_workers=None):
+    def fit(self, cfg, run, stage, *, datasets=None, extra=None, num_workers=None):
         if cfg.ray.torch_threads:
             import torch
             torch.set_num_threads(cfg.ray.torch_threads)
@@ -84,11 +126,8 @@ class LocalBackend:
             last["metrics"] = metrics
             if files:
                 last["files"] = files
-        env = recipes.WorkerEnv(report=report, device=self.device)
-        kwargs = dict(extra or {})
-        if rows is not None:
-            kwargs["samples"] = recipes.group_by_epoch(rows)
-        recipes.RECIPES[stage](cfg, run, env, **kwargs).fit()
+        env = recipes.WorkerEnv(report=report, device=self.device, dataset=local_datasets(datasets or {}))
+        recipes.RECIPES[stage](cfg, run, env, **dict(extra or {})).fit()
         return last["files"], last["metrics"]
 
     def cleanup(self, cfg, run, stage):
@@ -121,7 +160,9 @@ def stage_embeddings(cfg: TTDSConfig, run: RunDir, backend: Backend) -> None:
 def stage_cf(cfg: TTDSConfig, run: RunDir, backend: Backend) -> None:
     """Train SASRec (:class:`recipes.SASRecRecipe`); save weights + item/user collaborative embeddings."""
     prepared, splits = recipes.load_splits(run)
-    files, metrics = backend.fit(cfg, run, "cf")
+    windows = DatasetSpec((str(run.require("data") / "sequences.parquet"),), key=("user_idx", "win"),
+                          transform=cf.window_rows, kwargs={"max_len": cfg.cf.max_len, "stride": cfg.cf.window_stride})
+    files, metrics = backend.fit(cfg, run, "cf", datasets={"train": windows})
     model = cf.SASRec.from_config(cfg.cf, len(prepared.items))
     model.load_state_dict(recipes.load_state(files[recipes.WEIGHTS]))
     model.eval()
@@ -175,16 +216,40 @@ def llm_budget(n_samples: int, cfg: TTDSConfig) -> tuple[int, int, int]:
 
 @dataclasses.dataclass
 class LLMSamples:
-    """The LLM stage's training samples and step budget (per worker)."""
-    rows: list[dict]            # {"epoch", "ids", "resp"} for every epoch
-    task_stats: dict            # task -> {"n", "mean_tokens", ...} of epoch 0
+    """The LLM stage's training samples (one parquet file per epoch) and step budget (per worker)."""
+    datasets: dict[str, DatasetSpec]   # "epoch_<k>" -> columns i (key), task, ids, resp
+    task_stats: dict                   # task -> {"n", "mean_tokens", ...} of epoch 0
     n_per_epoch: int
     steps_per_epoch: int
     total_steps: int
 
+    @property
+    def n_epochs(self) -> int:
+        return len(self.datasets)
+
+
+def samples_dir(cfg: TTDSConfig, run: RunDir) -> Path:
+    """Where the LLM stage's sample files go while it trains: ``<run>/work/llm-<stage hash>/`` (removed when
+    the stage is done; rebuilt identically if it is interrupted)."""
+    return run.root / "work" / f"llm-{cfg.stage_hash('llm')}"
+
+
+def _write_samples(samples: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.table({"i": pa.array(np.arange(len(samples)), pa.int64()),
+                      "task": pa.array([s["task"] for s in samples], pa.string()),
+                      "ids": pa.array([list(map(int, s["ids"])) for s in samples], pa.list_(pa.int64())),
+                      "resp": pa.array([list(map(int, s["resp"])) for s in samples], pa.list_(pa.int64()))})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
 
 def llm_samples(cfg: TTDSConfig, run: RunDir) -> LLMSamples:
-    """The LLM stage's token-id sample rows for every epoch (templates re-sampled per epoch, DESIGN §1.5).
+    """Build the LLM stage's token-id samples of every epoch (templates re-sampled per epoch, DESIGN §1.5) and
+    write them as parquet under :func:`samples_dir`, one file per epoch; the trainers read them through
+    Ray Data (or pandas in-process), never as lists shipped from the driver.
 
     Raises:
         ConfigError: no task builds any sample.
@@ -208,13 +273,17 @@ def llm_samples(cfg: TTDSConfig, run: RunDir) -> LLMSamples:
         ex = next(s for s in first if s["task"] == name)
         log.info("llm: task %-15s %6d samples/epoch, mean %.1f tokens; e.g. %s", name, st["n"], st["mean_tokens"],
                  tasks.example_text(ex, tok, item_tok, user_tok))
-    rows = []
+    out = samples_dir(cfg, run)
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = {}
     for epoch in range(n_epochs):
         samples = first if epoch == 0 else tasks.build_task_samples(ctx, cfg.tasks, seed=cfg.seed, epoch=epoch)
-        rows += [{"epoch": epoch, "ids": s["ids"], "resp": s["resp"]} for s in samples]
-    log.info("llm: %d steps (%d per epoch, %d epoch(s)); re-index after steps %s", total, spe, n_epochs,
+        path = out / f"epoch_{epoch}.parquet"
+        _write_samples(samples, path)
+        datasets[f"epoch_{epoch}"] = DatasetSpec((str(path),), key=("i",))
+    log.info("llm: %d steps (%d per epoch per worker, %d epoch(s)); re-index after steps %s", total, spe, n_epochs,
              dynamic.reindex_steps(total, cfg.dynamic))
-    return LLMSamples(rows, stats, len(first), spe, total)
+    return LLMSamples(datasets, stats, len(first), spe, total)
 
 
 #: files of the final LLM checkpoint that go into llm/ as they are (the saved LM and the refined tower)
@@ -225,8 +294,8 @@ def stage_llm(cfg: TTDSConfig, run: RunDir, backend: Backend) -> None:
     """Fine-tune the recommender LM (:class:`recipes.LLMRecipe`) with dynamic re-indexing rounds unless
     ``dynamic.static_index``; save the LM, the final item index, losses, the round log and a loss plot."""
     s = llm_samples(cfg, run)
-    files, _ = backend.fit(cfg, run, "llm", rows=s.rows,
-                           extra={"total_steps": s.total_steps, "steps_per_epoch": s.steps_per_epoch})
+    files, _ = backend.fit(cfg, run, "llm", datasets=s.datasets, extra={
+        "n_epochs": s.n_epochs, "total_steps": s.total_steps, "steps_per_epoch": s.steps_per_epoch})
     state = json.loads(files[recipes.STATE])
     losses, rounds = state["losses"], state["rounds"]
     codes = recipes.load_state(files[recipes.ITEM_CODES])["codes"].numpy()
@@ -245,6 +314,7 @@ def stage_llm(cfg: TTDSConfig, run: RunDir, backend: Backend) -> None:
         write_json(d / Files.TASK_STATS, s.task_stats)
         plot_curve(losses, d / Files.LOSS_PLOT, title=f"LLM training loss ({cfg.llm.backbone})",
                    ylabel="NLL (nats/token)", marks=[r["step"] for r in rounds])
+    shutil.rmtree(samples_dir(cfg, run), ignore_errors=True)
     log.info("llm: %d steps, final loss %.4f, items re-indexed per round %s", len(losses),
              np.mean(losses[-20:]) if losses else float("nan"), [r["changed"] for r in rounds])
 

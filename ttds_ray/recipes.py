@@ -60,9 +60,9 @@ def broadcast_from_rank0(a: np.ndarray) -> np.ndarray:
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return a
-    t = torch.as_tensor(a, dtype=torch.long).contiguous()
+    t = torch.as_tensor(a, dtype=torch.long).contiguous().to(_coll_device())
     dist.broadcast(t, src=0)
-    return t.numpy()
+    return t.cpu().numpy()
 
 
 @dataclass
@@ -75,6 +75,12 @@ class WorkerEnv:
         device: where the model trains (the worker's GPU under ``ray.use_gpu``).
         wrap_model: DDP wrapper (``ray.train.torch.prepare_model``); identity in-process.
         rank / world_size: this worker's place in the data-parallel group.
+        dataset: ``dataset(name) -> DataFrame``: this worker's shard of the stage's dataset ``name``, read anew
+            at each call (once per epoch) and sorted by the dataset's key columns, so the rows and their order
+            do not depend on how Ray Data delivered the blocks (``ray.train.get_dataset_shard`` under Ray,
+            the whole table in-process; ``pipeline.DatasetSpec``).
+        fault: ``fault(stage, step)`` is called after every optimiser step; a test hook that raises once at a
+            chosen step to prove resuming (``train.RayBackend(inject_fault=...)``); a no-op otherwise.
     """
     report: Callable[[dict, Files_ | None], None]
     progress: Callable[[str, dict], None] = _print_progress
@@ -82,6 +88,8 @@ class WorkerEnv:
     wrap_model: Callable = _identity
     rank: int = 0
     world_size: int = 1
+    dataset: Callable[[str], "pd.DataFrame"] | None = None
+    fault: Callable[[str, int], None] = lambda stage, step: None
 
     def show(self, stage: str, metrics: dict) -> None:
         if self.rank == 0:
@@ -182,13 +190,57 @@ def build_recommender_lm(cfg: TTDSConfig, run: RunDir):
     return model, tok, vocab, base_vocab
 
 
-def group_by_epoch(rows) -> dict[int, list[dict]]:
-    """LLM sample rows ``{"epoch", "ids", "resp"}`` (a list, or a Ray Data shard's ``iter_rows()``) as
-    ``epoch -> [{"ids", "resp"}]`` in arrival order (each epoch is shuffled by the recipe, seeded)."""
-    out: dict[int, list[dict]] = {}
-    for r in rows:
-        out.setdefault(int(r["epoch"]), []).append({"ids": list(r["ids"]), "resp": list(r["resp"])})
-    return out
+def epoch_batches(n_rows: int, n_steps: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """Row indices of every step of one epoch on one worker: int64 ``(n_steps, batch_size)``.
+
+    A permutation of the shard's ``n_rows`` rows seeded by ``(seed, epoch)``, cycled when the shard holds
+    fewer than ``n_steps * batch_size`` rows. Every worker of a data-parallel stage runs the same
+    ``n_steps`` (DDP's gradient all-reduce hangs when one worker runs out of batches first), whatever the
+    size of its shard. A resumed run draws the same order, so it continues from the exact batch.
+
+    Raises:
+        ValueError: the shard is empty (fewer samples than workers) or ``n_steps < 1``.
+    """
+    if n_rows < 1 or n_steps < 1:
+        raise ValueError(f"cannot run {n_steps} steps on a shard of {n_rows} rows; use fewer Ray Train workers "
+                         "(ray.num_workers) or a smaller batch size for this dataset")
+    order = np.random.default_rng([seed, epoch]).permutation(n_rows)
+    need = n_steps * batch_size
+    if need > n_rows:
+        order = np.resize(order, need)        # repeats the permutation from its start
+    return order[:need].reshape(n_steps, batch_size)
+
+
+def _dist_group() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _coll_device() -> torch.device:
+    """Where collective tensors must live: the current GPU under nccl, the CPU under gloo."""
+    import torch.distributed as dist
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def min_over_workers(n: int) -> int:
+    """The smallest ``n`` over the ranks of an initialised ``torch.distributed`` group (``n`` otherwise)."""
+    if not _dist_group():
+        return n
+    import torch.distributed as dist
+    t = torch.tensor([n], dtype=torch.long, device=_coll_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def gather_over_workers(n: int) -> list[int]:
+    """``n`` of every rank, in rank order (``[n]`` without a process group)."""
+    if not _dist_group():
+        return [n]
+    import torch.distributed as dist
+    dev = _coll_device()
+    out = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([n], dtype=torch.long, device=dev))
+    return [int(t.item()) for t in out]
 
 
 # ----------------------------------------------------------------------------- SASRec
@@ -196,39 +248,51 @@ def group_by_epoch(rows) -> dict[int, list[dict]]:
 class SASRecRecipe:
     """SASRec on the training split (DESIGN §1.1), checkpointed about five times per stage.
 
-    Each worker trains on every ``world_size``-th user; DDP averages the gradients.
+    Reads its training windows (``cf.window_rows``: columns ``user_idx``, ``win``, ``seq``, ``target``) from
+    the dataset ``"train"`` of the worker environment, once per epoch; every worker runs
+    ``min over workers(shard rows) // cf.batch_size`` steps per epoch (at least 1; :func:`epoch_batches`),
+    and DDP averages the gradients.
     """
 
     def __init__(self, cfg: TTDSConfig, run: RunDir, env: WorkerEnv):
         self.cfg, self.env = cfg, env
-        prepared, splits = load_splits(run)
-        self.seqs = [s.tolist() for s in splits.train_items[env.rank::env.world_size]]
+        prepared = data.Prepared.load(run.require("data"))
         self.base = cf.SASRec.from_config(cfg.cf, len(prepared.items)).to(env.device)
         self.opt = cf.make_optimizer(self.base, cfg.cf)
-        self.epoch = 0
+        self.epoch, self.step = 0, 0
 
     def state_dict(self) -> Files_:
-        """Weights, optimiser state and the last finished epoch."""
-        return {WEIGHTS: state_bytes(self.base.state_dict()), STATE: json.dumps({"epoch": self.epoch}).encode(),
-                **optimizer_files(self.opt)}
+        """Weights, optimiser state, the last finished epoch and the step count."""
+        return {WEIGHTS: state_bytes(self.base.state_dict()),
+                STATE: json.dumps({"epoch": self.epoch, "step": self.step}).encode(), **optimizer_files(self.opt)}
 
     def load_state_dict(self, files: Files_) -> None:
         """Resume after the checkpoint's epoch (``{}``: start from scratch)."""
         if files:
             self.base.load_state_dict(load_state(files[WEIGHTS]))
             load_optimizer(self.opt, files)
-            self.epoch = json.loads(files[STATE])["epoch"] + 1
+            state = json.loads(files[STATE])
+            self.epoch, self.step = state["epoch"] + 1, state.get("step", 0)
 
     def fit(self) -> None:
-        cfg, start = self.cfg, self.epoch
+        cfg, start, bs = self.cfg, self.epoch, self.cfg.cf.batch_size
         model = self.env.wrap_model(self.base)
-        rng = np.random.default_rng([cfg.seed, start])
         torch.manual_seed(cfg.seed + start)
         every = max(1, cfg.cf.epochs // 5)
         for self.epoch in range(start, cfg.cf.epochs):
-            metrics = {"epoch": self.epoch, "loss": cf.train_epoch(model, self.opt, self.seqs, cfg.cf, rng)}
+            rows = self.env.dataset("train")
+            seq, target = np.stack(rows["seq"].to_numpy()), np.stack(rows["target"].to_numpy())
+            n_steps = max(1, min_over_workers(len(rows)) // bs)
+            losses = []
+            for idx in epoch_batches(len(rows), n_steps, bs, cfg.seed, self.epoch):
+                losses.append(cf.train_step(model, self.opt, {"seq": seq[idx], "target": target[idx]}))
+                self.step += 1
+                self.env.fault("cf", self.step)
+            metrics = {"epoch": self.epoch, "loss": float(np.mean(losses)), "steps": self.step}
             self.env.show("cf", metrics)
             last = self.epoch == cfg.cf.epochs - 1
+            if last:
+                metrics["steps_per_worker"] = gather_over_workers(self.step)
             self.env.report(metrics, self.state_dict() if self.epoch % every == every - 1 or last else None)
 
 
@@ -279,17 +343,22 @@ class LLMRecipe:
     losses, round log; plus the saved LM at the end) are reported at every round and epoch end; a
     recipe restored with :meth:`load_state_dict` continues from the exact batch.
 
+    Samples come from the worker environment's datasets ``epoch_0``, ``epoch_1``, ... (columns ``i`` (the key),
+    ``ids``, ``resp``; ``pipeline.llm_samples``), one per epoch, read when the epoch starts. Every worker runs
+    ``steps_per_epoch`` steps per epoch (:func:`epoch_batches`). Besides rounds and epoch ends, a checkpoint
+    is reported every ``ray.checkpoint_every_steps`` steps.
+
     Args:
-        samples: ``epoch -> [{"ids", "resp"}]`` token-id samples of this worker (:func:`group_by_epoch`).
+        n_epochs: number of sample datasets (epochs).
         total_steps / steps_per_epoch: the step budget per worker (``pipeline.llm_budget``).
         valid_users: when set (sweeps, ``sweep.py``), every epoch but the last reports ``valid_ndcg@10`` etc.
             (:meth:`validate`) on a seeded sample of this many validation users, for early stopping. It
             consumes no random numbers, so the trained model does not depend on it.
     """
 
-    def __init__(self, cfg: TTDSConfig, run: RunDir, env: WorkerEnv, *, samples: dict[int, list[dict]],
+    def __init__(self, cfg: TTDSConfig, run: RunDir, env: WorkerEnv, *, n_epochs: int,
                  total_steps: int, steps_per_epoch: int, valid_users: int | None = None):
-        self.cfg, self.env, self.samples = cfg, env, samples
+        self.cfg, self.env, self.n_epochs = cfg, env, n_epochs
         self.valid_users = valid_users
         self.total, self.spe, self.bs = total_steps, steps_per_epoch, cfg.llm.batch_size
         torch.manual_seed(cfg.seed)
@@ -318,6 +387,7 @@ class LLMRecipe:
         self.step, self.epoch, self.batch = 0, 0, 0
         self.losses: list[float] = []
         self.rounds: list[dict] = []
+        self.resumed_at: list[int] = []     # steps this stage was resumed from (fault tolerance, reported)
 
     # -------------------------------------------------------------- checkpoints
 
@@ -327,7 +397,8 @@ class LLMRecipe:
         out = {TRAINABLE: state_bytes(trainable),
                ITEM_CODES: state_bytes({"codes": torch.as_tensor(self.item_codes)}),
                STATE: json.dumps({"step": self.step, "epoch": self.epoch, "batch": self.batch,
-                                  "losses": self.losses, "rounds": self.rounds}).encode(),
+                                  "losses": self.losses, "rounds": self.rounds,
+                                  "resumed_at": self.resumed_at}).encode(),
                **optimizer_files(self.opt, self.sched)}
         if self.tower is not None:
             out[Files.ITEM_TOWER] = towers.tower_bytes(self.tower)
@@ -354,6 +425,7 @@ class LLMRecipe:
         meta = json.loads(files[STATE])
         self.step, self.epoch, self.batch = meta["step"], meta["epoch"], meta["batch"]
         self.losses, self.rounds = meta["losses"], meta["rounds"]
+        self.resumed_at = meta.get("resumed_at", []) + [self.step]
         self.item_codes = load_state(files[ITEM_CODES])["codes"].numpy()
         self.item_tok = self.vocab.item_tokens(self.item_codes)
         if self.tower is not None and Files.ITEM_TOWER in files:
@@ -441,34 +513,41 @@ class LLMRecipe:
 
     def fit(self) -> None:
         """Train from the current position to ``total_steps`` (or the last epoch of samples)."""
-        cfg, bs = self.cfg, self.bs
+        cfg, bs, every = self.cfg, self.bs, self.cfg.ray.checkpoint_every_steps
         t_start, start_step = time.time(), self.step
-        n_epochs = max(self.samples) + 1 if self.samples else 0
         epoch0, batch0 = self.epoch, self.batch
-        for epoch in range(epoch0, n_epochs):
+        for epoch in range(epoch0, self.n_epochs):
             self.epoch = epoch
-            ep = self.samples.get(epoch, [])
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(ep))
+            ep = self.env.dataset(f"epoch_{epoch}")
+            ids, resp = ep["ids"].to_numpy(), ep["resp"].to_numpy()
             ep_losses = []
-            for i in range(batch0 if epoch == epoch0 else 0, min(self.spe, len(order) // bs)):
+            for i, idx in enumerate(epoch_batches(len(ep), self.spe, bs, cfg.seed, epoch)):
+                if i < (batch0 if epoch == epoch0 else 0):
+                    continue
                 self.batch = i
                 if self.round_due():
                     st = self.reindex_round()
                     self.env.show("llm/reindex", {k: st[k] for k in ("round", "step", "changed", "wall_s")})
                     self._checkpoint(False, {"epoch": epoch, "step": self.step, "round": st["round"]})
-                ep_losses.append(self.train_step([ep[j] for j in order[i * bs:(i + 1) * bs]]))
+                ep_losses.append(self.train_step([{"ids": ids[j], "resp": resp[j]} for j in idx]))
                 if self.step % 50 == 0:
                     self.env.show("llm", {"epoch": epoch, "step": f"{self.step}/{self.total}",
                                           "loss": float(np.mean(self.losses[-50:])),
                                           "sec_per_step": round((time.time() - t_start) / (self.step - start_step), 3)})
                 if self.step >= self.total:
                     break
-            done = self.step >= self.total or epoch == n_epochs - 1
+                if every and self.step % every == 0 and i + 1 < self.spe:     # mid-epoch: resume at the next batch
+                    self.batch = i + 1
+                    self._checkpoint(False, {"epoch": epoch, "step": self.step})
+                self.env.fault("llm", self.step)
+            done = self.step >= self.total or epoch == self.n_epochs - 1
             self.epoch, self.batch = epoch + 1, 0
             metrics = {"epoch": epoch, "step": self.step, "loss": float(np.mean(ep_losses)) if ep_losses else None}
             if self.valid_users and not done and self.env.rank == 0:   # the last epoch: the sweep evaluates the saved LM
                 metrics.update(self.validate())
                 self.env.show("llm/valid", metrics)
+            if done:
+                metrics["steps_per_worker"] = gather_over_workers(self.step)
             self._checkpoint(done, metrics)
             if done:
                 break

@@ -478,10 +478,10 @@ class ValidatingBackend:
     def encode_items(self, items, ecfg):
         return self.inner.encode_items(items, ecfg)
 
-    def fit(self, cfg, run, stage, *, rows=None, extra=None, num_workers=None):
+    def fit(self, cfg, run, stage, *, datasets=None, extra=None, num_workers=None):
         if stage == "llm":
             extra = {**(extra or {}), "valid_users": self.valid_users}
-        return self.inner.fit(cfg, run, stage, rows=rows, extra=extra, num_workers=num_workers)
+        return self.inner.fit(cfg, run, stage, datasets=datasets, extra=extra, num_workers=num_workers)
 
     def cleanup(self, cfg, run, stage):
         self.inner.cleanup(cfg, run, stage)

@@ -84,20 +84,41 @@ def _ckpt_files(ckpt: Checkpoint | None) -> dict[str, bytes]:
         return {str(p.relative_to(d)): p.read_bytes() for p in Path(d).rglob("*") if p.is_file()}
 
 
+def _shard_frame(name: str, key: list[str]) -> pd.DataFrame:
+    """This worker's shard of dataset ``name`` (``get_dataset_shard``, one full pass) sorted by ``key``."""
+    parts = list(ray.train.get_dataset_shard(name).iter_batches(batch_size=4096, batch_format="pandas"))
+    return pipeline.sort_shard(pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=key), key)
+
+
+class FaultInjector:
+    """Test hook: raise once when ``stage`` reaches optimiser step ``step`` (a marker file under the run
+    directory records that it fired, so the restarted worker group runs on)."""
+
+    def __init__(self, run_dir: str, stage: str, step: int):
+        self.marker = Path(run_dir) / "work" / f"fault-{stage}-{step}.fired"
+        self.stage, self.step = stage, step
+
+    def __call__(self, stage: str, step: int) -> None:
+        if stage == self.stage and step == self.step and not self.marker.exists():
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.write_text(str(os.getpid()))
+            raise RuntimeError(f"injected fault at {stage} step {step}")
+
+
 def _worker_loop(config: dict) -> None:
-    """Ray Train worker: the stage's recipe, resumed from the latest checkpoint if there is one."""
+    """Ray Train worker: the stage's recipe, resumed from the latest checkpoint if there is one. The stage's
+    datasets come from Ray Data shards, read anew each epoch (``recipes.WorkerEnv.dataset``)."""
     cfg = config_from_dict(config["cfg"])
     torch.set_num_threads(cfg.ray.torch_threads or os.cpu_count() or 1)
     ctx = ray.train.get_context()
+    keys = config["keys"]
+    fault = config.get("fault")
     env = recipes.WorkerEnv(report=_report, wrap_model=ray.train.torch.prepare_model,
                             device=ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu"),
-                            rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
-    kwargs = dict(config["extra"])
-    if config["has_rows"]:
-        # read once through Ray Data and kept in the worker (token-id samples are small); re-reading the
-        # shard every epoch cost a whole core on 2-core machines. Epochs shuffle locally, seeded.
-        kwargs["samples"] = recipes.group_by_epoch(ray.train.get_dataset_shard("train").iter_rows())
-    recipe = recipes.RECIPES[config["stage"]](cfg, RunDir(config["run_dir"]), env, **kwargs)
+                            rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                            dataset=lambda name: _shard_frame(name, keys[name]),
+                            fault=FaultInjector(config["run_dir"], *fault) if fault else (lambda stage, step: None))
+    recipe = recipes.RECIPES[config["stage"]](cfg, RunDir(config["run_dir"]), env, **config["extra"])
     recipe.load_state_dict(_ckpt_files(ray.train.get_checkpoint()))
     recipe.fit()
 
@@ -119,10 +140,13 @@ class RayBackend:
     Args:
         callbacks: stage -> Ray Train callbacks of that stage's TorchTrainer (a sweep forwards the LLM
             stage's per-epoch validation to Ray Tune this way; ``tune_ray.py``).
+        inject_fault: ``(stage, step)``: a worker of that stage raises once after that optimiser step (tests
+            of resuming; :class:`FaultInjector`).
     """
 
-    def __init__(self, callbacks: dict[str, list] | None = None):
+    def __init__(self, callbacks: dict[str, list] | None = None, inject_fault: tuple[str, int] | None = None):
         self.callbacks = dict(callbacks or {})
+        self.inject_fault = inject_fault
 
     def normalize(self, interactions: pd.DataFrame) -> pd.DataFrame:
         return ray.data.from_pandas(interactions).map_batches(data.normalize_interactions_batch,
@@ -138,13 +162,22 @@ class RayBackend:
     def _ray_results(cfg: TTDSConfig, run: RunDir, stage: str) -> Path:
         return (run.root / "ray_results" / f"{stage}-{cfg.stage_hash(stage)}").resolve()
 
-    def fit(self, cfg, run, stage, *, rows=None, extra=None, num_workers=None):
+    @staticmethod
+    def _dataset(spec: pipeline.DatasetSpec) -> ray.data.Dataset:
+        ds = ray.data.read_parquet(list(spec.paths))
+        if spec.transform is not None:
+            ds = ds.map_batches(spec.transform, fn_kwargs=spec.kwargs, batch_format="pandas")
+        return ds
+
+    def fit(self, cfg, run, stage, *, datasets=None, extra=None, num_workers=None):
         name = self._ray_results(cfg, run, stage)
+        specs = dict(datasets or {})
         loop_config = {"cfg": cfg.to_dict(), "run_dir": str(run.root.resolve()), "stage": stage,
-                       "extra": dict(extra or {}), "has_rows": rows is not None}
+                       "extra": dict(extra or {}), "keys": {k: list(v.key) for k, v in specs.items()},
+                       "fault": self.inject_fault if self.inject_fault and self.inject_fault[0] == stage else None}
         trainer = TorchTrainer(
             _worker_loop, train_loop_config=loop_config,
-            datasets={"train": ray.data.from_items(rows)} if rows is not None else None,
+            datasets={k: self._dataset(v) for k, v in specs.items()} or None,
             scaling_config=ScalingConfig(num_workers=num_workers or cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
             run_config=RunConfig(name=name.name, storage_path=str(name.parent),
