@@ -102,19 +102,36 @@ def test_second_pull_with_unchanged_manifest_transfers_nothing(driver, tmp_path,
 
 
 def test_manifest_is_uploaded_last_and_removed_first(driver, tmp_path, monkeypatch):
-    remote = _remote(BUCKET, tmp_path)
+    """On an object store a directory's objects are deleted in no set order, so the old manifest must go
+    first, explicitly; the bucket here is a filesystem that records what push_stage asks of it."""
+    fsspec = pytest.importorskip("fsspec")
+    import pyarrow.fs as pafs
+    events = []
+
+    class Recording(pafs.FSSpecHandler):
+        def delete_file(self, path):
+            events.append(("delete", Path(path).name))
+            super().delete_file(path)
+
+        def delete_dir_contents(self, path, missing_dir_ok):
+            events.append(("clear", Path(path).name))
+            super().delete_dir_contents(path, missing_dir_ok)
+
+        def move(self, src, dest):                     # _put: a temp object, then moved to its name
+            events.append(("put", Path(dest).name))
+            super().move(src, dest)
+
+    bucket = tmp_path / "bucket"
+    remote = f"file://{bucket}/r1"
     storage.push_stage(driver, remote, "data")
-    _write_stage(driver, "data", b"rebuilt")                           # the stage is rebuilt locally
-    remote_manifest = tmp_path / "bucket" / "runs" / "r1" / "data" / Files.MANIFEST
-    events = []                                                        # (file uploaded, remote manifest there?)
-    real_put = storage._put
-    monkeypatch.setattr(storage, "_put", lambda src, fs, dest: (
-        events.append((Path(dest).name, remote_manifest.exists())), real_put(src, fs, dest))[1])
+    _write_stage(driver, "data", b"rebuilt")                          # the stage is rebuilt locally
+    monkeypatch.setattr(storage, "filesystem", lambda uri, key="output_dir": (
+        pafs.PyFileSystem(Recording(fsspec.filesystem("file"))), str(bucket / "r1")))
     assert storage.push_stage(driver, remote, "data")
-    assert events[-1][0] == Files.MANIFEST                  # readers see the new stage only when it is whole
-    assert sorted(e[0] for e in events) == sorted([Files.MANIFEST, "weights.bin", "vocab.json"])
-    assert not any(there for _, there in events)            # the old manifest went before any file changed
-    assert remote_manifest.read_bytes() == (driver / "data" / Files.MANIFEST).read_bytes()
+    assert events[:2] == [("delete", Files.MANIFEST), ("clear", "data")]   # old stage stops being complete
+    assert events[-1] == ("put", Files.MANIFEST)                # the new one is complete only when whole
+    assert sorted(e[1] for e in events[2:]) == sorted([Files.MANIFEST, "weights.bin", "vocab.json"])
+    assert (bucket / "r1" / "data" / Files.MANIFEST).read_bytes() == (driver / "data" / Files.MANIFEST).read_bytes()
 
 
 @pytest.mark.parametrize("kind", [BUCKET, NFS])
