@@ -258,3 +258,92 @@ def test_a_narrow_beam_skips_prefixes_whose_items_are_all_excluded(tiny_llama):
     assert all(codes[i, 0] != first for i in got)
     counts = trie.unseen_counts([banned])[0]
     assert int(counts[0]) == 40 - len(set(banned)) and int(counts[trie.item_path[top[0], 0]]) == 0
+
+
+# --- Trie layout (issue 12): the compact trie must decode exactly as the dense (nodes x K) one did ----------------
+
+def valid_children(codes: np.ndarray, excluded: set = frozenset()) -> dict[tuple, set[int]]:
+    """Brute force: every prefix of an item not in `excluded` -> the set of codes that continue it."""
+    out: dict[tuple, set[int]] = {}
+    for i, row in enumerate(codes.tolist()):
+        if i in excluded:
+            continue
+        for level in range(len(row)):
+            out.setdefault(tuple(row[:level]), set()).add(row[level])
+    return out
+
+
+def node_prefixes(trie: SIDTrie) -> dict[int, tuple]:
+    """Node id -> its prefix, read off `item_path` (the node of item i at depth l + 1 spells codes[i, :l + 1])."""
+    out = {trie.root: ()}
+    for i, path in enumerate(trie.item_path.tolist()):
+        for level, node in enumerate(path):
+            out[node] = tuple(trie.codes[i, : level + 1].tolist())
+    return out
+
+
+def assert_allowed_children_match_brute_force(trie: SIDTrie) -> None:
+    prefixes = node_prefixes(trie)
+    assert sorted(prefixes) == list(range(trie.n_nodes))          # every node is the prefix of some item
+    expected = valid_children(trie.codes)
+    allowed = trie.allowed(torch.arange(trie.n_nodes))             # (n_nodes, K)
+    for node, prefix in prefixes.items():
+        assert set(allowed[node].nonzero().view(-1).tolist()) == expected.get(prefix, set()), (node, prefix)
+        for code in expected.get(prefix, ()):                      # and the step lands on the node of prefix + code
+            child = int(trie.step(torch.tensor([node]), torch.tensor([code]))[0])
+            assert prefixes[child] == prefix + (code,)
+    assert not trie.allowed(torch.tensor([-1])).any()              # a dead beam continues nowhere
+
+
+@pytest.mark.parametrize("n_items,seed", [(1, 0), (7, 1), (60, 2), (300, 3), (512, 4)])
+def test_allowed_children_equal_the_valid_prefixes_on_random_catalogues(n_items, seed):
+    codes = random_codes(n_items, seed=seed)
+    assert_allowed_children_match_brute_force(SIDTrie(codes, LEVEL_TOKEN_IDS))
+    trie = SIDTrie(codes[: n_items // 2], LEVEL_TOKEN_IDS)         # the same catalogue grown by add_items
+    trie.add_items(codes[n_items // 2:])
+    assert_allowed_children_match_brute_force(trie)
+    np.testing.assert_array_equal(trie.codes, codes)
+
+
+def reference_beam_search(model, prompt: torch.Tensor, codes: np.ndarray, n_beams: int,
+                          excluded: set = frozenset()) -> tuple[list[int], list[float]]:
+    """Brute-force constrained beam search: one uncached forward per beam, allowed codes from `valid_children`."""
+    allowed = valid_children(codes, excluded)
+    beams = [((), 0.0)]
+    for level in range(N_LEVELS):
+        cands = []
+        for prefix, score in beams:
+            seq = torch.cat([prompt, LEVEL_TOKEN_IDS[torch.arange(level), list(prefix)]])
+            with torch.no_grad():
+                logp = model(input_ids=seq[None]).logits[0, -1].float().log_softmax(-1)[LEVEL_TOKEN_IDS[level]]
+            cands += [(prefix + (k,), score + float(logp[k])) for k in sorted(allowed.get(prefix, ()))]
+        beams = sorted(cands, key=lambda c: -c[1])[:n_beams]
+    item_of = {tuple(row): i for i, row in enumerate(codes.tolist())}
+    return [item_of[p] for p, _ in beams], [s for _, s in beams]
+
+
+# Recorded with the dense (nodes x K) trie before the compact layout (commit 5468af4); tiny_llama, seed 0.
+GOLDEN_ITEMS = [[23, 5, 2, 22, 21, 38], [5, 2, 22, 21, 43, 38], [2, 5, 21, 22, 43, 38], [23, 5, 2, 8, 58, 38]]
+GOLDEN_ITEMS_EXCLUDED = [[23, 5, 2, 22, 21, 38], [21, 8, 58, 43, 59, 38], [23, 5, 22, 43, 8, 58],
+                         [23, 5, 2, 8, 58, 38]]
+
+
+def test_narrow_beam_results_are_unchanged_and_equal_a_brute_force_decoder(tiny_llama):
+    """W = 6 of 60 items (pruning at every level), items 50..59 added by add_items, with and without exclusions:
+    the same items as the dense trie gave (GOLDEN_*), and the same items and scores as an uncached brute force."""
+    codes = random_codes(60, seed=21)
+    trie = SIDTrie(codes[:50], LEVEL_TOKEN_IDS)
+    trie.add_items(codes[50:])
+    input_ids, attention_mask = random_prompts([5, 9, 3, 7], seed=13)
+    plain = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=6)
+    assert plain.item_idx.tolist() == GOLDEN_ITEMS
+    top_first = int(codes[GOLDEN_ITEMS[2][0], 0])
+    exclude = [[], GOLDEN_ITEMS[1][:3], [i for i in range(60) if codes[i, 0] == top_first], [55, 1]]
+    masked = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=6, exclude=exclude)
+    assert masked.item_idx.tolist() == GOLDEN_ITEMS_EXCLUDED
+    for res, ex in ((plain, [[]] * 4), (masked, exclude)):
+        for row in range(4):
+            prompt = input_ids[row][attention_mask[row].bool()]
+            items, scores = reference_beam_search(tiny_llama, prompt, codes, 6, set(ex[row]))
+            assert res.item_idx[row].tolist() == items
+            torch.testing.assert_close(res.scores[row], torch.tensor(scores), atol=1e-4, rtol=0)
