@@ -30,7 +30,7 @@ def _cfg(**eval_kw) -> TTDSConfig:
 
 def _list_with_target_at(rank: int, target: int = 7, width: int = 20) -> np.ndarray:
     """int64 `(width,)`: distinct filler items, the target at 1-based ``rank`` (absent when rank > width)."""
-    fillers = np.array([i for i in range(100, 100 + width)], dtype=np.int64)
+    fillers = np.arange(100, 100 + width, dtype=np.int64)
     if rank <= width:
         fillers[rank - 1] = target
     return fillers

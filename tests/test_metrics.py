@@ -128,6 +128,7 @@ def test_score_ranks_puts_the_target_after_every_tied_item():
     assert score_ranks(scores, np.array([1, 0, 0])).tolist() == [2, 4, 5]
     # exclusion removes items from the count; an excluded target is not ranked (0), repeats count once
     assert score_ranks(scores, np.array([1, 0, 0]), exclude=[[3, 3], [0], [1, 2]]).tolist() == [1, 0, 3]
+    assert score_ranks(scores, np.array([1, 0, 0]), exclude=[{3}, np.array([0]), (1, 2)]).tolist() == [1, 0, 3]
 
 
 def test_score_ranks_shared_vector_is_each_user_against_the_whole_catalogue():

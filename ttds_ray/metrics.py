@@ -153,11 +153,15 @@ def score_ranks(scores: Tensor | np.ndarray, targets: Tensor | np.ndarray,
 
 
 def _exclusion_mask(exclude: Sequence[Sequence[int]], n_items: int, device: torch.device) -> Tensor:
-    """bool `(len(exclude), n_items)`: True at each row's excluded item_idx. Raises ValueError out of range."""
+    """bool `(len(exclude), n_items)`: True at each row's excluded item_idx (each row: a list, set or 1-D array).
+
+    Raises:
+        ValueError: an item_idx outside [0, n_items).
+    """
     mask = torch.zeros(len(exclude), n_items, dtype=torch.bool, device=device)
     lengths = [len(items) for items in exclude]
     if sum(lengths):
-        cols = torch.as_tensor(np.concatenate([np.asarray(items, dtype=np.int64).ravel() for items in exclude]),
+        cols = torch.as_tensor(np.concatenate([np.fromiter(items, np.int64, len(items)) for items in exclude]),
                                device=device)
         if bool(((cols < 0) | (cols >= n_items)).any()):
             raise ValueError(f"excluded item_idx must be in [0, N={n_items})")
@@ -170,7 +174,8 @@ def hr_ndcg(ranks: np.ndarray | Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[
     """Hit rate and NDCG at each cutoff, averaged over users (one target each).
 
     Args:
-        ranks: int `(B,)`, from :func:`target_ranks`: 1-based rank, 0 = target not ranked.
+        ranks: int `(B,)`, from :func:`target_ranks` or :func:`score_ranks`: 1-based rank, 0 = target not
+            ranked. Every user counts in the mean, so the denominator is B, the users evaluated.
         ks: cutoffs.
 
     Returns:
