@@ -347,3 +347,86 @@ def test_narrow_beam_results_are_unchanged_and_equal_a_brute_force_decoder(tiny_
             items, scores = reference_beam_search(tiny_llama, prompt, codes, 6, set(ex[row]))
             assert res.item_idx[row].tolist() == items
             torch.testing.assert_close(res.scores[row], torch.tensor(scores), atol=1e-4, rtol=0)
+
+
+def dense_reference_children(codes: np.ndarray, n_codes: int) -> np.ndarray:
+    """The former layout, built by brute force: int64 `(n_nodes, K)` child id or -1, nodes numbered depth by depth
+    in SID order (the numbering the compact trie keeps)."""
+    n_levels = codes.shape[1]
+    prefixes = sorted({tuple(r[:level]) for r in codes.tolist() for level in range(n_levels + 1)},
+                      key=lambda p: (len(p), p))
+    node_id = {p: n for n, p in enumerate(prefixes)}
+    table = np.full((len(prefixes), n_codes), -1, dtype=np.int64)
+    for p in prefixes[1:]:
+        table[node_id[p[:-1]], p[-1]] = node_id[p]
+    return table
+
+
+def catalogue(n_items: int, n_levels: int, n_codes: int, seed: int) -> np.ndarray:
+    """(N, M) distinct random SIDs; clustered on a few level-0 codes, so some nodes are wide and some narrow."""
+    rng = np.random.default_rng(seed)
+    flat = rng.choice(n_codes ** (n_levels - 1) * 3, size=n_items, replace=False)  # level-0 codes 0..2 only
+    return np.stack([flat // n_codes ** (n_levels - 1 - level) % n_codes for level in range(n_levels)], 1)
+
+
+@pytest.mark.parametrize("dense_max_entries", [0, 64, 1 << 20])   # CSR everywhere, mixed, dense where possible
+@pytest.mark.parametrize("n_levels,n_codes,n_items", [(3, 8, 150), (4, 16, 400), (2, 300, 500)])
+def test_children_of_equals_the_dense_reference_for_every_node_with_exclusions(n_levels, n_codes, n_items,
+                                                                              dense_max_entries):
+    codes = catalogue(n_items, n_levels, n_codes, seed=n_items)
+    token_ids = torch.arange(n_levels * n_codes).view(n_levels, n_codes)
+    trie = SIDTrie(codes[: n_items - 20], token_ids, dense_max_entries=dense_max_entries)
+    trie.add_items(codes[n_items - 20:])                              # cold-start items reuse and open prefixes
+    reference = dense_reference_children(codes, n_codes)
+    assert trie.n_nodes == len(reference)
+    np.testing.assert_array_equal(trie.children_of(torch.arange(-1, trie.n_nodes)).numpy(),
+                                  np.concatenate([np.full((1, n_codes), -1), reference]))
+    rng = np.random.default_rng(1)
+    exclude = [[], rng.choice(n_items, 30).tolist(),                  # scattered items
+               np.flatnonzero(codes[:, 0] == codes[0, 0]).tolist(),   # a whole level-1 subtree
+               np.flatnonzero((codes[:, :-1] == codes[5, :-1]).all(1)).tolist() + [n_items + 3]]  # a parent's leaves
+    excluded = trie.excluded_nodes(exclude)
+    np.testing.assert_array_equal((trie.unseen_counts(exclude) == 0).nonzero()[:, 0] * trie.n_nodes
+                                  + (trie.unseen_counts(exclude) == 0).nonzero()[:, 1], excluded)
+    prefixes = node_prefixes(trie)
+    for level in range(n_levels + 1):                                 # beam_search's call: one depth at a time
+        nodes = torch.arange(trie.level_start[level], trie.level_start[level + 1])
+        nodes = torch.cat([nodes, torch.tensor([-1])]).expand(len(exclude), -1)  # (B, n_level + 1)
+        got = trie.children_of(nodes, level, excluded)                            # (B, n_level + 1, K)
+        for b, ex in enumerate(exclude):
+            allowed = valid_children(codes, set(ex))
+            for j, node in enumerate(nodes[b].tolist()):
+                want = reference[node].copy() if node >= 0 else np.full(n_codes, -1)
+                want[[k for k in range(n_codes) if node < 0 or k not in allowed.get(prefixes[node], ())]] = -1
+                np.testing.assert_array_equal(got[b, j].numpy(), want)
+
+
+def test_compact_trie_decodes_like_the_dense_layout(tiny_llama):
+    """beam_search over the CSR-only layout gives the recorded results too (the default layout is dense at K = 8)."""
+    codes = random_codes(60, seed=21)
+    trie = SIDTrie(codes[:50], LEVEL_TOKEN_IDS, dense_max_entries=0)
+    trie.add_items(codes[50:])
+    assert all(table is None for table in trie.dense_children)
+    input_ids, attention_mask = random_prompts([5, 9, 3, 7], seed=13)
+    assert beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=6).item_idx.tolist() == GOLDEN_ITEMS
+    top_first = int(codes[GOLDEN_ITEMS[2][0], 0])
+    exclude = [[], GOLDEN_ITEMS[1][:3], [i for i in range(60) if codes[i, 0] == top_first], [55, 1]]
+    res = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=6, exclude=exclude)
+    assert res.item_idx.tolist() == GOLDEN_ITEMS_EXCLUDED
+
+
+def test_trie_memory_grows_with_the_items_not_with_nodes_times_codes():
+    """K = 4096: a dense child table would hold n_nodes x 4096 int64 (29 MB for 300 items); the trie holds
+    O(N * M) bytes plus the (M, K) token ids and the root's dense row (~130 kB), and an empty trie still answers
+    every lookup with -1."""
+    token_ids = torch.arange(3 * 4096).view(3, 4096)
+    codes = np.random.default_rng(0).integers(0, 4096, size=(300, 3))
+    trie = SIDTrie(codes, token_ids)
+    assert trie.n_nodes > 600 and trie.nbytes < 200_000
+    assert trie.node_code.dtype == torch.int16
+    empty = SIDTrie(np.zeros((0, 3), np.int64), token_ids)
+    assert empty.n_nodes == 1 and empty.n_items == 0
+    assert not empty.allowed(empty.root_nodes(2)).any()
+    assert empty.item_of_leaf(torch.tensor([0, -1])).tolist() == [-1, -1]
+    assert empty.excluded_nodes([[0, 1]]).numel() == 0
+    assert empty.add_items(codes[:2]).tolist() == [0, 1] and empty.allowed(empty.root_nodes(1)).sum() == 2

@@ -20,32 +20,56 @@ logger = logging.getLogger(__name__)
 __all__ = ["SIDTrie", "BeamResult", "beam_search"]
 
 
+DENSE_MAX_ENTRIES = 1 << 20
+"""Default of ``SIDTrie(dense_max_entries=)``: a depth whose (nodes x K) child table has at most this many
+entries (8 MiB of int64) is also kept as a dense table, for a plain row gather when decoding that depth."""
+
+
 class SIDTrie:
-    """Prefix trie over the catalogue's SIDs, stored as dense tensors for vectorised decoding.
+    """Prefix trie over the catalogue's SIDs, in compressed sparse rows so its memory grows with the items.
 
-    Nodes are numbered level by level: node 0 is the root (empty prefix), then the depth-1 nodes,
-    ..., then the depth-M nodes (the leaves, one per item). `children[n, k]` is the node reached
-    from node `n` by code `k`, or -1 if no item's SID continues that way, so the set of codes allowed
-    after a prefix is one row lookup (`children[nodes] >= 0`) for a whole batch of beams. This is
-    what keeps decoding from emitting SIDs that belong to no item (style bug-log B05).
+    Nodes are numbered level by level: node 0 is the root (empty prefix), then the depth-1 nodes, ...,
+    then the depth-M nodes (the leaves, one per item); within a depth, nodes follow the lexicographic
+    order of their prefixes. So the children of any node are consecutive ids, and the trie is stored
+    as compressed sparse rows (CSR): the children of inner node `n` are the nodes
+    `child_start[n] .. child_start[n + 1] - 1`, and `node_code[c]` is the code on the edge into `c`.
+    The memory is O(nodes) = O(N * M), not O(nodes * K) as a dense child table (docs/DESIGN-NOTES.md,
+    "Constrained decoding: the trie", has the layout and the measured sizes). Depths with few nodes
+    (at most `dense_max_entries` node x code pairs; by default the root and, for K = 256, depth 1) also
+    keep a dense `(nodes, K)` child table, so the widest steps of a beam search are one row gather.
 
-    Node ids are only valid until the next :meth:`add_items`, which rebuilds the tensors.
+    :meth:`children_of` is the one lookup a decoding step needs: the child of every (beam, code) pair
+    for all beams at once, -1 where no item's SID continues that way (or the prompt excluded every item
+    below), as torch ops on the trie's device (CPU or CUDA). That is what keeps decoding from emitting
+    SIDs that belong to no item (style bug-log B05).
+
+    Node ids are only valid until the next :meth:`add_items`, which rebuilds the arrays.
 
     Attributes:
-        children: int64 `(n_nodes, K)`, child node id or -1.
-        leaf_item: int64 `(n_nodes,)`, item_idx of a leaf node, -1 for inner nodes.
+        codes: int64 numpy `(N, M)`, the SID of every item (row i is item_idx i).
         level_token_ids: int64 `(M, K)`, vocab id of code k at level l.
-        codes: int64 `(N, M)`, the SID of every item (row i is item_idx i).
+        level_start: M + 2 ints: the first node id of each depth 0..M, then n_nodes.
+        child_start: int64 `(n_inner + 1,)`, CSR row offsets over the inner nodes (depths 0..M-1,
+            ids 0..n_inner-1): the children of inner node n are nodes child_start[n] .. child_start[n+1]-1.
+        node_code: int16 (int32 if K > 32767) `(n_nodes,)`, the code on the edge into each node (0 at the root).
+        leaf_to_item: int64 `(N,)`, item_idx of leaf node `level_start[M] + j` at j.
+        item_path: int64 `(N, M)`, the node of item i at depth l + 1 at `[i, l]`.
+        n_leaves: int64 `(n_nodes,)`, items under each node (n_leaves[root] = N).
+        dense_children: M + 1 entries, one per parent depth: int64 `(nodes at that depth, K)` child id or
+            -1 where the depth is small enough (see `dense_max_entries`), else None (always None at depth M).
     """
 
     root: int = 0
 
-    def __init__(self, codes: np.ndarray, level_token_ids: Tensor) -> None:
-        """Builds the trie.
+    def __init__(self, codes: np.ndarray, level_token_ids: Tensor, *,
+                 dense_max_entries: int = DENSE_MAX_ENTRIES) -> None:
+        """Builds the trie (vectorised: one sort of the SIDs, then O(N) numpy work per level).
 
         Args:
             codes: int `(N, M)`, unique rows, each value in [0, K); row i is the SID of item_idx i.
             level_token_ids: int `(M, K)`, vocab id of the token `<i{l}_{k}>` at `[l, k]`.
+            dense_max_entries: a depth with `nodes * K <= dense_max_entries` also gets a dense child table
+                (speed only: results are the same for any value; 0 = CSR everywhere).
 
         Raises:
             ValueError: on a shape mismatch, a code outside [0, K), a vocab id used twice,
@@ -67,6 +91,7 @@ class SIDTrie:
         self.level_token_ids = level_token_ids.to(torch.int64).cpu()
         self.n_levels = int(n_levels)              # M
         self.codebook_size = int(codebook_size)    # K
+        self.dense_max_entries = int(dense_max_entries)
         self.codes = np.zeros((0, self.n_levels), dtype=np.int64)
         self._rebuild(self._check_codes(codes, what="codes", first_item_idx=0))
 
@@ -78,34 +103,98 @@ class SIDTrie:
     @property
     def n_nodes(self) -> int:
         """Number of nodes, root and leaves included."""
-        return int(self.children.shape[0])
+        return self.level_start[-1]
+
+    @property
+    def n_inner(self) -> int:
+        """Number of inner nodes (depths 0..M-1; the root counts even in an empty trie)."""
+        return self.level_start[self.n_levels]
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the trie's tensors (set by :meth:`to`)."""
+        return self.child_start.device
+
+    def _tensors(self) -> dict[str, Tensor]:
+        out = {name: getattr(self, name) for name in
+               ("level_token_ids", "child_start", "node_code", "leaf_to_item", "item_path", "n_leaves")}
+        out.update({f"dense_children.{d}": t for d, t in enumerate(self.dense_children) if t is not None})
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the trie's arrays (the tensors and the `codes` array), on whatever device."""
+        return int(self.codes.nbytes) + sum(t.numel() * t.element_size() for t in self._tensors().values())
 
     def to(self, device: torch.device | str) -> "SIDTrie":
         """Moves the tensors to `device` in place (do it once, so beam_search does not copy per call)."""
-        self.children = self.children.to(device)
-        self.leaf_item = self.leaf_item.to(device)
-        self.level_token_ids = self.level_token_ids.to(device)
-        self.item_path = self.item_path.to(device)
-        self.n_leaves = self.n_leaves.to(device)
+        for name in ("level_token_ids", "child_start", "node_code", "leaf_to_item", "item_path", "n_leaves"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.dense_children = [None if t is None else t.to(device) for t in self.dense_children]
         return self
 
     def root_nodes(self, batch_size: int) -> Tensor:
         """Returns int64 `(batch_size,)` filled with the root node id, on the trie's device."""
-        return torch.full((batch_size,), self.root, dtype=torch.int64, device=self.children.device)
+        return torch.full((batch_size,), self.root, dtype=torch.int64, device=self.device)
+
+    def children_of(self, nodes: Tensor, level: int | None = None, excluded: Tensor | None = None) -> Tensor:
+        """The child reached by every code from every node: the one trie lookup of a decoding step.
+
+        Args:
+            nodes: int64 `(B, ...)`, node ids (-1 = dead beam); with `excluded`, dim 0 is the prompt row.
+            level: depth of all `nodes` if known (beam_search passes it): picks the dense table of that
+                depth where there is one, and bounds the CSR gather by that depth's largest fan-out.
+                Nodes not at that depth then count as dead. None = any depth (CSR, bound K).
+            excluded: sorted int64 keys from :meth:`excluded_nodes` for the same B prompts, or None.
+
+        Returns:
+            int64 `(B, ..., K)` on the trie's device: the child node id, or -1 where the node is dead,
+            a leaf, has no child by that code, or (with `excluded`) leads only to excluded items.
+        """
+        nodes = nodes.to(self.device)
+        n_codes = self.codebook_size
+        table = self.dense_children[level] if level is not None else None
+        if table is not None:  # dense depth: one row gather
+            local = nodes - self.level_start[level]
+            here = (local >= 0) & (local < table.shape[0])
+            child = table[local.clamp(0, table.shape[0] - 1)].masked_fill(~here.unsqueeze(-1), -1)  # (B, ..., K)
+            return self._drop_excluded(child, excluded)
+        # CSR: gather up to `fan` consecutive children per node and scatter them to their codes
+        fan = self._max_fanout[level] if level is not None else n_codes
+        inner = (nodes >= 0) & (nodes < self.n_inner)
+        if level is not None:
+            inner &= (nodes >= self.level_start[level]) & (nodes < self.level_start[level + 1])
+        row = nodes.clamp(0, self.n_inner - 1)
+        start = self.child_start[row]                                        # (B, ...) first child
+        end = torch.where(inner, self.child_start[row + 1], start)           # (B, ...) one past the last
+        offsets = torch.arange(fan, dtype=torch.int64, device=self.device)
+        # past the last child, repeat the last child: duplicate writes of equal values to one place
+        cand = torch.minimum(start.unsqueeze(-1) + offsets, (end - 1).unsqueeze(-1))  # (B, ..., fan) >= 0
+        value = cand.masked_fill((end == start).unsqueeze(-1), -1)           # no children: write -1 somewhere
+        value = self._drop_excluded(value, excluded)
+        child = torch.full((*nodes.shape, n_codes), -1, dtype=torch.int64, device=self.device)
+        return child.scatter_(-1, self.node_code[cand].long(), value)
+
+    def _drop_excluded(self, child: Tensor, excluded: Tensor | None) -> Tensor:
+        """child: int64 `(B, ..., C)` node ids or -1 -> the same with -1 where (row b, child) is in `excluded`."""
+        if excluded is None or excluded.numel() == 0:
+            return child
+        rows = torch.arange(child.shape[0], device=child.device).view(-1, *([1] * (child.ndim - 1)))
+        keys = rows * self.n_nodes + child      # (B, ..., C); a -1 child may hit a key, but stays -1 anyway
+        excluded = excluded.to(child.device)
+        pos = torch.searchsorted(excluded, keys).clamp(max=excluded.numel() - 1)
+        return child.masked_fill(excluded[pos] == keys, -1)
 
     def allowed(self, nodes: Tensor) -> Tensor:
         """Codes that continue each prefix towards at least one item.
 
         Args:
-            nodes: int64 `(...)`, node ids of one level (-1 = dead beam).
+            nodes: int64 `(...)`, node ids of any depth (-1 = dead beam).
 
         Returns:
-            bool `(..., K)`: True where `children[node, k]` exists; all False for dead beams.
+            bool `(..., K)`: True where node has a child by code k; all False for dead beams and leaves.
         """
-        nodes = nodes.to(self.children.device)
-        alive = nodes >= 0
-        allowed = self.children[nodes.clamp(min=0)] >= 0  # (..., K)
-        return allowed & alive.unsqueeze(-1)
+        return self.children_of(nodes.reshape(-1)).view(*nodes.shape, self.codebook_size) >= 0
 
     def step(self, nodes: Tensor, codes: Tensor) -> Tensor:
         """Follows one code from each node.
@@ -117,10 +206,9 @@ class SIDTrie:
         Returns:
             int64 `(...)`: child node ids, -1 where the node is dead or the code is not allowed.
         """
-        nodes = nodes.to(self.children.device)
-        codes = codes.to(self.children.device)
-        child = self.children[nodes.clamp(min=0), codes]
-        return torch.where(nodes >= 0, child, torch.full_like(child, -1))
+        child = self.children_of(nodes.reshape(-1))                          # (R, K)
+        codes = codes.to(self.device).reshape(-1, 1)
+        return child.gather(1, codes).view(nodes.shape)
 
     def item_of_leaf(self, nodes: Tensor) -> Tensor:
         """Maps leaf node ids to item_idx.
@@ -131,12 +219,18 @@ class SIDTrie:
         Returns:
             int64 `(...)`: item_idx of each leaf, -1 for dead beams and inner nodes.
         """
-        nodes = nodes.to(self.leaf_item.device)
-        item = self.leaf_item[nodes.clamp(min=0)]
-        return torch.where(nodes >= 0, item, torch.full_like(item, -1))
+        nodes = nodes.to(self.device)
+        if self.n_items == 0:
+            return torch.full_like(nodes, -1)
+        leaf = nodes - self.level_start[self.n_levels]
+        item = self.leaf_to_item[leaf.clamp(0, self.n_items - 1)]
+        return torch.where((leaf >= 0) & (nodes < self.n_nodes), item, torch.full_like(item, -1))
 
     def add_items(self, new_codes: np.ndarray) -> np.ndarray:
         """Adds items (cold start, DESIGN.md §1.7): they become reachable without retraining the LM.
+
+        The arrays are rebuilt (one sort of all N + N_new SIDs: ~0.2 s per million items, bench/trie.py),
+        on the trie's device; node ids from before the call are invalid after it.
 
         Args:
             new_codes: int `(N_new, M)`, SIDs of the new items (e.g. from the item tower).
@@ -168,52 +262,92 @@ class SIDTrie:
         return codes
 
     def _rebuild(self, codes: np.ndarray) -> None:
+        """Builds every array from `codes` (N, M), checked; raises ValueError on a shared SID, keeping the old trie."""
         n_items, n_levels = codes.shape
-        if n_items:
-            _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
-            inverse = inverse.reshape(-1)  # (N,); numpy 2.0.0 gave a 2-D inverse with axis=0
-            if (counts > 1).any():
-                dup_groups = np.flatnonzero(counts > 1)
-                examples = []
-                for g in dup_groups[:3]:
-                    items = np.flatnonzero(inverse == g)
-                    examples.append(f"{tuple(int(c) for c in codes[items[0]])} -> items {items.tolist()}")
-                raise ValueError(f"{len(dup_groups)} SIDs are shared by several items ({'; '.join(examples)}); "
-                                 "item SIDs must be unique (DESIGN.md §1.3): re-export them with the dedup level")
-        # Level by level: unique prefixes of length l+1 are the depth-(l+1) nodes.
-        parent = np.zeros(n_items, dtype=np.int64)  # (N,) node of each item's prefix at the current depth
-        edges_parent, edges_code, edges_child = [], [], []
-        item_path = np.zeros((n_items, n_levels), dtype=np.int64)  # (N, M) node of each item at depth l+1
-        offset = 1
+        order = _lexicographic_order(codes, self.codebook_size)     # (N,) item_idx in SID order
+        sorted_codes = codes[order]                                   # (N, M)
+        # is_new[j]: sorted row j starts a new depth-(l+1) prefix; a prefix is new once any earlier level differs
+        is_new = np.zeros(n_items, dtype=bool)
+        is_new[:1] = True
+        level_start = [0, 1]                 # first node id of each depth, then n_nodes
+        path_sorted = np.empty((n_items, n_levels), dtype=np.int64)  # node of sorted row j at depth l + 1
+        parent = np.zeros(n_items, dtype=np.int64)                   # node of sorted row j at depth l
+        fanouts, node_codes, n_leaves, starts_per_level = [], [np.zeros(1, np.int64)], [np.array([n_items])], []
         for level in range(n_levels):
-            if n_items == 0:
-                break
-            prefixes, first_row, inverse = np.unique(codes[:, : level + 1], axis=0, return_index=True,
-                                                     return_inverse=True)
-            node_ids = offset + np.arange(len(prefixes), dtype=np.int64)  # (n_prefixes,)
-            edges_parent.append(parent[first_row])
-            edges_code.append(prefixes[:, level])
-            edges_child.append(node_ids)
-            parent = offset + inverse.reshape(-1)  # (N,)
-            item_path[:, level] = parent
-            offset += len(prefixes)
-        children = torch.full((offset, self.codebook_size), -1, dtype=torch.int64)
-        leaf_item = torch.full((offset,), -1, dtype=torch.int64)
-        if n_items:
-            children[torch.from_numpy(np.concatenate(edges_parent)),
-                     torch.from_numpy(np.concatenate(edges_code))] = torch.from_numpy(np.concatenate(edges_child))
-            leaf_item[torch.from_numpy(parent)] = torch.arange(n_items, dtype=torch.int64)
-        n_leaves = np.bincount(item_path.reshape(-1), minlength=offset).astype(np.int64)
-        n_leaves[0] = n_items
-        device = self.children.device if hasattr(self, "children") else torch.device("cpu")
-        self.children = children.to(device)
-        self.leaf_item = leaf_item.to(device)
-        self.item_path = torch.from_numpy(item_path).to(device)     # (N, M)
-        self.n_leaves = torch.from_numpy(n_leaves).to(device)       # (n_nodes,) items under each node
+            col = sorted_codes[:, level]
+            is_new[1:] |= col[1:] != col[:-1]
+            starts = np.flatnonzero(is_new)                          # (n_level,) first sorted row of each new node
+            node = level_start[-1] - 1 + np.cumsum(is_new)           # (N,) node id at depth l + 1
+            path_sorted[:, level] = node
+            fanouts.append(np.bincount(parent[starts] - level_start[level],
+                                       minlength=level_start[level + 1] - level_start[level]))
+            node_codes.append(col[starts])
+            n_leaves.append(np.diff(starts, append=n_items))
+            starts_per_level.append((parent[starts], col[starts]))
+            parent = node
+            level_start.append(level_start[-1] + len(starts))
+        if n_items > 1 and not is_new[1:].all():
+            _raise_shared_sids(sorted_codes, order, is_new)
+        item_path = np.empty_like(path_sorted)
+        item_path[order] = path_sorted
+        child_start = np.concatenate([[1], 1 + np.cumsum(np.concatenate(fanouts))]).astype(np.int64)
+        dense: list[Tensor | None] = []
+        for level, (edge_parent, edge_code) in enumerate(starts_per_level):
+            n_parents = level_start[level + 1] - level_start[level]
+            if n_parents * self.codebook_size > self.dense_max_entries:
+                dense.append(None)
+                continue
+            table = torch.full((n_parents, self.codebook_size), -1, dtype=torch.int64)
+            table[torch.from_numpy(edge_parent - level_start[level]), torch.from_numpy(edge_code)] = torch.arange(
+                level_start[level + 1], level_start[level + 2], dtype=torch.int64)
+            dense.append(table)
+        dense.append(None)  # the leaves have no children
+        code_dtype = torch.int16 if self.codebook_size <= torch.iinfo(torch.int16).max + 1 else torch.int32
+        device = self.device if hasattr(self, "child_start") else torch.device("cpu")
+        self.level_start = level_start                                        # M + 2 ints
+        self._max_fanout = [int(f.max(initial=0)) for f in fanouts] + [0]    # per parent depth 0..M
+        self.child_start = torch.from_numpy(child_start).to(device)          # (n_inner + 1,)
+        self.node_code = torch.from_numpy(np.concatenate(node_codes)).to(code_dtype).to(device)  # (n_nodes,)
+        self.leaf_to_item = torch.from_numpy(order.astype(np.int64)).to(device)  # (N,)
+        self.item_path = torch.from_numpy(item_path).to(device)              # (N, M)
+        self.n_leaves = torch.from_numpy(np.concatenate(n_leaves).astype(np.int64)).to(device)  # (n_nodes,)
+        self.dense_children = [None if t is None else t.to(device) for t in dense]
         self.codes = codes
+
+    def _exclusion_pairs(self, exclude: list) -> tuple[np.ndarray, np.ndarray]:
+        """(row, item_idx) pairs, int64 `(S,)` each: per prompt row its distinct excluded items in [0, N)."""
+        rows, items = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for b, ex in enumerate(exclude):
+            ex = np.unique(np.asarray(list(ex), dtype=np.int64))
+            ex = ex[(ex >= 0) & (ex < self.n_items)]
+            rows.append(np.full(len(ex), b, dtype=np.int64))
+            items.append(ex)
+        return np.concatenate(rows), np.concatenate(items)
+
+    def excluded_nodes(self, exclude: list, device: torch.device | str | None = None) -> Tensor:
+        """Per prompt, the nodes all of whose items that prompt excludes, for :meth:`children_of`'s `excluded`.
+
+        O(S * M) for S excluded (prompt, item) pairs, whatever the catalogue size.
+
+        Args:
+            exclude: B sequences of item_idx to leave out (repeats and ids outside [0, N) are ignored).
+            device: where to build the keys (default: the trie's device).
+
+        Returns:
+            int64 `(E,)`, sorted: `b * n_nodes + node` for every prompt row b and node whose items are all
+            excluded for b (the root is left out: its children then all are in). Valid until :meth:`add_items`.
+        """
+        device = device or self.device
+        rows, items = self._exclusion_pairs(exclude)
+        path = self.item_path.to(device)[torch.from_numpy(items).to(device)]              # (S, M)
+        keys = (torch.from_numpy(rows).to(device).unsqueeze(1) * self.n_nodes + path).reshape(-1)  # (S * M,)
+        keys, hits = torch.unique(keys, sorted=True, return_counts=True)
+        return keys[hits == self.n_leaves.to(device)[keys % self.n_nodes]]
 
     def unseen_counts(self, exclude: list, device: torch.device | str | None = None) -> Tensor:
         """Per prompt, the number of items under each node once that prompt's excluded items are removed.
+
+        Dense, O(B * n_nodes) memory: for inspection and tests; beam_search uses :meth:`excluded_nodes`.
 
         Args:
             exclude: B sequences of item_idx to leave out (repeats and ids >= n_items are ignored).
@@ -221,22 +355,43 @@ class SIDTrie:
         Returns:
             int64 ``(B, n_nodes)``; a node with count 0 leads to no allowed item (the beam search masks it).
         """
-        device = device or self.children.device
+        device = device or self.device
         counts = self.n_leaves.to(device).unsqueeze(0).repeat(len(exclude), 1)  # (B, n_nodes)
-        rows, items = [], []
-        for b, ex in enumerate(exclude):
-            ex = np.unique(np.asarray(list(ex), dtype=np.int64))
-            ex = ex[(ex >= 0) & (ex < self.n_items)]
-            rows.append(np.full(len(ex), b, dtype=np.int64))
-            items.append(ex)
-        items_t = torch.from_numpy(np.concatenate(items)).to(device)
-        if items_t.numel():
-            rows_t = torch.from_numpy(np.concatenate(rows)).to(device)
-            path = self.item_path.to(device)[items_t]                             # (S, M)
+        rows, items = self._exclusion_pairs(exclude)
+        if items.size:
+            rows_t = torch.from_numpy(rows).to(device)
+            path = self.item_path.to(device)[torch.from_numpy(items).to(device)]  # (S, M)
             counts.index_put_((rows_t.repeat_interleave(self.n_levels), path.reshape(-1)),
                               torch.full((path.numel(),), -1, dtype=torch.int64, device=device), accumulate=True)
             counts[:, 0] -= torch.bincount(rows_t, minlength=len(exclude))
         return counts
+
+
+def _lexicographic_order(codes: np.ndarray, codebook_size: int) -> np.ndarray:
+    """int64 `(N,)`: the stable order of the rows of `codes` `(N, M)` by SID (level 0 first).
+
+    One argsort of the SIDs packed into int64 keys when M * bits(K) <= 63 (4 x 256: 32 bits), else lexsort.
+    """
+    n_items, n_levels = codes.shape
+    bits = max(1, (codebook_size - 1).bit_length())
+    if bits * n_levels > 63:
+        return np.lexsort(codes.T[::-1]).astype(np.int64)
+    packed = np.zeros(n_items, dtype=np.int64)
+    for level in range(n_levels):  # M vector ops
+        packed = (packed << bits) | codes[:, level]
+    return np.argsort(packed, kind="stable").astype(np.int64)
+
+
+def _raise_shared_sids(sorted_codes: np.ndarray, order: np.ndarray, is_new: np.ndarray) -> None:
+    """Raises the ValueError that names up to 3 SIDs shared by several items (is_new: depth-M flags)."""
+    heads = np.flatnonzero(is_new[:-1] & ~is_new[1:])           # sorted row starting each shared SID
+    examples = []
+    for head in heads[:3]:
+        stop = head + 1 + int(np.argmax(np.append(is_new[head + 1:], True)))
+        items = sorted(order[head:stop].tolist())
+        examples.append(f"{tuple(int(c) for c in sorted_codes[head])} -> items {items}")
+    raise ValueError(f"{len(heads)} SIDs are shared by several items ({'; '.join(examples)}); "
+                     "item SIDs must be unique (DESIGN.md §1.3): re-export them with the dedup level")
 
 
 @dataclass(frozen=True)
@@ -314,9 +469,7 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
                           torch.full((batch_size, n_out), float("-inf"), device=device))
     if exclude is not None and len(exclude) != batch_size:
         raise ValueError(f"exclude must hold one sequence per prompt: {len(exclude)} for {batch_size} prompts")
-    counts = trie.unseen_counts(exclude, device) if exclude is not None else None  # (B, n_nodes) or None
-    children = trie.children.to(device)
-    leaf_item = trie.leaf_item.to(device)
+    excluded = trie.excluded_nodes(exclude, device) if exclude is not None else None  # sorted keys or None
     level_token_ids = trie.level_token_ids.to(device)  # (M, K)
     n_codes = trie.codebook_size
 
@@ -339,17 +492,15 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
         row_base = torch.arange(batch_size, device=device).unsqueeze(1)  # (B, 1)
         for level in range(trie.n_levels):
             logp = _level_logprobs(logits, level_token_ids[level]).view(batch_size, width, n_codes)  # (B, width, K)
-            alive = nodes >= 0  # (B, width)
-            child = children[nodes.clamp(min=0)]  # (B, width, K)
-            allowed = (child >= 0) & alive.unsqueeze(-1)  # (B, width, K)
-            if counts is not None:  # only prefixes that still lead to an item this prompt may get
-                allowed &= counts.gather(1, child.clamp(min=0).view(batch_size, -1)).view_as(child) > 0
+            # the one trie lookup of the step; with exclude, only prefixes that still lead to an allowed item
+            child = trie.children_of(nodes, level, excluded).to(device)  # (B, width, K) node id, -1 = not allowed
+            allowed = child >= 0  # (B, width, K)
             cand = (scores.unsqueeze(-1) + logp).masked_fill(~allowed, float("-inf"))  # (B, width, K)
             new_width = min(n_beams, width * n_codes)
             scores, flat = cand.view(batch_size, width * n_codes).topk(new_width, dim=-1)  # (B, W)
             parent, code = flat // n_codes, flat % n_codes  # (B, W)
             valid = allowed.view(batch_size, -1).gather(1, flat) & torch.isfinite(scores)  # (B, W)
-            nodes = children[nodes.gather(1, parent).clamp(min=0), code]  # (B, W)
+            nodes = child.view(batch_size, -1).gather(1, flat)  # (B, W)
             nodes = torch.where(valid, nodes, torch.full_like(nodes, -1))
             scores = scores.masked_fill(~valid, float("-inf"))
             if level == trie.n_levels - 1:
@@ -367,10 +518,10 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
     finally:
         model.train(was_training)
 
-    item_idx = torch.where(nodes >= 0, leaf_item[nodes.clamp(min=0)], torch.full_like(nodes, -1))  # (B, W)
+    item_idx = trie.item_of_leaf(nodes).to(device)  # (B, W), -1 for dead beams
+    assert bool((item_idx[nodes >= 0] >= 0).all()), "a live beam ended on a non-leaf node"
     item_idx, scores = item_idx[:, :n_out], scores[:, :n_out]
     valid = item_idx >= 0
-    assert bool((leaf_item[nodes.clamp(min=0)][:, :n_out][valid] >= 0).all()), "a live beam ended on a non-leaf node"
     sorted_items = torch.where(valid, item_idx, -1 - torch.arange(n_out, device=device)).sort(dim=1).values
     assert bool((sorted_items[:, 1:] != sorted_items[:, :-1]).all()), "beam search returned an item twice"
     n_short = int((~valid).any(dim=1).sum())
