@@ -231,3 +231,23 @@ def test_delete_dir_through_the_uri(tmp_path):
     storage.delete_dir(f"file://{tmp_path}/ck")
     assert not (tmp_path / "ck").exists()
     storage.delete_dir(f"file://{tmp_path}/ck")                      # already gone: fine
+
+
+def test_work_files_are_pushed_and_read_through_the_shared_location(driver, tmp_path):
+    """The LLM stage's sample files (``work/``) reach other nodes: pushed as a tree, read via mapped paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    work = driver / "work" / "llm-h"
+    work.mkdir(parents=True)
+    for i in range(2):
+        pq.write_table(pa.table({"x": [i, i + 1]}), work / f"epoch-{i}.parquet")
+    remote = _remote(BUCKET, tmp_path)
+    assert storage.push_tree(driver, remote, "work/llm-h")
+    paths = storage.shared_paths(driver, remote, sorted(work.glob("*.parquet")))
+    assert paths == [f"{remote}/work/llm-h/epoch-{i}.parquet" for i in range(2)]
+    fs, p = storage.filesystem(paths[1])
+    assert pq.read_table(p, filesystem=fs).column("x").to_pylist() == [1, 2]
+    nfs = _remote(NFS, tmp_path)
+    assert storage.shared_paths(nfs, nfs, [Path(nfs) / "a.parquet"]) == [f"{nfs}/a.parquet"]
+    with pytest.raises(ValueError, match="not inside"):
+        storage.shared_paths(driver, remote, [tmp_path / "elsewhere.parquet"])

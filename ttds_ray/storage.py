@@ -334,6 +334,52 @@ def push_file(local_root: str | os.PathLike, run_location: str | os.PathLike, na
     return True
 
 
+def push_tree(local_root: str | os.PathLike, run_location: str | os.PathLike, rel: str) -> bool:
+    """Upload the directory ``<local_root>/<rel>`` (e.g. the LLM stage's sample files under ``work/``) to
+    ``<run_location>/<rel>`` in one ``pyarrow.fs.copy_files`` call, replacing what was there. Not atomic: for
+    files the driver writes once and readers open only after this returns (Ray Data read tasks on any node).
+    Returns False (nothing to do) for a local/NFS ``run_location`` equal to ``local_root``.
+
+    Raises:
+        FileNotFoundError: ``<local_root>/<rel>`` is not a directory.
+        ConfigError: the location cannot be opened (see :func:`filesystem`).
+    """
+    src = Path(local_root) / rel
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such directory to push")
+    fs, base = filesystem(run_location)
+    if not is_uri(run_location) and Path(base) == Path(local_root).resolve():
+        return False
+    dest = posixpath.join(base, rel)
+    fs.delete_dir_contents(dest, missing_dir_ok=True)
+    fs.create_dir(dest, recursive=True)
+    _copy(str(src), dest, pafs.LocalFileSystem(), fs)
+    return True
+
+
+def shared_paths(local_root: str | os.PathLike, run_location: str | os.PathLike,
+                 paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Where every node finds files of the local working copy: each path under ``local_root`` mapped onto
+    ``run_location`` (a URI: for ``ray.data.read_parquet`` on a cluster, after :func:`push_stage` /
+    :func:`push_tree`); unchanged (as ``str``) for a local/NFS run location.
+
+    Raises:
+        ValueError: a path is not inside ``local_root``.
+    """
+    paths = [Path(p) for p in paths]
+    if not is_uri(run_location):
+        return [str(p) for p in paths]
+    root = Path(local_root).resolve()
+    out = []
+    for p in paths:
+        try:
+            rel = p.resolve().relative_to(root)
+        except ValueError:
+            raise ValueError(f"{p} is not inside the run's working copy {root}") from None
+        out.append(join(run_location, *rel.parts))
+    return out
+
+
 def delete_dir(location: str | os.PathLike, key: str = "output_dir") -> None:
     """Remove a directory tree, local or remote (what ``shutil.rmtree`` does for a local path); a missing one
     is fine.
