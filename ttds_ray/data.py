@@ -314,27 +314,40 @@ def _checked(log: pd.DataFrame, items: pd.DataFrame, item_file: Path, drop_textl
     With ``drop_textless``, logged items whose row has no text at all are dropped from the log (with a
     warning and a count) instead of stopping the job; items with no row still stop it.
     """
+    items, textless = check_items(pd.Index(log["item_id"].unique()), items, item_file, drop_textless)
+    if len(textless):
+        n_before = len(log)
+        log = log[~log["item_id"].isin(textless)]
+        logger.warning("dropped %d logged items with no text in %s (%d interactions; e.g. %s) because "
+                       "data.drop_items_without_text is set", len(textless), item_file, n_before - len(log),
+                       textless[:3])
+    return RawData(log, items, n_dropped_textless=len(textless))
+
+
+def check_items(logged: pd.Index, items: pd.DataFrame, item_file: str | Path, drop_textless: bool = False
+                ) -> tuple[pd.DataFrame, list[str]]:
+    """Check the item table against the distinct logged item ids (the half of :func:`_checked` that needs
+    only ids, so the Ray Data ingestion can run it on the driver).
+
+    Returns:
+        ``(items, textless)``: the item table cast to (str, str, str, bool), and the logged items without any
+        text, in item-table order, that the caller must drop from the log (non-empty only with ``drop_textless``).
+
+    Raises:
+        DataError: an item id twice in ``item_file``, logged items without a row, logged items without text
+            (unless ``drop_textless``).
+    """
     dup = items["item_id"][items["item_id"].duplicated()]
     if len(dup):
         raise DataError(f"{item_file} lists {len(dup)} item ids twice (e.g. {list(dup[:3])}); "
                         f"dedupe the file")
-    logged = pd.Index(log["item_id"].unique())
     unknown = logged.difference(items["item_id"])
     if len(unknown):
         raise DataError(f"{len(unknown)} logged items have no row in {item_file} (e.g. {list(unknown[:5])}); "
                         f"add their text or drop them from the log")
     is_logged = items["item_id"].isin(logged)
     textless = items["item_id"][(items["title"] == "") & is_logged]
-    n_dropped = 0
-    if len(textless) and drop_textless:
-        n_before = len(log)
-        log = log[~log["item_id"].isin(textless)]
-        n_dropped = len(textless)
-        logger.warning("dropped %d logged items with no text in %s (%d interactions; e.g. %s) because "
-                       "data.drop_items_without_text is set", n_dropped, item_file, n_before - len(log),
-                       list(textless[:3]))
-        textless = textless[:0]
-    if len(textless):
+    if len(textless) and not drop_textless:
         raise DataError(f"{len(textless)} logged items have an empty title and no other text in {item_file} "
                         f"(e.g. {list(textless[:5])}); add a title or other text, or set data.drop_items_without_text=true")
     filled = items[items["title_filled"] & is_logged]
@@ -342,8 +355,8 @@ def _checked(log: pd.DataFrame, items: pd.DataFrame, item_file: Path, drop_textl
         logger.warning("%d logged items in %s have an empty title; built one from their other text "
                     "(e.g. %s)", len(filled), item_file,
                     ", ".join(f"{i!r} -> {t!r}" for i, t in zip(filled["item_id"][:3], filled["title"][:3])))
-    return RawData(log, items.astype({"item_id": str, "title": str, "text": str, "title_filled": bool}),
-                   n_dropped_textless=n_dropped)
+    return (items.astype({"item_id": str, "title": str, "text": str, "title_filled": bool}),
+            list(textless))
 
 
 def read_raw(cfg: DataConfig) -> RawData:
@@ -463,10 +476,77 @@ def _kcore(log: pd.DataFrame, k: int) -> pd.DataFrame:
     return log
 
 
+def log_kcore(kcore: int, kdrop: dict[str, int], n_users: int, n_items: int, n_interactions: int) -> None:
+    """Log what the k-core filter dropped (``kdrop`` as :func:`kcore_drop_counts`) of the deduplicated log."""
+    if kcore > 0:
+        logging.getLogger("ttds_ray").info(
+            "%d-core filter dropped %d users, %d items and %d interactions (of %d users, %d items, %d interactions)",
+            kcore, kdrop["users"], kdrop["items"], kdrop["interactions"], n_users, n_items, n_interactions)
+
+
 def _dense_ids(raw_ids: np.ndarray, rng: np.random.Generator) -> dict[str, int]:
     """Sorted raw ids -> a random permutation of 0..n-1 (drawn from ``rng``)."""
     ids = np.sort(np.asarray(raw_ids, dtype=str))
     return dict(zip(ids.tolist(), rng.permutation(len(ids)).tolist()))
+
+
+def dense_id_maps(item_ids, user_ids, seed: int) -> tuple[dict[str, int], dict[str, int]]:
+    """The seeded id remapping of :func:`prepare`: ``(item_map, user_map)`` raw id -> dense index.
+
+    Raw ids are sorted as strings; ``np.random.default_rng(seed)`` draws a permutation for the items first,
+    then one for the users. The order of ``item_ids``/``user_ids`` (unique ids) does not matter.
+    """
+    rng = np.random.default_rng(seed)
+    item_map = _dense_ids(item_ids, rng)
+    return item_map, _dense_ids(user_ids, rng)
+
+
+def no_users_left(kcore: int, n_raw: int) -> DataError:
+    """The error :func:`prepare` raises when filtering leaves nothing."""
+    return DataError(f"no user keeps >= {_MIN_SEQ_LEN} interactions after {kcore}-core filtering of "
+                     f"{n_raw} interactions; lower data.kcore or check the dataset")
+
+
+def assemble(items: pd.DataFrame, item_map: dict[str, int], user_map: dict[str, int], seqs: list[np.ndarray],
+             counts: dict[str, int], *, kcore: int, seed: int, n_dropped_textless: int = 0) -> Prepared:
+    """The :class:`Prepared` tables from the id maps and the sequences (the last step of :func:`prepare`,
+    shared with the Ray Data ingestion so that both write byte-identical tables).
+
+    Args:
+        items: the item table (`item_id`, `title`, `text`, optional `title_filled`); rows of items not in
+            ``item_map`` are dropped.
+        seqs: int64 arrays of item_idx, ``seqs[u]`` = the sequence of user_idx ``u``.
+        counts: ``n_raw`` (interactions given to the filters), ``n_dedup``, ``n_kcore`` (after dedupe / k-core),
+            ``n_kcore_users``/``n_kcore_items`` and ``n_dedup_users``/``n_dedup_items`` (distinct ids after
+            k-core / after dedupe), ``n_short`` (users dropped for being shorter than 3).
+
+    Raises:
+        DataError: an item of ``item_map`` has no row in ``items``.
+    """
+    user_ids = np.empty(len(user_map), dtype=object)
+    user_ids[list(user_map.values())] = list(user_map)
+    sequences = pd.DataFrame({"user_idx": np.arange(len(user_map), dtype=np.int64),
+                              "user_id": user_ids.astype(str), "items": seqs})
+    items = items[items["item_id"].isin(item_map)]
+    n_filled = int(items["title_filled"].sum()) if "title_filled" in items else 0
+    items = items[["item_id", "title", "text"]].copy()
+    items.insert(0, "item_idx", items["item_id"].map(item_map).astype(np.int64))
+    items = items.sort_values("item_idx").reset_index(drop=True)
+    if len(items) != len(item_map):
+        raise DataError(f"{len(item_map) - len(items)} logged items have no row in raw.items; "
+                        f"read the data with read_raw(), which checks this")
+    n_interactions = int(sum(len(s) for s in seqs))
+    c = counts
+    stats = {"n_users": len(user_map), "n_items": len(item_map), "n_interactions": n_interactions,
+             "n_raw_interactions": c["n_raw"], "n_dropped_duplicates": c["n_raw"] - c["n_dedup"],
+             "n_dropped_kcore": c["n_dedup"] - c["n_kcore"],
+             "n_dropped_kcore_users": c["n_dedup_users"] - c["n_kcore_users"],
+             "n_dropped_kcore_items": c["n_dedup_items"] - c["n_kcore_items"],
+             "n_dropped_kcore_interactions": c["n_dedup"] - c["n_kcore"],
+             "n_dropped_short_users": int(c["n_short"]),
+             "n_titles_filled": n_filled, "n_dropped_textless_items": n_dropped_textless,
+             "avg_len": round(n_interactions / len(user_map), 4), "kcore": kcore, "seed": seed}
+    return Prepared(items, sequences, stats)
 
 
 def prepare(raw: RawData, *, kcore: int, seed: int) -> Prepared:
@@ -475,9 +555,10 @@ def prepare(raw: RawData, *, kcore: int, seed: int) -> Prepared:
     Steps: drop exact duplicate (user, item, timestamp) rows (first kept); iterative ``kcore``
     filter on users and items (0 = off); drop users left with < 3 interactions (leave-one-out
     needs them; not re-iterated); order each user's items by timestamp, ties by input ``order``.
-    Dense ids: raw ids are sorted as strings, then ``rng = np.random.default_rng(seed)`` draws a
-    permutation for items (first) and for users (second): item j of the sorted list gets
-    ``item_idx = perm[j]``. So the ids carry no popularity or time order, and a seed fixes them.
+    Dense ids (:func:`dense_id_maps`): raw ids are sorted as strings, then
+    ``rng = np.random.default_rng(seed)`` draws a permutation for items (first) and for users (second):
+    item j of the sorted list gets ``item_idx = perm[j]``. So the ids carry no popularity or time order,
+    and a seed fixes them.
 
     Raises:
         DataError: nothing is left after filtering.
@@ -485,50 +566,26 @@ def prepare(raw: RawData, *, kcore: int, seed: int) -> Prepared:
     log = raw.interactions.sort_values("order", kind="stable")
     n_raw = len(log)
     log = log.drop_duplicates(["user_id", "item_id", "timestamp"], keep="first")
-    n_dedup = len(log)
     dedup = log
     log = _kcore(log, kcore)
-    n_kcore = len(log)
     kdrop = kcore_drop_counts(dedup, log)
-    if kcore > 0:
-        logging.getLogger("ttds_ray").info(
-            "%d-core filter dropped %d users, %d items and %d interactions (of %d users, %d items, %d interactions)",
-            kcore, kdrop["users"], kdrop["items"], kdrop["interactions"], dedup["user_id"].nunique(),
-            dedup["item_id"].nunique(), len(dedup))
+    log_kcore(kcore, kdrop, dedup["user_id"].nunique(), dedup["item_id"].nunique(), len(dedup))
+    counts = {"n_raw": n_raw, "n_dedup": len(dedup), "n_kcore": len(log),
+              "n_dedup_users": dedup["user_id"].nunique(), "n_dedup_items": dedup["item_id"].nunique(),
+              "n_kcore_users": log["user_id"].nunique(), "n_kcore_items": log["item_id"].nunique()}
     user_len = log.groupby("user_id")["item_id"].transform("size")
-    n_short = log["user_id"][user_len < _MIN_SEQ_LEN].nunique()
+    counts["n_short"] = log["user_id"][user_len < _MIN_SEQ_LEN].nunique()
     log = log[user_len >= _MIN_SEQ_LEN]
     if log.empty:
-        raise DataError(f"no user keeps >= {_MIN_SEQ_LEN} interactions after {kcore}-core filtering of "
-                        f"{n_raw} interactions; lower data.kcore or check the dataset")
-    rng = np.random.default_rng(seed)
-    item_map = _dense_ids(log["item_id"].unique(), rng)
-    user_map = _dense_ids(log["user_id"].unique(), rng)
+        raise no_users_left(kcore, n_raw)
+    item_map, user_map = dense_id_maps(log["item_id"].unique(), log["user_id"].unique(), seed)
     item_idx = log["item_id"].map(item_map).to_numpy(np.int64)
     user_idx = log["user_id"].map(user_map).to_numpy(np.int64)
     perm = np.lexsort((log["order"].to_numpy(), log["timestamp"].to_numpy(), user_idx))  # last key first
-    counts = np.bincount(user_idx, minlength=len(user_map))
-    seqs = np.split(item_idx[perm], np.cumsum(counts)[:-1])
-    user_ids = np.empty(len(user_map), dtype=object)
-    user_ids[list(user_map.values())] = list(user_map)
-    sequences = pd.DataFrame({"user_idx": np.arange(len(user_map), dtype=np.int64),
-                              "user_id": user_ids.astype(str), "items": seqs})
-    items = raw.items[raw.items["item_id"].isin(item_map)]
-    n_filled = int(items["title_filled"].sum()) if "title_filled" in items else 0
-    items = items[["item_id", "title", "text"]].copy()
-    items.insert(0, "item_idx", items["item_id"].map(item_map).astype(np.int64))
-    items = items.sort_values("item_idx").reset_index(drop=True)
-    if len(items) != len(item_map):
-        raise DataError(f"{len(item_map) - len(items)} logged items have no row in raw.items; "
-                        f"read the data with read_raw(), which checks this")
-    stats = {"n_users": len(user_map), "n_items": len(item_map), "n_interactions": len(log),
-             "n_raw_interactions": n_raw, "n_dropped_duplicates": n_raw - n_dedup,
-             "n_dropped_kcore": n_dedup - n_kcore, "n_dropped_kcore_users": kdrop["users"],
-             "n_dropped_kcore_items": kdrop["items"], "n_dropped_kcore_interactions": kdrop["interactions"],
-             "n_dropped_short_users": int(n_short),
-             "n_titles_filled": n_filled, "n_dropped_textless_items": raw.n_dropped_textless,
-             "avg_len": round(len(log) / len(user_map), 4), "kcore": kcore, "seed": seed}
-    return Prepared(items, sequences, stats)
+    lens = np.bincount(user_idx, minlength=len(user_map))
+    seqs = np.split(item_idx[perm], np.cumsum(lens)[:-1])
+    return assemble(raw.items, item_map, user_map, seqs, counts, kcore=kcore, seed=seed,
+                    n_dropped_textless=raw.n_dropped_textless)
 
 
 # ----------------------------------------------------------------------------- leave-one-out split
