@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 
 from .errors import ConfigError  # noqa: E402  (re-exported: the project's error hierarchy)
@@ -46,22 +47,151 @@ class _Section(BaseModel):
         return out
 
 
+def _check_encoding(v: Optional[str], key: str) -> Optional[str]:
+    if v is not None:
+        import codecs
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"{key}={v!r} is not a text encoding Python knows (e.g. 'latin-1', 'cp1252')") from None
+    return v
+
+
+#: Ray Data's file-path column (``include_paths``): a mapped column cannot have this name.
+RESERVED_COLUMN = "path"
+
+
+class LogsConfig(_Section):
+    """Raw interaction logs + an item-text table (``data.format: logs``; docs/DATA.md).
+
+    Files are parquet (``.parquet``), CSV/TSV (``.csv``/``.tsv``, optionally ``.gz``) or JSON lines
+    (``.jsonl``/``.json``/``.ndjson``, optionally ``.gz``), told apart by extension.
+    """
+    interactions: str = Field(..., description="Interaction files: a directory (every data file under it, "
+                              "hidden and _-prefixed names skipped), a glob ('events/*.parquet', '**' recurses) "
+                              "or one file; relative to data.path.")
+    items: str = Field(..., description="Item-text files (directory, glob or file), relative to data.path.")
+    user: str = Field("user_id", description="Interaction column holding the user id (string or integer).")
+    item: str = Field("item_id", description="Interaction column holding the item id (string or integer).")
+    timestamp: str = Field("timestamp", description="Interaction column holding the time: a number (e.g. "
+                           "epoch seconds), a date-time, or ISO-8601 text. Ties are broken by raw item id.")
+    rating: Optional[str] = Field(None, description="Interaction column holding a numeric rating; needed by "
+                                  "data.min_rating.")
+    event: Optional[str] = Field(None, description="Interaction column holding the event type; needed by "
+                                 "data.logs.keep_events.")
+    keep_events: Optional[tuple[str, ...]] = Field(None, description="Keep only interactions whose event type "
+                                                   "is one of these (e.g. [purchase, review]); None = all.")
+    item_key: Optional[str] = Field(None, description="Item-table column holding the item id; None = the "
+                                    "same name as data.logs.item.")
+    title: str = Field("title", description="Item-table column holding the title.")
+    text: tuple[str, ...] = Field((), description="Other item-table text columns, in the order they go into "
+                                  "the item text ('title: ...; brand: ...'); name them brand / categories for "
+                                  "the brand and category tasks.")
+    encoding: Optional[str] = Field(None, description="Encoding of text that is not valid UTF-8 (e.g. "
+                                    "'latin-1'); None = replace the bad bytes with U+FFFD. Such rows are counted.")
+
+    @field_validator("keep_events", "text", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v   # YAML and to_dict() give lists
+
+    @model_validator(mode="after")
+    def _check(self) -> "LogsConfig":
+        _check_encoding(self.encoding, "data.logs.encoding")
+        if self.keep_events is not None and self.event is None:
+            raise ValueError("data.logs.keep_events filters on the event column, but data.logs.event (its "
+                             "name) is not set")
+        if self.keep_events == ():
+            raise ValueError("data.logs.keep_events is empty: it would drop every interaction; unset it to keep all")
+        cols = {"user": self.user, "item": self.item, "timestamp": self.timestamp, "rating": self.rating,
+                "event": self.event}
+        named = [(k, v) for k, v in cols.items() if v is not None]
+        for k, v in named:
+            if not v:
+                raise ValueError(f"data.logs.{k} is empty; give the column name")
+            if v == RESERVED_COLUMN:
+                raise ValueError(f"data.logs.{k}={v!r}: '{RESERVED_COLUMN}' is reserved for the file name Ray "
+                                 "Data adds; rename the column in the files")
+        seen: dict[str, str] = {}
+        for k, v in named:
+            if v in seen:
+                raise ValueError(f"data.logs.{seen[v]} and data.logs.{k} both name column {v!r}")
+            seen[v] = k
+        item_cols = [("item_key", self.item_key or self.item), ("title", self.title)] + [
+            (f"text[{i}]", c) for i, c in enumerate(self.text)]
+        if RESERVED_COLUMN in [c for _, c in item_cols]:
+            raise ValueError(f"data.logs item-table columns cannot be named '{RESERVED_COLUMN}' (reserved for the "
+                             "file name Ray Data adds)")
+        names = [c for _, c in item_cols]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.logs.item_key/title/text name a column twice: {names}")
+        return self
+
+
+class AmazonConfig(_Section):
+    """Amazon review dumps as the McAuley lab ships them (``data.format: amazon``; docs/DATA.md)."""
+    release: Literal["auto", "2014", "2018"] = Field("auto", description="'2014': reviews_<Cat>[_5].json.gz + "
+                                                     "meta_<Cat>.json.gz (python-literal lines); '2018': "
+                                                     "<Cat>[_5].json.gz + meta_<Cat>.json.gz (JSON); 'auto' "
+                                                     "tells them by file name.")
+    reviews: Literal["5core", "all"] = Field("5core", description="Read the 5-core review file (<..>_5.json.gz) "
+                                             "or the file with every review.")
+    encoding: Optional[str] = Field(None, description="Encoding of lines that are not valid UTF-8; None = "
+                                    "replace the bad bytes. Such rows are counted.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AmazonConfig":
+        _check_encoding(self.encoding, "data.amazon.encoding")
+        return self
+
+
 class DataConfig(_Section):
     path: str = Field(..., description="Dataset directory or file: LC-Rec layout (X.inter.json[.gz] + "
-                      "X.item.json[.gz]) or RecBole atomic files (X.inter + X.item), optionally gzipped.")
-    format: Literal["auto", "lcrec", "recbole"] = Field("auto", description="Reader; 'auto' detects by file names.")
+                      "X.item.json[.gz]) or RecBole atomic files (X.inter + X.item), optionally gzipped; for "
+                      "format 'logs' the folder data.logs.* globs are relative to; for 'amazon' the folder "
+                      "holding the review dump.")
+    format: Literal["auto", "lcrec", "recbole", "logs", "amazon"] = Field(
+        "auto", description="Reader; 'auto' detects LC-Rec/RecBole by file names; 'logs' = raw interaction "
+        "logs (data.logs), 'amazon' = Amazon review dumps (data.amazon). docs/DATA.md.")
     name: Optional[str] = Field(None, description="Dataset file prefix (e.g. 'Beauty'); needed only when a "
-                                "directory holds several datasets.")
+                                "directory holds several datasets (Amazon: the category, e.g. 'Beauty').")
     kcore: int = Field(5, ge=0, description="Iterative k-core filter on users and items (DESIGN §2); 0 = off.")
     max_history: int = Field(20, ge=1, description="Items of history given to the models (LETTER protocol: 20).")
-    min_rating: Optional[float] = Field(None, description="Drop interactions rated below this (RecBole logs only).")
+    min_rating: Optional[float] = Field(None, description="Drop interactions rated below this (RecBole logs; "
+                                        "format 'logs' with data.logs.rating; 'amazon': the review's stars).")
     drop_items_without_text: bool = Field(False, description="Drop logged items whose row has no text at all "
                                           "(e.g. 55 Games items) instead of stopping; counted in data/stats.json.")
+    logs: Optional[LogsConfig] = Field(None, description="Raw-log reader settings (format 'logs' only).")
+    amazon: Optional[AmazonConfig] = Field(None, description="Amazon dump reader settings (format 'amazon' "
+                                           "only; None = the defaults).")
 
     @field_validator("path")
     @classmethod
     def _expand(cls, v: str) -> str:
         return os.path.expanduser(os.path.expandvars(v))
+
+    @model_validator(mode="after")
+    def _check_format(self) -> "DataConfig":
+        if self.format == "logs" and self.logs is None:
+            raise ValueError("data.format=logs needs data.logs.interactions and data.logs.items (the "
+                             "interaction and item-text files: a directory or a glob)")
+        for key in ("logs", "amazon"):
+            if getattr(self, key) is not None and self.format != key:
+                raise ValueError(f"data.{key} is set but data.format={self.format!r}; set data.format={key} "
+                                 f"or remove data.{key}")
+        if self.format == "logs" and self.min_rating is not None and self.logs.rating is None:
+            raise ValueError("data.min_rating filters on the rating column, but data.logs.rating (its name) is "
+                             "not set")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_readers(self, handler) -> dict:
+        """``logs``/``amazon`` left unset are not dumped, so configs of the other formats keep their stage hashes."""
+        out = handler(self)
+        for key in ("logs", "amazon"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
 
 class EmbeddingsConfig(_Section):
