@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -105,12 +106,26 @@ def evaluate_sasrec(model, splits: Splits, rows: np.ndarray, split: str, cfg: TT
     return _block(ranked, targets_of(splits, rows, split), cfg.eval.ks, full, cfg.eval.exclude_seen)
 
 
+#: ``rank(histories, user_codes) -> item_idx int64 (U, W)``: ranks users on several workers (``train.RayBackend.rank``).
+RankFn = Callable[[list[np.ndarray], "np.ndarray | None"], np.ndarray]
+
+
 def evaluate_ttds(rec, splits: Splits, rows: np.ndarray, split: str, cfg: TTDSConfig,
-                  progress: bool = False) -> tuple[dict, np.ndarray]:
-    """TTDS metrics and the ranked lists ``(U, W)`` through :meth:`Recommender.rank` (the serving path)."""
+                  progress: bool = False, rank: RankFn | None = None) -> tuple[dict, np.ndarray]:
+    """TTDS metrics and the ranked lists ``(U, W)`` through :meth:`Recommender.rank` (the serving path), in
+    this process or through ``rank`` (the same method on several workers).
+
+    Raises:
+        RuntimeError: ``rank`` returned another number of rows than users asked (every user counts once).
+    """
     hist = eval_histories(splits, rows, split, cfg.data.max_history)
     user_codes = rec.user_table.codes[splits.user_idx[rows]] if cfg.tasks.use_user_sid else None
-    ranked, _ = rec.rank(hist, user_codes, n_beams=cfg.eval.n_beams, progress=progress)
+    if rank is None:
+        ranked, _ = rec.rank(hist, user_codes, n_beams=cfg.eval.n_beams, progress=progress)
+    else:
+        ranked = rank(hist, user_codes)
+        if len(ranked) != len(rows):
+            raise RuntimeError(f"distributed ranking returned {len(ranked)} rows for {len(rows)} users")
     full = eval_histories(splits, rows, split, 10 ** 9) if cfg.eval.exclude_seen else None
     return _block(ranked, targets_of(splits, rows, split), cfg.eval.ks, full, cfg.eval.exclude_seen), ranked
 
@@ -122,7 +137,7 @@ def candidate_depth(cfg: TTDSConfig, n_items: int) -> int:
 
 
 def evaluate_split(cfg: TTDSConfig, run, split: str = "test", *, max_users: int | None = None,
-                   progress: bool = True, device: str | torch.device | None = None
+                   progress: bool = True, device: str | torch.device | None = None, rank: RankFn | None = None
                    ) -> tuple[dict, np.ndarray, np.ndarray]:
     """TTDS (trie beam search over the final item index, via :class:`~ttds_ray.recommender.Recommender`),
     SASRec and popularity on ``split`` of a run (DESIGN §2). Imports no Ray.
@@ -133,6 +148,7 @@ def evaluate_split(cfg: TTDSConfig, run, split: str = "test", *, max_users: int 
             target = the second-last item).
         max_users: seeded user sample (default ``eval.max_users``).
         device: default the GPU when ``ray.use_gpu`` and CUDA is available, else the CPU.
+        rank: rank the TTDS users elsewhere (several Ray workers: ``train.RayBackend.rank``); default in-process.
 
     Returns:
         ``(metrics, rows, ranked)``: the metrics dict, evaluated user rows ``(U,)``, TTDS rankings ``(U, W)``.
@@ -160,7 +176,7 @@ def evaluate_split(cfg: TTDSConfig, run, split: str = "test", *, max_users: int 
     max_users = cfg.eval.max_users if max_users is None else max_users
     rows = select_eval_users(len(splits), max_users, cfg.seed)
     rec = Recommender(cfg, run, device)
-    ttds_m, ranked = evaluate_ttds(rec, splits, rows, split, cfg, progress=progress)
+    ttds_m, ranked = evaluate_ttds(rec, splits, rows, split, cfg, progress=progress, rank=rank)
     metrics = {
         "split": split, "protocol": "leave-one-out, full catalogue, nothing excluded"
         if not cfg.eval.exclude_seen else "leave-one-out, full catalogue, exclude_seen",

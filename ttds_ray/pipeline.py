@@ -167,7 +167,8 @@ def stage_cf(cfg: TTDSConfig, run: RunDir, backend: Backend) -> None:
     model.load_state_dict(recipes.load_state(files[recipes.WEIGHTS]))
     model.eval()
     emb = cf.cf_embeddings(model, [s.tolist() for s in splits.train_items])
-    with run.write_stage("cf", config_hash=cfg.stage_hash("cf"), numbers={"final_loss": metrics.get("loss")}) as (d, _):
+    with run.write_stage("cf", config_hash=cfg.stage_hash("cf"), numbers={
+            "final_loss": metrics.get("loss"), "steps_per_worker": metrics.get("steps_per_worker")}) as (d, _):
         cf.save_sasrec(model, cfg.cf, len(prepared.items), d)
         emb.save(d)
     log.info("cf: SASRec trained, final loss %.4f", metrics.get("loss", float("nan")))
@@ -294,7 +295,7 @@ def stage_llm(cfg: TTDSConfig, run: RunDir, backend: Backend) -> None:
     """Fine-tune the recommender LM (:class:`recipes.LLMRecipe`) with dynamic re-indexing rounds unless
     ``dynamic.static_index``; save the LM, the final item index, losses, the round log and a loss plot."""
     s = llm_samples(cfg, run)
-    files, _ = backend.fit(cfg, run, "llm", datasets=s.datasets, extra={
+    files, metrics = backend.fit(cfg, run, "llm", datasets=s.datasets, extra={
         "n_epochs": s.n_epochs, "total_steps": s.total_steps, "steps_per_epoch": s.steps_per_epoch})
     state = json.loads(files[recipes.STATE])
     losses, rounds = state["losses"], state["rounds"]
@@ -303,7 +304,9 @@ def stage_llm(cfg: TTDSConfig, run: RunDir, backend: Backend) -> None:
     with run.write_stage("llm", config_hash=cfg.stage_hash("llm"), numbers={
             "n_samples_per_epoch": s.n_per_epoch, "tasks": s.task_stats, "steps": len(losses), "static_index":
             cfg.dynamic.is_static, "changed_per_round": [r["changed"] for r in rounds],
-            "final_loss": float(np.mean(losses[-20:])) if losses else None}) as (d, _):
+            "final_loss": float(np.mean(losses[-20:])) if losses else None,
+            "steps_per_worker": metrics.get("steps_per_worker"), "resumed_at_steps": state.get("resumed_at", [])}
+            ) as (d, _):
         for name, blob in files.items():
             if name.split("/")[0] in _LLM_KEPT:
                 atomic_write_bytes(d / name, blob)
@@ -323,7 +326,10 @@ def stage_eval(cfg: TTDSConfig, run: RunDir, backend: Backend | None = None, *, 
     """Test-split evaluation of TTDS, SASRec and popularity (``evaluate.evaluate_split``); writes
     eval/metrics.json + the TTDS rankings."""
     _, splits = recipes.load_splits(run)
-    metrics, rows, ranked = evaluate.evaluate_split(cfg, run, "test", progress=progress)
+    rank = None
+    if backend is not None and hasattr(backend, "rank") and cfg.ray.num_workers > 1:
+        rank = lambda hist, user_codes: backend.rank(cfg, run, hist, user_codes)   # noqa: E731
+    metrics, rows, ranked = evaluate.evaluate_split(cfg, run, "test", progress=progress, rank=rank)
     with run.write_stage("eval", config_hash=cfg.stage_hash("eval"),
                          numbers={"HR@10": metrics["models"]["TTDS"].get("HR@10")}) as (d, _):
         write_json(d / Files.METRICS, metrics)

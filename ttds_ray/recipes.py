@@ -456,7 +456,7 @@ class LLMRecipe:
                                 seed=cfg.seed + r, item_names=self.item_names)
         self.tower, self.item_codes = res.tower, broadcast_from_rank0(res.table.codes)
         self.item_tok = self.vocab.item_tokens(self.item_codes)
-        stats = {"round": r + 1, "step": self.step, **res.stats}
+        stats = {"round": r + 1, "step": self.step, "attempt": len(self.resumed_at), **res.stats}
         self.rounds.append(stats)
         return stats
 

@@ -133,6 +133,23 @@ class _TextEncoderUDF:
         return pipeline.encode_item_batch(batch, self.cfg)
 
 
+class _RankUDF:
+    """Ray Data callable class: one loaded run (``Recommender``) ranking batches of users (evaluation)."""
+
+    def __init__(self, cfg: dict, run_dir: str, threads: int | None):
+        from .recommender import Recommender
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = config_from_dict(cfg)
+        self.rec = Recommender(self.cfg, RunDir(run_dir), "cuda" if self.cfg.ray.use_gpu else "cpu")
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        codes = np.stack(batch["user_codes"].to_numpy()) if "user_codes" in batch else None
+        ranked, _ = self.rec.rank([np.asarray(h, np.int64) for h in batch["history"]], codes,
+                                  n_beams=self.cfg.eval.n_beams, batch_size=len(batch))
+        return pd.DataFrame({"row": batch["row"].to_numpy(), "ranked": list(ranked)})
+
+
 class RayBackend:
     """``pipeline.Backend`` on Ray: Ray Data for the batch transforms, a TorchTrainer per trained stage
     (``ray.num_workers`` workers, ``ray.use_gpu``, ``ray.max_failures``).
@@ -186,6 +203,37 @@ class RayBackend:
                                  callbacks=self.callbacks.get(stage)))
         result = trainer.fit()
         return _ckpt_files(result.checkpoint), dict(result.metrics or {})
+
+    def rank(self, cfg: TTDSConfig, run: RunDir, histories: list[np.ndarray], user_codes: np.ndarray | None
+             ) -> np.ndarray:
+        """TTDS rankings of users on ``ray.num_workers`` Ray Data actors (evaluation on several workers).
+
+        Users go in blocks of ``eval.batch_size`` (the in-process batches, so the padding and hence the scores
+        are the same), each block to one actor; the output is put back in input order by row number.
+
+        Returns:
+            int64 ``(U, W)`` item_idx, best first, -1 pads.
+
+        Raises:
+            RuntimeError: a user came back twice or not at all.
+        """
+        bs = cfg.eval.batch_size
+        cols = {"row": np.arange(len(histories)), "history": [np.asarray(h, np.int64) for h in histories]}
+        if user_codes is not None:
+            cols["user_codes"] = list(np.asarray(user_codes, np.int64))
+        frame = pd.DataFrame(cols)
+        blocks = [frame.iloc[i:i + bs] for i in range(0, len(frame), bs)]
+        out = ray.data.from_pandas(blocks).map_batches(
+            _RankUDF, fn_constructor_args=(cfg.to_dict(), str(run.root.resolve()), cfg.ray.torch_threads),
+            batch_size=bs, batch_format="pandas", num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0,
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.ray.num_workers, len(blocks))))).to_pandas()
+        got = np.sort(out["row"].to_numpy())
+        if not np.array_equal(got, np.arange(len(histories))):
+            raise RuntimeError(f"distributed ranking returned rows {got.tolist()[:20]} for {len(histories)} users")
+        out = out.sort_values("row")
+        w = max(len(r) for r in out["ranked"]) if len(out) else 0
+        return np.stack([np.pad(np.asarray(r, np.int64), (0, w - len(r)), constant_values=-1) for r in out["ranked"]]) \
+            if len(out) else np.zeros((0, 0), np.int64)
 
     def cleanup(self, cfg, run, stage):
         """Drop the stage's Ray Train checkpoints (kept only for resuming an interrupted stage)."""
