@@ -21,7 +21,7 @@ from ttds_ray.metrics import hr_ndcg, popularity_ranking, score_ranks, target_ra
 N_ITEMS = 1000   # catalogue of the tie tests
 N_USERS = 500    # users of the tie tests
 KS = (1, 5, 10)
-DEPTH = max(KS) + 50  # the baselines' list depth in evaluate.candidate_depth
+DEPTH = max(KS) + 50  # a ranked-list depth past the largest cut-off
 
 
 def _cfg(**eval_kw) -> TTDSConfig:
@@ -146,12 +146,6 @@ def _splits(n_users: int, n_items: int, test_target: int | np.ndarray, seed: int
                   test_target=np.broadcast_to(np.asarray(test_target, np.int64), (n_users,)).copy())
 
 
-_EVAL_FIX = ("evaluate.py ranks baselines by list order, so ties go to low item_idx; the fix ranks them with "
-             "metrics.score_ranks / target_ranks(scores=) (docs/DESIGN-NOTES.md, 'Evaluation protocol and tie "
-             "policy'); remove this mark once evaluate.py does")
-
-
-@pytest.mark.xfail(strict=True, reason=_EVAL_FIX)
 def test_eval_stage_popularity_does_not_give_ties_to_the_target():
     from ttds_ray.evaluate import evaluate_popularity
     splits = _splits(200, N_ITEMS, test_target=0)  # equal training counts; every target is item 0
@@ -159,7 +153,6 @@ def test_eval_stage_popularity_does_not_give_ties_to_the_target():
     assert m["HR@10"] <= 0.01
 
 
-@pytest.mark.xfail(strict=True, reason=_EVAL_FIX)
 def test_eval_stage_sasrec_does_not_give_ties_to_the_target():
     from ttds_ray.cf import SASRec
     from ttds_ray.evaluate import evaluate_sasrec
@@ -172,7 +165,6 @@ def test_eval_stage_sasrec_does_not_give_ties_to_the_target():
     assert m["HR@10"] <= 0.01
 
 
-@pytest.mark.xfail(strict=True, reason=_EVAL_FIX)
 def test_eval_stage_ttds_does_not_give_ties_to_the_target():
     from ttds_ray.evaluate import evaluate_ttds
 
@@ -237,7 +229,6 @@ def test_eval_stage_blocks_count_every_evaluated_user():
 
 def test_score_based_ranking_covers_the_whole_catalogue():
     from ttds_ray.cf import SASRec, score_users
-    from ttds_ray.evaluate import candidate_depth
     n_items = 300
     torch.manual_seed(0)
     model = SASRec(n_items, hidden=8, n_layers=1, max_len=10).eval()
@@ -247,8 +238,6 @@ def test_score_based_ranking_covers_the_whole_catalogue():
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     deepest = order[:, -1].numpy()
     assert score_ranks(scores, deepest).tolist() == [n_items] * 3
-    # the baselines' ranked lists are the full ranking cut at a depth (never a sample), capped at the catalogue
-    assert candidate_depth(_cfg(), n_items) == DEPTH and candidate_depth(_cfg(), 20) == 20
 
 
 def test_ttds_trie_holds_and_ranks_every_item():

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .config import TTDSConfig
 from .data import Splits, history_for, train_item_counts
 from .decoding import SIDTrie, beam_search
-from .metrics import hr_ndcg, popularity_ranking, target_ranks, topk_from_scores
+from .metrics import hr_ndcg, score_ranks, target_ranks
 from .tasks import collate
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,12 @@ def _drop_seen(ranked: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _block(ranked: np.ndarray, targets: np.ndarray, ks, histories, exclude_seen: bool) -> dict:
+def _block(ranked: np.ndarray, targets: np.ndarray, ks, histories, exclude_seen: bool,
+           scores: np.ndarray | None = None) -> dict:
+    """HR/NDCG of ranked lists; with ``scores`` a tie is resolved against the target (``metrics.target_ranks``)."""
     if exclude_seen:
         ranked = _drop_seen(ranked, histories)
-    return hr_ndcg(target_ranks(ranked, targets), ks=ks)
+    return hr_ndcg(target_ranks(ranked, targets, scores=scores), ks=ks)
 
 
 @dataclass
@@ -88,11 +90,11 @@ class TTDSRanker:
 
 
 def evaluate_popularity(splits: Splits, n_items: int, rows: np.ndarray, split: str, cfg: TTDSConfig) -> dict:
-    """Popularity baseline: the training split's most frequent items, same list for everyone."""
-    top = popularity_ranking(train_item_counts(splits, n_items), candidate_depth(cfg, n_items))
-    ranked = np.tile(top, (len(rows), 1))
+    """Popularity baseline: items ranked by training-split count over the full catalogue; an item with the
+    target's count ranks above it (``metrics.score_ranks``, the tie policy of docs/DESIGN-NOTES.md)."""
     hist = eval_histories(splits, rows, split, 10 ** 9) if cfg.eval.exclude_seen else None
-    return _block(ranked, targets_of(splits, rows, split), cfg.eval.ks, hist, cfg.eval.exclude_seen)
+    return hr_ndcg(score_ranks(train_item_counts(splits, n_items), targets_of(splits, rows, split), exclude=hist),
+                   ks=cfg.eval.ks)
 
 
 def evaluate_sasrec(model, splits: Splits, rows: np.ndarray, split: str, cfg: TTDSConfig) -> dict:
@@ -101,13 +103,13 @@ def evaluate_sasrec(model, splits: Splits, rows: np.ndarray, split: str, cfg: TT
 
     hist = eval_histories(splits, rows, split, cfg.cf.max_len)
     scores = torch.as_tensor(np.asarray(score_users(model, [h.tolist() for h in hist], cfg.cf.max_len)))
-    ranked = np.asarray(topk_from_scores(scores, candidate_depth(cfg, scores.shape[1])))
     full = eval_histories(splits, rows, split, 10 ** 9) if cfg.eval.exclude_seen else None
-    return _block(ranked, targets_of(splits, rows, split), cfg.eval.ks, full, cfg.eval.exclude_seen)
+    return hr_ndcg(score_ranks(scores, targets_of(splits, rows, split), exclude=full), ks=cfg.eval.ks)
 
 
-#: ``rank(histories, user_codes) -> item_idx int64 (U, W)``: ranks users on several workers (``train.RayBackend.rank``).
-RankFn = Callable[[list[np.ndarray], "np.ndarray | None"], np.ndarray]
+#: ``rank(histories, user_codes) -> (item_idx int64 (U, W), scores float32 (U, W))``: ranks users on several
+#: workers (``train.RayBackend.rank``).
+RankFn = Callable[[list[np.ndarray], "np.ndarray | None"], tuple[np.ndarray, np.ndarray]]
 
 
 def evaluate_ttds(rec, splits: Splits, rows: np.ndarray, split: str, cfg: TTDSConfig,
@@ -121,19 +123,14 @@ def evaluate_ttds(rec, splits: Splits, rows: np.ndarray, split: str, cfg: TTDSCo
     hist = eval_histories(splits, rows, split, cfg.data.max_history)
     user_codes = rec.user_table.codes[splits.user_idx[rows]] if cfg.tasks.use_user_sid else None
     if rank is None:
-        ranked, _ = rec.rank(hist, user_codes, n_beams=cfg.eval.n_beams, progress=progress)
+        ranked, scores = rec.rank(hist, user_codes, n_beams=cfg.eval.n_beams, progress=progress)
     else:
-        ranked = rank(hist, user_codes)
+        ranked, scores = rank(hist, user_codes)
         if len(ranked) != len(rows):
             raise RuntimeError(f"distributed ranking returned {len(ranked)} rows for {len(rows)} users")
     full = eval_histories(splits, rows, split, 10 ** 9) if cfg.eval.exclude_seen else None
-    return _block(ranked, targets_of(splits, rows, split), cfg.eval.ks, full, cfg.eval.exclude_seen), ranked
-
-
-def candidate_depth(cfg: TTDSConfig, n_items: int) -> int:
-    """Items the SASRec and popularity baselines rank: max(eval.ks) + 50 (room for exclude_seen), capped at
-    the catalogue."""
-    return min(n_items, max(cfg.eval.ks) + 50)
+    return _block(ranked, targets_of(splits, rows, split), cfg.eval.ks, full, cfg.eval.exclude_seen,
+                  scores=scores), ranked
 
 
 def evaluate_split(cfg: TTDSConfig, run, split: str = "test", *, max_users: int | None = None,

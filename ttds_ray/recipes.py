@@ -479,11 +479,11 @@ class LLMRecipe:
         was_training = self.base.training
         self.base.eval()
         try:
-            ranked = TTDSRanker(self.base, trie, self.tok.pad_token_id, cfg.eval.n_beams,
-                                cfg.llm.max_length).rank(prompts, cfg.eval.batch_size)
+            ranked, scores = TTDSRanker(self.base, trie, self.tok.pad_token_id, cfg.eval.n_beams,
+                                        cfg.llm.max_length).rank_with_scores(prompts, cfg.eval.batch_size)
         finally:
             self.base.train(was_training)
-        m = hr_ndcg(target_ranks(ranked, targets_of(sp, rows, "valid")), ks=cfg.eval.ks)
+        m = hr_ndcg(target_ranks(ranked, targets_of(sp, rows, "valid"), scores=scores), ks=cfg.eval.ks)
         return {f"valid_{k.lower()}": float(v) for k, v in m.items() if "@" in k}
 
     def _aux_loss(self):

@@ -145,9 +145,9 @@ class _RankUDF:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         codes = np.stack(batch["user_codes"].to_numpy()) if "user_codes" in batch else None
-        ranked, _ = self.rec.rank([np.asarray(h, np.int64) for h in batch["history"]], codes,
-                                  n_beams=self.cfg.eval.n_beams, batch_size=len(batch))
-        return pd.DataFrame({"row": batch["row"].to_numpy(), "ranked": list(ranked)})
+        ranked, scores = self.rec.rank([np.asarray(h, np.int64) for h in batch["history"]], codes,
+                                       n_beams=self.cfg.eval.n_beams, batch_size=len(batch))
+        return pd.DataFrame({"row": batch["row"].to_numpy(), "ranked": list(ranked), "scores": list(scores)})
 
 
 class RayBackend:
@@ -205,14 +205,14 @@ class RayBackend:
         return _ckpt_files(result.checkpoint), dict(result.metrics or {})
 
     def rank(self, cfg: TTDSConfig, run: RunDir, histories: list[np.ndarray], user_codes: np.ndarray | None
-             ) -> np.ndarray:
+             ) -> tuple[np.ndarray, np.ndarray]:
         """TTDS rankings of users on ``ray.num_workers`` Ray Data actors (evaluation on several workers).
 
         Users go in blocks of ``eval.batch_size`` (the in-process batches, so the padding and hence the scores
         are the same), each block to one actor; the output is put back in input order by row number.
 
         Returns:
-            int64 ``(U, W)`` item_idx, best first, -1 pads.
+            ``(item_idx int64 (U, W), scores float32 (U, W))``, best first, -1 / -inf pads.
 
         Raises:
             RuntimeError: a user came back twice or not at all.
@@ -231,9 +231,12 @@ class RayBackend:
         if not np.array_equal(got, np.arange(len(histories))):
             raise RuntimeError(f"distributed ranking returned rows {got.tolist()[:20]} for {len(histories)} users")
         out = out.sort_values("row")
-        w = max(len(r) for r in out["ranked"]) if len(out) else 0
-        return np.stack([np.pad(np.asarray(r, np.int64), (0, w - len(r)), constant_values=-1) for r in out["ranked"]]) \
-            if len(out) else np.zeros((0, 0), np.int64)
+        w = max((len(r) for r in out["ranked"]), default=0)
+
+        def stack(col, dtype, pad):
+            return np.stack([np.pad(np.asarray(r, dtype), (0, w - len(r)), constant_values=pad) for r in out[col]]) \
+                if len(out) else np.zeros((0, 0), dtype)
+        return stack("ranked", np.int64, -1), stack("scores", np.float32, -np.inf)
 
     def cleanup(self, cfg, run, stage):
         """Drop the stage's Ray Train checkpoints (kept only for resuming an interrupted stage)."""
