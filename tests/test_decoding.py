@@ -385,9 +385,12 @@ def test_children_of_equals_the_dense_reference_for_every_node_with_exclusions(n
     exclude = [[], rng.choice(n_items, 30).tolist(),                  # scattered items
                np.flatnonzero(codes[:, 0] == codes[0, 0]).tolist(),   # a whole level-1 subtree
                np.flatnonzero((codes[:, :-1] == codes[5, :-1]).all(1)).tolist() + [n_items + 3]]  # a parent's leaves
-    excluded = trie.excluded_nodes(exclude)
-    np.testing.assert_array_equal((trie.unseen_counts(exclude) == 0).nonzero()[:, 0] * trie.n_nodes
-                                  + (trie.unseen_counts(exclude) == 0).nonzero()[:, 1], excluded)
+    excluded = trie.excluded_nodes(exclude)                           # = the nodes the dense counts zero out
+    zero = (trie.unseen_counts(exclude) == 0).nonzero()                         # (row, node) sorted by row
+    np.testing.assert_array_equal(torch.stack([excluded.node, excluded.row], 1), zero[:, [1, 0]][
+        np.lexsort((zero[:, 0].numpy(), zero[:, 1].numpy()))])                   # same pairs, by (node, row)
+    assert excluded.depth_start == torch.searchsorted(excluded.node, torch.tensor(trie.level_start)).tolist()
+    np.testing.assert_array_equal(trie.step(excluded.parent, excluded.code), excluded.node)
     prefixes = node_prefixes(trie)
     for level in range(n_levels + 1):                                 # beam_search's call: one depth at a time
         nodes = torch.arange(trie.level_start[level], trie.level_start[level + 1])
@@ -428,5 +431,5 @@ def test_trie_memory_grows_with_the_items_not_with_nodes_times_codes():
     assert empty.n_nodes == 1 and empty.n_items == 0
     assert not empty.allowed(empty.root_nodes(2)).any()
     assert empty.item_of_leaf(torch.tensor([0, -1])).tolist() == [-1, -1]
-    assert empty.excluded_nodes([[0, 1]]).numel() == 0
+    assert empty.excluded_nodes([[0, 1]]).node.numel() == 0
     assert empty.add_items(codes[:2]).tolist() == [0, 1] and empty.allowed(empty.root_nodes(1)).sum() == 2

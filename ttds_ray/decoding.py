@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,7 +18,28 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SIDTrie", "BeamResult", "beam_search"]
+__all__ = ["SIDTrie", "ExcludedNodes", "BeamResult", "beam_search"]
+
+
+class ExcludedNodes(NamedTuple):
+    """Per prompt row, the trie nodes all of whose items that prompt excludes (:meth:`SIDTrie.excluded_nodes`).
+
+    E entries, sorted by (node, row), so the entries of one depth are consecutive; the root is never one.
+    Valid until the trie's next ``add_items``.
+
+    Attributes:
+        row: int64 `(E,)`, prompt row b.
+        node: int64 `(E,)`, the excluded node.
+        parent: int64 `(E,)`, its parent node.
+        code: int64 `(E,)`, the code on the edge parent -> node.
+        depth_start: M + 2 ints: the entries at depth d are `depth_start[d] : depth_start[d + 1]`.
+    """
+
+    row: Tensor
+    node: Tensor
+    parent: Tensor
+    code: Tensor
+    depth_start: list[int]
 
 
 DENSE_MAX_ENTRIES = 1 << 20
@@ -137,7 +159,7 @@ class SIDTrie:
         """Returns int64 `(batch_size,)` filled with the root node id, on the trie's device."""
         return torch.full((batch_size,), self.root, dtype=torch.int64, device=self.device)
 
-    def children_of(self, nodes: Tensor, level: int | None = None, excluded: Tensor | None = None) -> Tensor:
+    def children_of(self, nodes: Tensor, level: int | None = None, excluded: ExcludedNodes | None = None) -> Tensor:
         """The child reached by every code from every node: the one trie lookup of a decoding step.
 
         Args:
@@ -145,7 +167,7 @@ class SIDTrie:
             level: depth of all `nodes` if known (beam_search passes it): picks the dense table of that
                 depth where there is one, and bounds the CSR gather by that depth's largest fan-out.
                 Nodes not at that depth then count as dead. None = any depth (CSR, bound K).
-            excluded: sorted int64 keys from :meth:`excluded_nodes` for the same B prompts, or None.
+            excluded: from :meth:`excluded_nodes` for the same B prompts, or None. Cost O(E * nodes/B) on top.
 
         Returns:
             int64 `(B, ..., K)` on the trie's device: the child node id, or -1 where the node is dead,
@@ -158,7 +180,7 @@ class SIDTrie:
             local = nodes - self.level_start[level]
             here = (local >= 0) & (local < table.shape[0])
             child = table[local.clamp(0, table.shape[0] - 1)].masked_fill(~here.unsqueeze(-1), -1)  # (B, ..., K)
-            return self._drop_excluded(child, excluded)
+            return self._drop_excluded(child, nodes, level, excluded)
         # CSR: gather up to `fan` consecutive children per node and scatter them to their codes
         fan = self._max_fanout[level] if level is not None else n_codes
         inner = (nodes >= 0) & (nodes < self.n_inner)
@@ -171,19 +193,30 @@ class SIDTrie:
         # past the last child, repeat the last child: duplicate writes of equal values to one place
         cand = torch.minimum(start.unsqueeze(-1) + offsets, (end - 1).unsqueeze(-1))  # (B, ..., fan) >= 0
         value = cand.masked_fill((end == start).unsqueeze(-1), -1)           # no children: write -1 somewhere
-        value = self._drop_excluded(value, excluded)
         child = torch.full((*nodes.shape, n_codes), -1, dtype=torch.int64, device=self.device)
-        return child.scatter_(-1, self.node_code[cand].long(), value)
+        child.scatter_(-1, self.node_code[cand].long(), value)
+        return self._drop_excluded(child, nodes, level, excluded)
 
-    def _drop_excluded(self, child: Tensor, excluded: Tensor | None) -> Tensor:
-        """child: int64 `(B, ..., C)` node ids or -1 -> the same with -1 where (row b, child) is in `excluded`."""
-        if excluded is None or excluded.numel() == 0:
+    def _drop_excluded(self, child: Tensor, nodes: Tensor, level: int | None, excluded: ExcludedNodes | None) -> Tensor:
+        """child: int64 `(B, ..., K)` of `nodes` `(B, ...)` -> -1 where (row b, parent node, code) is excluded.
+
+        A join, not a search per (beam, code): excluded entry e hits the beams of its row whose node is its
+        parent, and blocks its code there. O(E * P) for P = nodes per row, whatever K and the catalogue size.
+        """
+        if excluded is None or (level is not None and level >= self.n_levels):  # leaves have no children
             return child
-        rows = torch.arange(child.shape[0], device=child.device).view(-1, *([1] * (child.ndim - 1)))
-        keys = rows * self.n_nodes + child      # (B, ..., C); a -1 child may hit a key, but stays -1 anyway
-        excluded = excluded.to(child.device)
-        pos = torch.searchsorted(excluded, keys).clamp(max=excluded.numel() - 1)
-        return child.masked_fill(excluded[pos] == keys, -1)
+        first, stop = (0, None) if level is None else excluded.depth_start[level + 1: level + 3]  # child depth
+        if stop == first:
+            return child
+        batch, n_codes = nodes.shape[0], self.codebook_size
+        per_row = nodes.reshape(batch, -1)                                   # (B, P)
+        row, parent, code = (t[first:stop].to(self.device) for t in (excluded.row, excluded.parent, excluded.code))
+        hit = per_row[row] == parent.unsqueeze(1)                            # (E, P); dead beams (-1) never hit
+        slot = (row.unsqueeze(1) * per_row.shape[1] + torch.arange(per_row.shape[1], device=self.device)) \
+            * n_codes + code.unsqueeze(1)                                    # (E, P) flat (b, p, k)
+        # min(child, -1) at hits, min(child, n_nodes) = child at misses: order-free, so deterministic
+        src = torch.where(hit, -1, self.n_nodes)                             # (E, P)
+        return child.reshape(-1).scatter_reduce_(0, slot.reshape(-1), src.reshape(-1), reduce="amin").view(child.shape)
 
     def allowed(self, nodes: Tensor) -> Tensor:
         """Codes that continue each prefix towards at least one item.
@@ -324,25 +357,33 @@ class SIDTrie:
             items.append(ex)
         return np.concatenate(rows), np.concatenate(items)
 
-    def excluded_nodes(self, exclude: list, device: torch.device | str | None = None) -> Tensor:
+    def excluded_nodes(self, exclude: list, device: torch.device | str | None = None) -> ExcludedNodes:
         """Per prompt, the nodes all of whose items that prompt excludes, for :meth:`children_of`'s `excluded`.
 
-        O(S * M) for S excluded (prompt, item) pairs, whatever the catalogue size.
+        O(S * M log) for S excluded (prompt, item) pairs, whatever the catalogue size (the former dense
+        `(B, n_nodes)` counts of :meth:`unseen_counts` grew with the catalogue).
 
         Args:
             exclude: B sequences of item_idx to leave out (repeats and ids outside [0, N) are ignored).
-            device: where to build the keys (default: the trie's device).
+            device: where to build the tensors (default: the trie's device).
 
         Returns:
-            int64 `(E,)`, sorted: `b * n_nodes + node` for every prompt row b and node whose items are all
-            excluded for b (the root is left out: its children then all are in). Valid until :meth:`add_items`.
+            :class:`ExcludedNodes`: every (prompt row, node) whose items are all excluded for that row, at
+            most S * M entries (the root is left out: if a row excludes everything, all its children are in).
+            Building it reads M + 2 indices back to the host (one sync on CUDA), so the decoding steps need none.
         """
         device = device or self.device
         rows, items = self._exclusion_pairs(exclude)
+        n_rows = max(len(exclude), 1)
         path = self.item_path.to(device)[torch.from_numpy(items).to(device)]              # (S, M)
-        keys = (torch.from_numpy(rows).to(device).unsqueeze(1) * self.n_nodes + path).reshape(-1)  # (S * M,)
+        keys = (path * n_rows + torch.from_numpy(rows).to(device).unsqueeze(1)).reshape(-1)  # (S * M,) node-major
         keys, hits = torch.unique(keys, sorted=True, return_counts=True)
-        return keys[hits == self.n_leaves.to(device)[keys % self.n_nodes]]
+        keys = keys[hits == self.n_leaves.to(device)[keys // n_rows]]       # all items under the node excluded
+        node = keys // n_rows
+        parent = torch.searchsorted(self.child_start.to(device), node, right=True) - 1  # child_start[p] <= node
+        bounds = torch.tensor(self.level_start, dtype=torch.int64, device=device)
+        return ExcludedNodes(row=keys % n_rows, node=node, parent=parent, code=self.node_code.to(device)[node].long(),
+                             depth_start=torch.searchsorted(node, bounds).tolist())  # one host sync per call
 
     def unseen_counts(self, exclude: list, device: torch.device | str | None = None) -> Tensor:
         """Per prompt, the number of items under each node once that prompt's excluded items are removed.
@@ -469,7 +510,7 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
                           torch.full((batch_size, n_out), float("-inf"), device=device))
     if exclude is not None and len(exclude) != batch_size:
         raise ValueError(f"exclude must hold one sequence per prompt: {len(exclude)} for {batch_size} prompts")
-    excluded = trie.excluded_nodes(exclude, device) if exclude is not None else None  # sorted keys or None
+    excluded = trie.excluded_nodes(exclude, device) if exclude is not None else None  # ExcludedNodes or None
     level_token_ids = trie.level_token_ids.to(device)  # (M, K)
     n_codes = trie.codebook_size
 
