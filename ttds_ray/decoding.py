@@ -82,6 +82,7 @@ class SIDTrie:
     """
 
     root: int = 0
+    _TENSORS = ("level_token_ids", "child_start", "node_code", "leaf_to_item", "item_path", "n_leaves")
 
     def __init__(self, codes: np.ndarray, level_token_ids: Tensor, *,
                  dense_max_entries: int = DENSE_MAX_ENTRIES) -> None:
@@ -137,20 +138,15 @@ class SIDTrie:
         """Device of the trie's tensors (set by :meth:`to`)."""
         return self.child_start.device
 
-    def _tensors(self) -> dict[str, Tensor]:
-        out = {name: getattr(self, name) for name in
-               ("level_token_ids", "child_start", "node_code", "leaf_to_item", "item_path", "n_leaves")}
-        out.update({f"dense_children.{d}": t for d, t in enumerate(self.dense_children) if t is not None})
-        return out
-
     @property
     def nbytes(self) -> int:
-        """Bytes held by the trie's arrays (the tensors and the `codes` array), on whatever device."""
-        return int(self.codes.nbytes) + sum(t.numel() * t.element_size() for t in self._tensors().values())
+        """Bytes held by the trie's arrays (its tensors and the `codes` array), on whatever device."""
+        tensors = [getattr(self, name) for name in self._TENSORS] + [t for t in self.dense_children if t is not None]
+        return int(self.codes.nbytes) + sum(t.numel() * t.element_size() for t in tensors)
 
     def to(self, device: torch.device | str) -> "SIDTrie":
         """Moves the tensors to `device` in place (do it once, so beam_search does not copy per call)."""
-        for name in ("level_token_ids", "child_start", "node_code", "leaf_to_item", "item_path", "n_leaves"):
+        for name in self._TENSORS:
             setattr(self, name, getattr(self, name).to(device))
         self.dense_children = [None if t is None else t.to(device) for t in self.dense_children]
         return self
@@ -305,18 +301,23 @@ class SIDTrie:
         level_start = [0, 1]                 # first node id of each depth, then n_nodes
         path_sorted = np.empty((n_items, n_levels), dtype=np.int64)  # node of sorted row j at depth l + 1
         parent = np.zeros(n_items, dtype=np.int64)                   # node of sorted row j at depth l
-        fanouts, node_codes, n_leaves, starts_per_level = [], [np.zeros(1, np.int64)], [np.array([n_items])], []
+        fanouts, node_codes, n_leaves = [], [np.zeros(1, np.int64)], [np.array([n_items])]
+        dense: list[Tensor | None] = []      # per parent depth
         for level in range(n_levels):
             col = sorted_codes[:, level]
             is_new[1:] |= col[1:] != col[:-1]
             starts = np.flatnonzero(is_new)                          # (n_level,) first sorted row of each new node
             node = level_start[-1] - 1 + np.cumsum(is_new)           # (N,) node id at depth l + 1
             path_sorted[:, level] = node
-            fanouts.append(np.bincount(parent[starts] - level_start[level],
-                                       minlength=level_start[level + 1] - level_start[level]))
+            edge_parent = parent[starts] - level_start[level]        # (n_level,) parent's rank within its depth
+            n_parents = level_start[level + 1] - level_start[level]
+            fanouts.append(np.bincount(edge_parent, minlength=n_parents))
             node_codes.append(col[starts])
             n_leaves.append(np.diff(starts, append=n_items))
-            starts_per_level.append((parent[starts], col[starts]))
+            dense.append(None)
+            if n_parents * self.codebook_size <= self.dense_max_entries:
+                dense[-1] = torch.full((n_parents, self.codebook_size), -1, dtype=torch.int64)
+                dense[-1][torch.from_numpy(edge_parent), torch.from_numpy(col[starts])] = torch.from_numpy(node[starts])
             parent = node
             level_start.append(level_start[-1] + len(starts))
         if n_items > 1 and not is_new[1:].all():
@@ -324,16 +325,6 @@ class SIDTrie:
         item_path = np.empty_like(path_sorted)
         item_path[order] = path_sorted
         child_start = np.concatenate([[1], 1 + np.cumsum(np.concatenate(fanouts))]).astype(np.int64)
-        dense: list[Tensor | None] = []
-        for level, (edge_parent, edge_code) in enumerate(starts_per_level):
-            n_parents = level_start[level + 1] - level_start[level]
-            if n_parents * self.codebook_size > self.dense_max_entries:
-                dense.append(None)
-                continue
-            table = torch.full((n_parents, self.codebook_size), -1, dtype=torch.int64)
-            table[torch.from_numpy(edge_parent - level_start[level]), torch.from_numpy(edge_code)] = torch.arange(
-                level_start[level + 1], level_start[level + 2], dtype=torch.int64)
-            dense.append(table)
         dense.append(None)  # the leaves have no children
         code_dtype = torch.int16 if self.codebook_size <= torch.iinfo(torch.int16).max + 1 else torch.int32
         device = self.device if hasattr(self, "child_start") else torch.device("cpu")
@@ -483,7 +474,7 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
         n_beams: W, beams kept per prompt; also the number of items returned (capped at n_items).
         exclude: optional B sequences of item_idx that prompt b must not get (e.g. the user's seen items).
             They are masked in the trie for that prompt: a prefix is allowed only while it still leads to an
-            item not excluded (:meth:`SIDTrie.unseen_counts`), so no beam is spent on excluded items and
+            item not excluded (:meth:`SIDTrie.excluded_nodes`), so no beam is spent on excluded items and
             W distinct allowed items come back whenever there are W; otherwise the row is padded with -1.
 
     Returns:
