@@ -125,3 +125,30 @@ def test_evaluation_on_several_workers_counts_every_user_once(ray_session, tiny_
                                                rank=lambda h, u: RayBackend().rank(cfg, run, h, u))
         assert m["n_users_evaluated"] == 11 and m["models"] == ref["models"], w
         assert np.array_equal(ranked, ref_ranked), w
+
+
+def test_a_run_on_shared_storage_uri_writes_every_stage_there(tiny_run, tmp_path, monkeypatch):
+    """``output_dir`` as a URI (``file://`` standing in for s3://): the driver pulls the finished stages into its
+    working copy, rebuilds what changed (the LLM and eval here) and pushes every stage back, manifest last; a
+    fresh node (another cache) pulls a complete, loadable run."""
+    from ttds_ray import storage
+    from ttds_ray.artifacts import STAGES
+    from ttds_ray.recommender import Recommender
+
+    cfg0, src, _ = tiny_run
+    bucket = f"file://{tmp_path}/bucket"
+    for stage in STAGES[:4]:                                   # data .. tokenizer already in the bucket
+        storage.push_stage(src.root, storage.join(bucket, "shared"), stage)
+    monkeypatch.setenv("TTDS_CACHE", str(tmp_path / "driver_cache"))
+    cfg = load_config(src.root / Files.CONFIG, [f"output_dir={bucket}", "name=shared", "llm.max_steps=4"])
+    driver_dir = cfg.run_dir
+    assert str(driver_dir).startswith(str(tmp_path / "driver_cache"))
+    pipeline.run(cfg, pipeline.LocalBackend())
+    remote = tmp_path / "bucket" / "shared"
+    assert all((remote / s / Files.MANIFEST).is_file() for s in STAGES)
+    assert (remote / Files.RUN_METRICS).is_file() and not list(remote.glob("work/**/*.parquet"))  # samples removed
+    monkeypatch.setenv("TTDS_CACHE", str(tmp_path / "other_node"))
+    root = storage.pull_stages(cfg.run_uri, STAGES)
+    assert root != driver_dir and RunDir(root).is_complete("eval", cfg.stage_hash("eval"))
+    rec = Recommender(cfg, RunDir(root))
+    assert rec.rank([np.array([0, 1])], None, n_beams=3)[0].shape == (1, 3)

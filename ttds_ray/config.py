@@ -367,6 +367,8 @@ class RayConfig(_Section):
                                          "(Ray sets OMP threads = CPUs per worker; None = all cores).")
     max_failures: int = Field(1, ge=0, description="Worker failures a stage survives by resuming from its "
                               "last checkpoint (FailureConfig).")
+    storage_path: Optional[str] = Field(None, description="Ray Train checkpoints go to <storage_path>/<name>/ "
+                                        "(a shared path or URI) instead of <output_dir>/<name>/ray_results.")
     checkpoint_every_steps: Optional[int] = Field(None, ge=1, description="LLM stage: also checkpoint every N "
                                                   "optimiser steps (weights, optimiser, scheduler, data position, "
                                                   "item IDs), besides each re-index round and epoch end.")
@@ -380,7 +382,8 @@ STAGE_SECTIONS = (("data",), ("embeddings",), ("cf",), ("tokenizer",), ("llm", "
 class TTDSConfig(_Section):
     """The whole run. YAML mirrors this nesting; overrides are dotted (``llm.lr=1e-4``)."""
     name: str = Field("ttds", description="Run name; the run directory is <output_dir>/<name>.")
-    output_dir: str = Field("runs", description="Parent of run directories.")
+    output_dir: str = Field("runs", description="Parent of run directories: a path (an NFS mount on a cluster) "
+                            "or a URI (s3://, gs://, file://) with a local working copy per node (docs/CLUSTER.md).")
     seed: int = Field(0, description="Seed of every random step (splits, sampling, init, eval users).")
     data: DataConfig = Field(..., description="Dataset reading and filtering.")
     embeddings: EmbeddingsConfig = Field(EmbeddingsConfig(), description="Item text embeddings.")
@@ -421,7 +424,15 @@ class TTDSConfig(_Section):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+        """The local run directory: ``<output_dir>/<name>``, or the node's working copy of a URI run."""
+        from .storage import local_cache_dir
+        return local_cache_dir(self.run_uri)
+
+    @property
+    def run_uri(self) -> str:
+        """Where the run lives for every node: ``<output_dir>/<name>``, a local path or a URI."""
+        from .storage import run_uri
+        return run_uri(self.output_dir, self.name)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import cf, data, dynamic, embeddings, evaluate, llm, recipes, tasks, towers
+from . import cf, data, dynamic, embeddings, evaluate, llm, recipes, storage, tasks, towers
 from .artifacts import STAGES, Files, RunDir, atomic_write_bytes, read_json, write_json
 from .config import EmbeddingsConfig, TTDSConfig
 from .errors import CollisionError, ConfigError
@@ -295,6 +295,8 @@ def stage_llm(cfg: TTDSConfig, run: RunDir, backend: Backend) -> None:
     """Fine-tune the recommender LM (:class:`recipes.LLMRecipe`) with dynamic re-indexing rounds unless
     ``dynamic.static_index``; save the LM, the final item index, losses, the round log and a loss plot."""
     s = llm_samples(cfg, run)
+    work = samples_dir(cfg, run).relative_to(run.root).as_posix()
+    storage.push_tree(run.root, cfg.run_uri, work)        # Ray Data read tasks on any node read the samples
     files, metrics = backend.fit(cfg, run, "llm", datasets=s.datasets, extra={
         "n_epochs": s.n_epochs, "total_steps": s.total_steps, "steps_per_epoch": s.steps_per_epoch})
     state = json.loads(files[recipes.STATE])
@@ -318,6 +320,8 @@ def stage_llm(cfg: TTDSConfig, run: RunDir, backend: Backend) -> None:
         plot_curve(losses, d / Files.LOSS_PLOT, title=f"LLM training loss ({cfg.llm.backbone})",
                    ylabel="NLL (nats/token)", marks=[r["step"] for r in rounds])
     shutil.rmtree(samples_dir(cfg, run), ignore_errors=True)
+    if storage.is_uri(cfg.run_uri):
+        storage.delete_dir(storage.join(cfg.run_uri, *work.split("/")))
     log.info("llm: %d steps, final loss %.4f, items re-indexed per round %s", len(losses),
              np.mean(losses[-20:]) if losses else float("nan"), [r["changed"] for r in rounds])
 
@@ -450,6 +454,11 @@ def run(cfg: TTDSConfig, backend: Backend, *, overwrite: bool = False, stop_afte
         raise ConfigError(f"--stop-after {stop_after!r}: not a stage; stages are {', '.join(STAGES)}")
     if reuse_from is not None and not _is_run_dir(Path(reuse_from)):
         raise ConfigError(f"--reuse-from {reuse_from}: not a run directory with a finished data stage")
+    if cfg.ray.storage_path:
+        storage.filesystem(cfg.ray.storage_path, "ray.storage_path")
+    if storage.is_uri(cfg.output_dir):          # a shared run (s3://, gs://, file://): start from what it holds
+        storage.filesystem(cfg.output_dir, "output_dir")
+        storage.pull_stages(cfg.run_uri, STAGES, cfg.run_dir)
     if not RunDir(cfg.run_dir).is_complete("data", cfg.stage_hash("data")):
         validate_inputs(cfg)
     rd = RunDir(cfg.run_dir)
@@ -459,6 +468,7 @@ def run(cfg: TTDSConfig, backend: Backend, *, overwrite: bool = False, stop_afte
         raise ConfigError(f"cannot create the run directory {rd.root}: {e}; set output_dir to a writable "
                           "directory") from None
     save_config(cfg, rd)
+    storage.push_file(rd.root, cfg.run_uri, Files.CONFIG)
     if reuse_from is not None:
         if overwrite:
             log.warning("--overwrite rebuilds every stage: --reuse-from %s is ignored", reuse_from)
@@ -486,13 +496,19 @@ def run(cfg: TTDSConfig, backend: Backend, *, overwrite: bool = False, stop_afte
                 backend.cleanup(cfg, rd, stage)  # the artifacts are in place: resume checkpoints not needed
                 walls[stage] = round(time.time() - ts, 1)
                 log.info("%s: done in %.1f s", stage, walls[stage])
+            storage.push_stage(rd.root, cfg.run_uri, stage)   # a shared run: workers of later stages read it
             if stage == stop_after:
                 return {}
         metrics = read_json(rd.require("eval") / Files.METRICS)
         metrics["stage_wall_s"] = walls
         metrics["job_wall_s"] = round(time.time() - t0, 1)
         write_json(rd.root / Files.RUN_METRICS, metrics)
+        storage.push_file(rd.root, cfg.run_uri, Files.RUN_METRICS)
         return metrics
     finally:
         logging.getLogger("ttds_ray").removeHandler(handler)
         handler.close()
+        try:
+            storage.push_file(rd.root, cfg.run_uri, Files.TRAIN_LOG)
+        except Exception as e:      # never hide the run's own error behind a failed log upload
+            log.warning("could not upload %s to %s: %s", Files.TRAIN_LOG, cfg.run_uri, e)

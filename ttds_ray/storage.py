@@ -259,6 +259,7 @@ def _pull_stage(fs: pafs.FileSystem, remote: str, final: Path, label: str) -> No
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.pull-", suffix=".tmp"))
     try:
         dl = tmp / "dl"
+        dl.mkdir()                  # copy_files creates the tree's sub-directories, not its root
         _copy(remote, str(dl), fs, pafs.LocalFileSystem())
         bad = [rel for rel, sha in listed.items()
                if not (dl / rel).is_file() or file_sha256(dl / rel) != sha]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from . import data, pipeline, recipes
-from .artifacts import RunDir
+from . import data, pipeline, recipes, storage
+from .artifacts import STAGES, RunDir
 from .config import EmbeddingsConfig, TTDSConfig, config_from_dict
 
 log = logging.getLogger("ttds_ray")
@@ -118,7 +117,9 @@ def _worker_loop(config: dict) -> None:
                             rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                             dataset=lambda name: _shard_frame(name, keys[name]),
                             fault=FaultInjector(config["run_dir"], *fault) if fault else (lambda stage, step: None))
-    recipe = recipes.RECIPES[config["stage"]](cfg, RunDir(config["run_dir"]), env, **config["extra"])
+    # a shared run (URI): bring the stage's inputs into this node's working copy (no-op for a local/NFS path)
+    root = storage.pull_stages(config["run_uri"], STAGES[:STAGES.index(config["stage"])])
+    recipe = recipes.RECIPES[config["stage"]](cfg, RunDir(root), env, **config["extra"])
     recipe.load_state_dict(_ckpt_files(ray.train.get_checkpoint()))
     recipe.fit()
 
@@ -133,15 +134,21 @@ class _TextEncoderUDF:
         return pipeline.encode_item_batch(batch, self.cfg)
 
 
+def _worker_run_uri(cfg: TTDSConfig, run: RunDir) -> str:
+    """Where a worker on any node finds the run: the URI of a shared run, else the absolute local path."""
+    return cfg.run_uri if storage.is_uri(cfg.run_uri) else str(run.root.resolve())
+
+
 class _RankUDF:
     """Ray Data callable class: one loaded run (``Recommender``) ranking batches of users (evaluation)."""
 
-    def __init__(self, cfg: dict, run_dir: str, threads: int | None):
+    def __init__(self, cfg: dict, run_uri: str, threads: int | None):
         from .recommender import Recommender
         if threads:
             torch.set_num_threads(threads)
         self.cfg = config_from_dict(cfg)
-        self.rec = Recommender(self.cfg, RunDir(run_dir), "cuda" if self.cfg.ray.use_gpu else "cpu")
+        root = storage.pull_stages(run_uri, STAGES[:STAGES.index("eval")])
+        self.rec = Recommender(self.cfg, RunDir(root), "cuda" if self.cfg.ray.use_gpu else "cpu")
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         codes = np.stack(batch["user_codes"].to_numpy()) if "user_codes" in batch else None
@@ -176,28 +183,30 @@ class RayBackend:
         return np.stack(out["emb"].to_numpy()).astype(np.float32)
 
     @staticmethod
-    def _ray_results(cfg: TTDSConfig, run: RunDir, stage: str) -> Path:
-        return (run.root / "ray_results" / f"{stage}-{cfg.stage_hash(stage)}").resolve()
+    def _ray_results(cfg: TTDSConfig, stage: str) -> storage.TrainStorage:
+        return storage.train_storage_path(cfg.output_dir, cfg.name, stage, cfg.stage_hash(stage),
+                                          storage_path=cfg.ray.storage_path)
 
     @staticmethod
-    def _dataset(spec: pipeline.DatasetSpec) -> ray.data.Dataset:
-        ds = ray.data.read_parquet(list(spec.paths))
+    def _dataset(spec: pipeline.DatasetSpec, cfg: TTDSConfig, run: RunDir) -> ray.data.Dataset:
+        ds = ray.data.read_parquet(storage.shared_paths(run.root, cfg.run_uri, spec.paths))
         if spec.transform is not None:
             ds = ds.map_batches(spec.transform, fn_kwargs=spec.kwargs, batch_format="pandas")
         return ds
 
     def fit(self, cfg, run, stage, *, datasets=None, extra=None, num_workers=None):
-        name = self._ray_results(cfg, run, stage)
+        ts = self._ray_results(cfg, stage)
         specs = dict(datasets or {})
-        loop_config = {"cfg": cfg.to_dict(), "run_dir": str(run.root.resolve()), "stage": stage,
+        loop_config = {"cfg": cfg.to_dict(), "run_dir": str(run.root.resolve()), "run_uri": _worker_run_uri(cfg, run),
+                       "stage": stage,
                        "extra": dict(extra or {}), "keys": {k: list(v.key) for k, v in specs.items()},
                        "fault": self.inject_fault if self.inject_fault and self.inject_fault[0] == stage else None}
         trainer = TorchTrainer(
             _worker_loop, train_loop_config=loop_config,
-            datasets={k: self._dataset(v) for k, v in specs.items()} or None,
+            datasets={k: self._dataset(v, cfg, run) for k, v in specs.items()} or None,
             scaling_config=ScalingConfig(num_workers=num_workers or cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-            run_config=RunConfig(name=name.name, storage_path=str(name.parent),
+            run_config=RunConfig(name=ts.name, storage_path=ts.storage_path,
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  callbacks=self.callbacks.get(stage)))
@@ -224,7 +233,7 @@ class RayBackend:
         frame = pd.DataFrame(cols)
         blocks = [frame.iloc[i:i + bs] for i in range(0, len(frame), bs)]
         out = ray.data.from_pandas(blocks).map_batches(
-            _RankUDF, fn_constructor_args=(cfg.to_dict(), str(run.root.resolve()), cfg.ray.torch_threads),
+            _RankUDF, fn_constructor_args=(cfg.to_dict(), _worker_run_uri(cfg, run), cfg.ray.torch_threads),
             batch_size=bs, batch_format="pandas", num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0,
             compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.ray.num_workers, len(blocks))))).to_pandas()
         got = np.sort(out["row"].to_numpy())
@@ -240,7 +249,8 @@ class RayBackend:
 
     def cleanup(self, cfg, run, stage):
         """Drop the stage's Ray Train checkpoints (kept only for resuming an interrupted stage)."""
-        shutil.rmtree(self._ray_results(cfg, run, stage), ignore_errors=True)
+        storage.delete_dir(self._ray_results(cfg, stage).path,
+                           "ray.storage_path" if cfg.ray.storage_path else "output_dir")
 
 
 def run_training(cfg: TTDSConfig, *, overwrite: bool = False, stop_after: str | None = None,
