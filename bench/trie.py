@@ -9,14 +9,16 @@ Each (layout, N) is measured in a fresh Python process (so peak RSS is that buil
 - ``nbytes``: bytes of every array the trie holds (``SIDTrie.nbytes``: tensors and the ``codes`` array);
 - ``rss_delta_bytes``: peak RSS (``resource.getrusage().ru_maxrss``) after the first build minus before it,
   i.e. the build's high-water mark, transient sort buffers included;
-- ``decode_ms``: the trie's part of one beam search, without a model: B = 32 prompts x W = 20 beams over the
-  M levels, each level = the lookup of every (beam, code) child, the -inf mask on random log-probs, top-W and
-  the advance to the chosen children, as ``decoding.beam_search`` does; median of ``--decode-reps``.
-  ``decode_excl_ms`` adds ``exclude=`` (50 random items per prompt), per-call setup included: former layout
-  ``unseen_counts`` (B, n_nodes) counts, new layout ``excluded_nodes`` sorted keys.
-At the smallest size, ``beam_search`` itself (a tiny random Llama, 2 layers, d = 64, vocab 1,124) runs over
-both layouts on the same prompts: wall time per batch and whether the ranked items are identical.
-The 10M-item row is a least-squares line through the measured sizes (bytes and seconds are ~linear in N).
+- ``decode_ms_best`` / ``_median``: the trie's part of one beam search, without a model: B = 32 prompts x
+  W = 20 beams over the M levels, each level = the lookup of every (beam, code) child, the -inf mask on random
+  log-probs, top-W and the advance to the chosen children, as ``decoding.beam_search`` does; best and median
+  of ``--decode-reps``. ``decode_excl_ms_*`` adds ``exclude=`` (50 random items per prompt), per-call setup
+  included: former layout (B, n_nodes) unseen counts, new layout ``SIDTrie.excluded_nodes``.
+At ``--compare-size`` (10k) both layouts run in one process, timed in alternation (same machine load): the
+trie part as above, and ``beam_search`` itself with a tiny random Llama (2 layers, d = 64, vocab 1,124) on the
+same 32 prompts; best and median ms per batch, and whether the ranked items are identical.
+The 10M-item row is a least-squares line through the measured sizes below 10M (bytes and seconds are ~linear
+in N); ``--sizes 10000000 --old-sizes ""`` measures it instead (~1 GB, ~2.5 GB peak).
 
 ``DenseReferenceTrie`` below is the REFERENCE: the former SIDTrie (decoding.py before issue 12), kept here
 only for this comparison. torch runs on 1 thread. The machine may be shared: the load average before and
@@ -136,16 +138,16 @@ def decode_trie_part(trie, excluded_list: list | None, seed: int) -> torch.Tenso
     return nodes
 
 
-def time_decode(trie, excluded_list, reps: int) -> float:
-    """Median ms of `decode_trie_part` over `reps` runs (after 2 warm-up runs)."""
-    for rep in range(2):
-        decode_trie_part(trie, excluded_list, seed=rep)
+def timed(fn, reps: int) -> tuple[float, float]:
+    """(best, median) ms of `fn()` over `reps` calls, after 2 warm-up calls."""
+    for _ in range(2):
+        fn()
     times = []
-    for rep in range(reps):
+    for _ in range(reps):
         start = time.perf_counter()
-        decode_trie_part(trie, excluded_list, seed=rep)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return round(min(times), 3), round(statistics.median(times), 3)
 
 
 def exclusions(n_items: int, seed: int) -> list[list[int]]:
@@ -167,14 +169,18 @@ def measure_one(layout: str, n_items: int, build_reps: int, decode_reps: int, se
         if len(times) == 1:
             rss_delta = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     ex = exclusions(n_items, seed + 1)
+    decode = timed(lambda: decode_trie_part(trie, None, seed), decode_reps)
+    decode_excl = timed(lambda: decode_trie_part(trie, ex, seed), decode_reps)
     return {"layout": layout, "n_items": n_items, "n_nodes": int(trie.n_nodes), "build_s": round(min(times), 4),
             "nbytes": int(trie.nbytes), "rss_delta_bytes": int(rss_delta),
-            "decode_ms": round(time_decode(trie, None, decode_reps), 3),
-            "decode_excl_ms": round(time_decode(trie, ex, decode_reps), 3)}
+            "decode_ms_best": decode[0], "decode_ms_median": decode[1],
+            "decode_excl_ms_best": decode_excl[0], "decode_excl_ms_median": decode_excl[1]}
 
 
-def beam_search_both(n_items: int, seed: int, reps: int) -> dict:
-    """beam_search with a tiny random Llama over the new and the reference layout: ms per batch, same items?"""
+def compare_decoding(n_items: int, seed: int, reps: int) -> dict:
+    """Both layouts on one catalogue in one process, timed in alternation (so both see the same machine load):
+    the trie part of a decode, and ``beam_search`` with a tiny random Llama (same prompts); ms per batch of B
+    prompts, best and median of `reps` rounds, and whether the ranked items are identical."""
     import transformers
 
     torch.set_num_threads(1)
@@ -186,23 +192,27 @@ def beam_search_both(n_items: int, seed: int, reps: int) -> dict:
         model.model.embed_tokens.weight.normal_(0.0, 1.0)
         model.lm_head.weight.normal_(0.0, 1.0)
     codes = random_codes(n_items, seed)
+    tries = {"new": SIDTrie(codes, token_ids()), "reference": DenseReferenceTrie(codes, token_ids())}
     input_ids = torch.randint(0, 100, (BATCH, 12), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(input_ids)
     ex = exclusions(n_items, seed + 1)
-    out = {"n_items": n_items, "batch": BATCH, "beams": BEAMS}
-    results = {}
-    for name, trie in (("new", SIDTrie(codes, token_ids())), ("reference", DenseReferenceTrie(codes, token_ids()))):
+    jobs = {}
+    for name, trie in tries.items():
         for tag, exclude in (("", None), ("_excl", ex)):
-            beam_search(model, trie, input_ids, mask, n_beams=BEAMS, exclude=exclude)  # warm-up
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                res = beam_search(model, trie, input_ids, mask, n_beams=BEAMS, exclude=exclude)
-                times.append(time.perf_counter() - start)
-            out[f"{name}{tag}_ms"] = round(1e3 * statistics.median(times), 2)
-            results[name + tag] = res
-    for tag in ("", "_excl"):
-        new, ref = results["new" + tag], results["reference" + tag]
+            jobs[f"trie_part{tag}.{name}"] = lambda t=trie, e=exclude: decode_trie_part(t, e, seed)
+            jobs[f"beam_search{tag}.{name}"] = lambda t=trie, e=exclude: beam_search(model, t, input_ids, mask,
+                                                                                    n_beams=BEAMS, exclude=e)
+    times = {key: [] for key in jobs}
+    for _ in range(reps + 2):                     # round-robin; the first 2 rounds are warm-up
+        for key, fn in jobs.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(1e3 * (time.perf_counter() - start))
+    out = {"n_items": n_items, "batch": BATCH, "beams": BEAMS, "reps": reps}
+    for key, ts in times.items():
+        out[key] = {"best_ms": round(min(ts[2:]), 3), "median_ms": round(statistics.median(ts[2:]), 3)}
+    for tag, exclude in (("", None), ("_excl", ex)):
+        new, ref = (beam_search(model, tries[n], input_ids, mask, n_beams=BEAMS, exclude=exclude) for n in tries)
         out[f"identical_items{tag}"] = bool(torch.equal(new.item_idx, ref.item_idx))
         out[f"max_score_diff{tag}"] = float((new.scores - ref.scores).abs().max())
     return out
@@ -232,18 +242,19 @@ def main() -> None:
     parser.add_argument("--old-sizes", default="10000,100000",
                         help="N for the reference dense layout (1M: ~4 GB, ~70 s per build)")
     parser.add_argument("--build-reps", type=int, default=3)
-    parser.add_argument("--decode-reps", type=int, default=20)
-    parser.add_argument("--beam-reps", type=int, default=5)
+    parser.add_argument("--decode-reps", type=int, default=30)
+    parser.add_argument("--compare-size", type=int, default=10_000, help="N of the decoding comparison")
+    parser.add_argument("--compare-reps", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON path (default results/trie-<YYYY-MM-DD>.json)")
     parser.add_argument("--one", nargs=2, metavar=("LAYOUT", "N"), help=argparse.SUPPRESS)
-    parser.add_argument("--beam", type=int, metavar="N", help=argparse.SUPPRESS)
+    parser.add_argument("--compare", type=int, metavar="N", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure_one(args.one[0], int(args.one[1]), args.build_reps, args.decode_reps, args.seed)))
         return
-    if args.beam:
-        print(json.dumps(beam_search_both(args.beam, args.seed, args.beam_reps)))
+    if args.compare:
+        print(json.dumps(compare_decoding(args.compare, args.seed, args.compare_reps)))
         return
 
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -255,17 +266,18 @@ def main() -> None:
         for n in layout_sizes:
             rows.append(run_child(["--one", layout, str(n), *common]))
             print(json.dumps(rows[-1]), flush=True)
-    beam = run_child(["--beam", str(min(sizes)), "--beam-reps", str(args.beam_reps), "--seed", str(args.seed)])
+    compare = run_child(["--compare", str(args.compare_size), "--compare-reps", str(args.compare_reps), "--seed", str(args.seed)])
     new = [r for r in rows if r["layout"] == "new" and r["n_items"] < 10_000_000]
     estimate = {"n_items": 10_000_000, "fit_on": [r["n_items"] for r in new]}
-    for key in ("nbytes", "build_s", "rss_delta_bytes"):
-        estimate[key] = round(linear_fit([r["n_items"] for r in new], [r[key] for r in new], 1e7), 3)
+    for key in ("nbytes", "build_s", "rss_delta_bytes"):   # a line needs two sizes
+        estimate[key] = round(linear_fit([r["n_items"] for r in new], [r[key] for r in new], 1e7), 3) \
+            if len(new) > 1 else float("nan")
     report = {
         "date": dt.date.today().isoformat(), "levels": N_LEVELS, "codes": N_CODES, "batch": BATCH, "beams": BEAMS,
         "excluded_per_prompt": N_EXCLUDED, "torch_threads": 1, "cpus": os.cpu_count(), "torch": torch.__version__,
         "numpy": np.__version__, "loadavg_before": load_before, "loadavg_after": loadavg(),
         "note": "shared machine (other engineers' jobs may run); 'reference' = former dense (nodes x K) SIDTrie",
-        "rows": rows, "estimate_10m_new": estimate, "beam_search_tiny_llama": beam,
+        "rows": rows, "estimate_10m_new": estimate, "decoding_new_vs_reference": compare,
     }
     out = Path(args.out or Path(__file__).resolve().parents[1] / "results" / f"trie-{report['date']}.json")
     atomic_write_bytes(out, (json.dumps(report, indent=2) + "\n").encode())
@@ -273,14 +285,17 @@ def main() -> None:
     print(f"\nM={N_LEVELS} x K={N_CODES}, B={BATCH} x W={BEAMS}, torch 1 thread, load {load_before} -> "
           f"{report['loadavg_after']} (shared machine)")
     print(f"{'layout':<10}{'items':>11}{'nodes':>11}{'build s':>9}{'MB':>9}{'peak RSS +MB':>14}"
-          f"{'decode ms':>11}{'+excl ms':>10}")
-    for r in rows + [{"layout": "new (fit)", "n_nodes": float("nan"), "decode_ms": float("nan"),
-                      "decode_excl_ms": float("nan"), **estimate}]:
+          f"{'decode ms':>11}{'+excl ms':>10}   (MB = 1e6 bytes; decode: trie part, best of reps)")
+    for r in rows + [{"layout": "new (fit)", "n_nodes": float("nan"), "decode_ms_best": float("nan"),
+                      "decode_excl_ms_best": float("nan"), **estimate}]:
         print(f"{r['layout']:<10}{r['n_items']:>11,}{r['n_nodes']:>11,.0f}{r['build_s']:>9.3f}{r['nbytes'] / 1e6:>9.1f}"
-              f"{r['rss_delta_bytes'] / 1e6:>14.1f}{r['decode_ms']:>11.2f}{r['decode_excl_ms']:>10.2f}")
-    print(f"beam_search, tiny Llama, {beam['n_items']:,} items: new {beam['new_ms']} ms vs reference "
-          f"{beam['reference_ms']} ms per batch (exclude: {beam['new_excl_ms']} vs {beam['reference_excl_ms']}); "
-          f"identical items: {beam['identical_items']} / with exclude {beam['identical_items_excl']}")
+              f"{r['rss_delta_bytes'] / 1e6:>14.1f}{r['decode_ms_best']:>11.2f}{r['decode_excl_ms_best']:>10.2f}")
+    print(f"\n{compare['n_items']:,} items, B={BATCH} x W={BEAMS}, alternating layouts, ms per batch, best / median:")
+    for key in ("trie_part", "trie_part_excl", "beam_search", "beam_search_excl"):
+        new, ref = compare[f"{key}.new"], compare[f"{key}.reference"]
+        print(f"  {key:<18} new {new['best_ms']:8.2f} / {new['median_ms']:8.2f}   reference "
+              f"{ref['best_ms']:8.2f} / {ref['median_ms']:8.2f}")
+    print(f"  identical items: {compare['identical_items']}, with exclude: {compare['identical_items_excl']}")
     print(f"wrote {out}")
 
 

@@ -258,7 +258,8 @@ class SIDTrie:
     def add_items(self, new_codes: np.ndarray) -> np.ndarray:
         """Adds items (cold start, DESIGN.md §1.7): they become reachable without retraining the LM.
 
-        The arrays are rebuilt (one sort of all N + N_new SIDs: ~0.2 s per million items, bench/trie.py),
+        The arrays are rebuilt (one sort of all N + N_new SIDs: 1-2 s per million items on a
+        2-core CPU, bench/trie.py),
         on the trie's device; node ids from before the call are invalid after it.
 
         Args:
