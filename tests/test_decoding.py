@@ -392,10 +392,12 @@ def test_children_of_equals_the_dense_reference_for_every_node_with_exclusions(n
     assert excluded.depth_start == torch.searchsorted(excluded.node, torch.tensor(trie.level_start)).tolist()
     np.testing.assert_array_equal(trie.step(excluded.parent, excluded.code), excluded.node)
     prefixes = node_prefixes(trie)
+    any_depth = trie.children_of(torch.arange(trie.n_nodes).expand(len(exclude), -1), None, excluded)
     for level in range(n_levels + 1):                                 # beam_search's call: one depth at a time
         nodes = torch.arange(trie.level_start[level], trie.level_start[level + 1])
         nodes = torch.cat([nodes, torch.tensor([-1])]).expand(len(exclude), -1)  # (B, n_level + 1)
         got = trie.children_of(nodes, level, excluded)                            # (B, n_level + 1, K)
+        torch.testing.assert_close(got[:, :-1], any_depth[:, trie.level_start[level]: trie.level_start[level + 1]])
         for b, ex in enumerate(exclude):
             allowed = valid_children(codes, set(ex))
             for j, node in enumerate(nodes[b].tolist()):

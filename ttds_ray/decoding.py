@@ -258,9 +258,8 @@ class SIDTrie:
     def add_items(self, new_codes: np.ndarray) -> np.ndarray:
         """Adds items (cold start, DESIGN.md §1.7): they become reachable without retraining the LM.
 
-        The arrays are rebuilt (one sort of all N + N_new SIDs: 1-2 s per million items on a
-        2-core CPU, bench/trie.py),
-        on the trie's device; node ids from before the call are invalid after it.
+        The arrays are rebuilt on the trie's device (one sort of all N + N_new SIDs: 1-2 s per million
+        items on a 2-core CPU, bench/trie.py); node ids from before the call are invalid after it.
 
         Args:
             new_codes: int `(N_new, M)`, SIDs of the new items (e.g. from the item tower).
