@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import cf, data, dynamic, embeddings, evaluate, llm, recipes, storage, tasks, towers
+from . import cf, data, dynamic, embeddings, evaluate, ingest, llm, recipes, storage, tasks, towers
 from .artifacts import STAGES, Files, RunDir, atomic_write_bytes, read_json, write_json
-from .config import EmbeddingsConfig, TTDSConfig
+from .config import DataConfig, EmbeddingsConfig, TTDSConfig
 from .errors import CollisionError, ConfigError
 from .plots import plot_code_usage, plot_curve, plot_terms
 from .sids import SIDTable
@@ -84,6 +84,11 @@ class Backend(Protocol):
 
     def normalize(self, interactions: pd.DataFrame) -> pd.DataFrame: ...
 
+    def prepare(self, dcfg: DataConfig, seed: int) -> data.Prepared:
+        """The data stage's compute: read, validate, dedupe, k-core, remap, sequences (optional: a backend without
+        it gets ``ingest.prepare_with(dcfg, seed, backend.normalize)``)."""
+        ...
+
     def encode_items(self, items: pd.DataFrame, ecfg: EmbeddingsConfig) -> np.ndarray: ...
 
     def fit(self, cfg: TTDSConfig, run: RunDir, stage: str, *, datasets: dict[str, DatasetSpec] | None = None,
@@ -112,6 +117,10 @@ class LocalBackend:
     def normalize(self, interactions: pd.DataFrame) -> pd.DataFrame:
         return data.normalize_interactions_batch(interactions)
 
+    def prepare(self, dcfg: DataConfig, seed: int) -> data.Prepared:
+        """pandas, in this process (``ingest.prepare_with``); byte-identical to ``train.RayBackend.prepare``."""
+        return ingest.prepare_with(dcfg, seed, self.normalize)
+
     def encode_items(self, items: pd.DataFrame, ecfg: EmbeddingsConfig) -> np.ndarray:
         out = encode_item_batch(items, ecfg)
         return np.stack(out["emb"].to_numpy()).astype(np.float32)
@@ -137,10 +146,17 @@ class LocalBackend:
 # ----------------------------------------------------------------------------- stages
 
 def stage_data(cfg: TTDSConfig, run: RunDir, backend: Backend) -> None:
-    """Read the raw log (validated), normalise it, k-core + remap, save parquet (DESIGN §2)."""
-    raw = data.read_raw(cfg.data)
-    inter = backend.normalize(raw.interactions)
-    prepared = data.prepare(dataclasses.replace(raw, interactions=inter), kcore=cfg.data.kcore, seed=cfg.seed)
+    """Read the raw log (validated), normalise it, k-core + remap, save parquet (DESIGN §2, docs/DATA.md): on the
+    backend's ``prepare`` (Ray Data on ``train.RayBackend`` for data.format logs/amazon, pandas on LocalBackend).
+
+    Raises:
+        DataError; CollisionError: the catalogue does not fit the item ID space (checked here for logs/amazon,
+            whose catalogue is only known once prepared).
+    """
+    prepare = getattr(backend, "prepare", None)
+    prepared = (prepare(cfg.data, cfg.seed) if prepare is not None
+                else ingest.prepare_with(cfg.data, cfg.seed, backend.normalize))
+    _check_item_id_space(cfg, len(prepared.items))
     with run.write_stage("data", config_hash=cfg.stage_hash("data"), numbers=dict(prepared.stats)) as (d, _):
         prepared.save(d)
     log.info("data: %s", json.dumps(prepared.stats))
@@ -307,7 +323,8 @@ def stage_llm(cfg: TTDSConfig, run: RunDir, backend: Backend) -> None:
             "n_samples_per_epoch": s.n_per_epoch, "tasks": s.task_stats, "steps": len(losses), "static_index":
             cfg.dynamic.is_static, "changed_per_round": [r["changed"] for r in rounds],
             "final_loss": float(np.mean(losses[-20:])) if losses else None,
-            "steps_per_worker": metrics.get("steps_per_worker"), "resumed_at_steps": state.get("resumed_at", [])}
+            "steps_per_worker": metrics.get("steps_per_worker"), "resumed_at_steps": state.get("resumed_at", []),
+            "samples_per_s_per_worker": metrics.get("samples_per_s")}
             ) as (d, _):
         for name, blob in files.items():
             if name.split("/")[0] in _LLM_KEPT:
@@ -353,24 +370,33 @@ assert tuple(STAGE_FUNCS) == STAGES
 def validate_inputs(cfg: TTDSConfig) -> None:
     """Fail before any training (and before the run directory is touched) on bad input.
 
-    Reads and prepares the dataset (seconds), checks that the item ID space can hold the catalogue,
-    and that the text encoder and the backbone can be found offline.
+    Reads and prepares an LC-Rec/RecBole dataset (seconds) and checks that the item ID space can hold the
+    catalogue; for data.format logs/amazon (possibly large, prepared on Ray Data in the data stage) it checks
+    only what can be checked cheaply: the files exist, every parquet footer / CSV header has the mapped columns
+    with usable types (``ingest.check_sources``). Then that the text encoder and the backbone can be found offline.
 
     Raises:
         DataError, CollisionError, EncoderUnavailable, BackboneUnavailable.
     """
-    prepared = data.prepare(data.read_raw(cfg.data), kcore=cfg.data.kcore, seed=cfg.seed)
-    t = cfg.tokenizer.item
-    n_items = len(prepared.items)
-    if n_items > t.codebook_size ** t.n_levels:
-        raise CollisionError(f"{n_items} items cannot get unique semantic IDs from {t.n_levels} levels x "
-                             f"{t.codebook_size} codes ({t.codebook_size ** t.n_levels} IDs); raise "
-                             "tokenizer.item.codebook_size or tokenizer.item.n_levels")
+    if cfg.data.format in ingest.RAW_FORMATS:
+        ingest.check_sources(ingest.plan(cfg.data))
+    else:
+        _check_item_id_space(cfg, len(data.prepare(data.read_raw(cfg.data), kcore=cfg.data.kcore,
+                                                   seed=cfg.seed).items))
     if cfg.embeddings.text_encoder == "llm":
         llm.check_backbone(cfg.embeddings.llm_backbone, "embeddings.llm_backbone")
     else:
         embeddings.minilm_path()
     llm.check_backbone(cfg.llm.backbone)
+
+
+def _check_item_id_space(cfg: TTDSConfig, n_items: int) -> None:
+    """CollisionError when ``n_items`` cannot get unique item semantic IDs from ``tokenizer.item``."""
+    t = cfg.tokenizer.item
+    if n_items > t.codebook_size ** t.n_levels:
+        raise CollisionError(f"{n_items} items cannot get unique semantic IDs from {t.n_levels} levels x "
+                             f"{t.codebook_size} codes ({t.codebook_size ** t.n_levels} IDs); raise "
+                             "tokenizer.item.codebook_size or tokenizer.item.n_levels")
 
 
 def _is_run_dir(path: Path) -> bool:

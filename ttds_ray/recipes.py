@@ -548,6 +548,8 @@ class LLMRecipe:
                 self.env.show("llm/valid", metrics)
             if done:
                 metrics["steps_per_worker"] = gather_over_workers(self.step)
+                # this attempt's training throughput on this worker (rounds and validation included)
+                metrics["samples_per_s"] = (self.step - start_step) * bs / max(time.time() - t_start, 1e-9)
             self._checkpoint(done, metrics)
             if done:
                 break
