@@ -435,3 +435,12 @@ def test_trie_memory_grows_with_the_items_not_with_nodes_times_codes():
     assert empty.item_of_leaf(torch.tensor([0, -1])).tolist() == [-1, -1]
     assert empty.excluded_nodes([[0, 1]]).node.numel() == 0
     assert empty.add_items(codes[:2]).tolist() == [0, 1] and empty.allowed(empty.root_nodes(1)).sum() == 2
+
+
+def test_sids_too_wide_for_one_int64_key_build_the_same_trie():
+    """M x bits(K) = 6 x 12 > 63: the build sorts with lexsort instead of one argsort of packed keys."""
+    codes = np.random.default_rng(0).integers(0, 4096, size=(200, 6))
+    codes[100:, :3] = codes[0, :3]                                   # half the items share a depth-3 prefix
+    trie = SIDTrie(codes, torch.arange(6 * 4096).view(6, 4096))
+    assert_allowed_children_match_brute_force(trie)
+    assert trie.item_of_leaf(trie.item_path[:, -1]).tolist() == list(range(200))
