@@ -176,6 +176,14 @@ class RayBackend:
         return ray.data.from_pandas(interactions).map_batches(data.normalize_interactions_batch,
                                                               batch_format="pandas").to_pandas()
 
+    def prepare(self, dcfg, seed: int) -> data.Prepared:
+        """The data stage: Ray Data for data.format logs/amazon (``ingest_ray.prepare_ray``), else the LC-Rec/RecBole
+        readers with :meth:`normalize` on Ray Data; byte-identical to ``pipeline.LocalBackend.prepare``."""
+        from . import ingest, ingest_ray
+        if dcfg.format in ingest.RAW_FORMATS:
+            return ingest_ray.prepare_ray(dcfg, seed)
+        return ingest.prepare_with(dcfg, seed, self.normalize)
+
     def encode_items(self, items: pd.DataFrame, ecfg: EmbeddingsConfig) -> np.ndarray:
         out = ray.data.from_pandas(items).map_batches(
             _TextEncoderUDF, fn_constructor_args=(ecfg.model_dump(),), batch_size=1024, batch_format="pandas",
