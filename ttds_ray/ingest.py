@@ -408,8 +408,7 @@ def _type_ok(t: pa.DataType, kind: str) -> bool:
         t = t.value_type
     if pa.types.is_null(t):
         return True
-    stringy = pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or \
-        pa.types.is_large_binary(t) or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t))
+    stringy = _is_stringy(t)
     if kind in ("id", "label"):
         return stringy or pa.types.is_integer(t)
     if kind == "time":
@@ -435,8 +434,8 @@ def _roles(sources: Sources) -> tuple[dict, dict]:
 
 def check_sources(sources: Sources) -> None:
     """Check every parquet footer and CSV header of both tables on the driver, before any data is read: each
-    mapped column exists and has a usable type. (JSON lines carry no schema: their columns are checked as each
-    file is parsed.) Cheap: no data pages are read.
+    mapped column exists, and (parquet) has a usable type. CSV cells are text, parsed by the normalisers; JSON
+    lines carry no schema: their columns are checked as each file is parsed. Cheap: no data pages are read.
 
     Raises:
         DataError: naming the file, the column, the config key that maps it, and what it holds.
@@ -462,7 +461,7 @@ def check_sources(sources: Sources) -> None:
                     raise DataError(f"{f}: no column {col!r} ({table.keys.get(col, col)}); its columns are "
                                     f"{schema.names[:20]}")
                 t = schema.field(col).type
-                if not _type_ok(t, kind):
+                if table.reader == "parquet" and not _type_ok(t, kind):
                     raise DataError(f"{f}: column {col!r} ({table.keys.get(col, col)}) has type {t}; expected "
                                     f"{_KINDS[kind]}")
 
@@ -732,6 +731,7 @@ class LogCounts:
 
 @dataclass(frozen=True)
 class ItemCounts:
+    """Item-table rows read, dropped for a null id, dropped as duplicates, and holding text that is not UTF-8."""
     n_rows: int
     n_null: int
     n_duplicate: int
