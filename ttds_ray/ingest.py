@@ -770,9 +770,8 @@ def ingest_stats(counts: LogCounts, icounts: ItemCounts) -> dict[str, int]:
 def log_counts(counts: LogCounts, icounts: ItemCounts, sources: Sources) -> None:
     """Log what was dropped or re-decoded (also in stats.json)."""
     logger.info("ingest: %d interaction rows from %d file(s); dropped %d with a null user/item/timestamp, %d by the "
-                "rating/event filter; %d rows had text that is not UTF-8 (decoded as %s)", counts.n_input,
-                len(sources.interactions.files), counts.n_null, counts.n_filtered, counts.n_recoded,
-                sources.log.encoding or "UTF-8 with U+FFFD replacements")
+                "rating/event filter", counts.n_input, len(sources.interactions.files), counts.n_null,
+                counts.n_filtered)
     if counts.n_null or icounts.n_null:
         logger.warning("ingest: dropped %d interaction rows and %d item rows with a null or blank id/timestamp",
                        counts.n_null, icounts.n_null)
