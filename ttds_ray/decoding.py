@@ -18,7 +18,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SIDTrie", "ExcludedNodes", "BeamResult", "beam_search"]
+__all__ = ["SIDTrie", "ExcludedNodes", "BeamResult", "beam_search", "LOSS_VOCABS", "resolve_loss_vocab"]
 
 
 class ExcludedNodes(NamedTuple):
@@ -440,6 +440,10 @@ class BeamResult:
     scores: Tensor
 
 
+LOSS_VOCABS = ("full", "sid")
+"""Scorings :func:`beam_search` knows, named as ``llm.loss_vocab``: the softmax the model was trained with."""
+
+
 def _level_logprobs(logits: Tensor, token_ids: Tensor) -> Tensor:
     """log_softmax over the FULL vocab, restricted to one level's K tokens.
 
@@ -454,20 +458,143 @@ def _level_logprobs(logits: Tensor, token_ids: Tensor) -> Tensor:
     return logits[:, token_ids] - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
+TREE_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+"""HF attention implementations that take a custom 4D mask as-is (the 'sid' path's tree attention needs one)."""
+
+
+class _StepScorer:
+    """One LM call of a decoding step, and the log-probs of one level's K SID tokens, normalised over the rows
+    the training loss normalised over (:func:`ttds_ray.llm.lm_loss`, config ``llm.loss_vocab``).
+
+    - 'full': the model's own forward with ``logits_to_keep=1``, `(R, V)` logits and a log-softmax over all V
+      (2 * D * V FLOPs per row and step), on beams that each hold a copy of their prompt's KV cache: the
+      pre-issue-12 path, unchanged to the bit.
+    - 'sid': the decoder alone (the last hidden state, `(R, D)`), times the M * K item-SID rows of the LM head
+      (copied once per call, :func:`ttds_ray.llm.head_rows`), log-softmax over those M * K rows: the softmax
+      ``lm_loss`` trains SID labels with. The beams share their prompt's KV cache (``tree``: see
+      :func:`_tree_mask`). Models without a separate decoder, a linear head, or an attention implementation
+      that takes a 4D mask (:data:`TREE_ATTENTION_IMPLEMENTATIONS`) get the same numbers the slow way: full
+      logits indexed at those rows, per-beam cache copies.
+
+    Args:
+        model: the causal LM (HF or peft-wrapped).
+        level_token_ids: int64 `(M, K)` on the model's device: the trie's SID token ids (= the training loss's
+            ``sid_ids``, ``SIDVocab.item_token_ids``, up to order).
+        loss_vocab: 'full' or 'sid'.
+
+    Attributes:
+        tree: True on the 'sid' fast path: the step inputs are `(B, width)` sibling beams per prompt with a 4D
+            tree mask; False: `(B * width, 1)` rows with their own cache copy and a 2D mask.
+    """
+
+    def __init__(self, model: torch.nn.Module, level_token_ids: Tensor, loss_vocab: str) -> None:
+        self.model, self.level_token_ids, self.loss_vocab = model, level_token_ids, loss_vocab
+        self.sid_rows = level_token_ids.reshape(-1)             # (M * K,)
+        self.decoder, self.head = None, None
+        if loss_vocab == "sid" and hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings"):
+            from . import llm
+
+            decoder = model.get_decoder()
+            attn = getattr(getattr(decoder, "config", None), "_attn_implementation", None)
+            if decoder is not None and decoder is not model and attn in TREE_ATTENTION_IMPLEMENTATIONS:
+                self.head = llm.head_rows(model, self.sid_rows)
+                self.decoder = decoder if self.head is not None else None
+        self.tree = self.decoder is not None
+        self.bool_mask = self.tree and attn == "sdpa"   # sdpa takes a bool mask; eager adds a float one
+
+    def forward(self, **inputs) -> tuple[Tensor, object]:
+        """Runs the model on `inputs` (input_ids, attention_mask, position_ids, cache). Returns `(state, cache)`:
+        `state` is what :meth:`level_logprobs` reads, one row per beam (prompt row before the first step): the
+        hidden state `(R, D)` of the new tokens on the 'sid' fast path, else the last position's logits `(R, V)`."""
+        if self.tree:
+            out = self.decoder(**inputs, use_cache=True)
+            hidden = out.last_hidden_state                      # (B, T or width, D)
+            return (hidden[:, -1] if inputs["cache"] is None else hidden.reshape(-1, hidden.shape[-1])), out.cache
+        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.cache
+
+    def level_logprobs(self, state: Tensor, level: int) -> Tensor:
+        """float32 `(R, K)`: log p(code k of `level` | beam) for each row of `state` (see :meth:`forward`)."""
+        n_levels, n_codes = self.level_token_ids.shape
+        if self.loss_vocab == "full":
+            return _level_logprobs(state, self.level_token_ids[level])
+        logits = self.head.logits(state) if self.tree else state[:, self.sid_rows]  # (R, M * K)
+        logp = logits.float().log_softmax(-1)
+        return logp.view(-1, n_levels, n_codes)[:, level]
+
+    def tree_mask(self, prompt_mask: Tensor, seen: Tensor, dtype: torch.dtype) -> Tensor:
+        """The 4D attention mask of one tree step (:func:`_tree_mask`) in the form the attention takes."""
+        mask = _tree_mask(prompt_mask, seen)
+        if self.bool_mask:
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def _tree_mask(prompt_mask: Tensor, seen: Tensor) -> Tensor:
+    """Which keys each beam's new token attends to, when the W beams of a prompt share its KV cache.
+
+    The cache of prompt b holds its T prompt tokens, then one block per decoding step with that step's tokens
+    of all its beams (block widths w_0, w_1, ...). The token of beam j sees the real prompt tokens, the tokens of
+    its own ancestors (`seen[b, j]`) and itself, so it computes exactly what it would with a private cache copy
+    holding [prompt, its SID prefix] (position ids are passed explicitly, so the gaps do not shift positions).
+
+    Args:
+        prompt_mask: int `(B, T)`, 1 for real prompt tokens.
+        seen: bool `(B, w, S)`, S = tokens of the earlier blocks: True where the key is an ancestor of beam j.
+
+    Returns:
+        bool `(B, 1, w, T + S + w)`: True = attend (HF's 4D mask, used as-is by sdpa / eager attention).
+    """
+    batch, width = seen.shape[:2]
+    eye = torch.eye(width, dtype=torch.bool, device=seen.device).expand(batch, width, width)
+    prompt = prompt_mask.bool().unsqueeze(1).expand(batch, width, prompt_mask.shape[1])
+    return torch.cat([prompt, seen, eye], dim=-1).unsqueeze(1)
+
+
+def resolve_loss_vocab(model: torch.nn.Module, loss_vocab: str | None) -> str:
+    """The scoring :func:`beam_search` uses: `loss_vocab` if given, else the model's ``ttds_loss_vocab`` attribute
+    (set by :func:`ttds_ray.llm.load_llm` from the run's ``llm.loss_vocab``), else 'full'.
+
+    Raises:
+        ValueError: the value is not one of :data:`LOSS_VOCABS`.
+    """
+    from .llm import DECODE_SCORING_ATTR
+
+    value = loss_vocab if loss_vocab is not None else getattr(model, DECODE_SCORING_ATTR, None) or "full"
+    if value not in LOSS_VOCABS:
+        source = "loss_vocab" if loss_vocab is not None else f"the model's {DECODE_SCORING_ATTR} attribute"
+        raise ValueError(f"{source} must be one of {LOSS_VOCABS} (llm.loss_vocab), got {value!r}")
+    return value
+
+
 @torch.inference_mode()
 def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attention_mask: Tensor, *,
-                n_beams: int = 20, exclude: list | None = None) -> BeamResult:
+                n_beams: int = 20, exclude: list | None = None, loss_vocab: str | None = None) -> BeamResult:
     """Trie-constrained beam search over SID tokens; every result is an existing, distinct item.
 
-    One forward over the prompts fills the KV cache; the cache is then expanded to W beams and
-    each of the M levels feeds one token per beam, reordering the cache by the surviving beams.
+    One forward over the prompts fills the KV cache, then each of the M - 1 first levels feeds one token per
+    beam. With 'full' scoring the cache is expanded to W beams and reordered by the surviving beams at every
+    step; on the 'sid' fast path the W beams of a prompt share its cache, each new token attending to the
+    prompt, its ancestors and itself through a 4D tree mask (no per-beam copy of the prompt's keys and values).
     All SIDs have the same length M, so no length penalty is applied. With W >= n_items the search
     is exhaustive (every prefix survives), i.e. it returns every item ranked by exact log-prob.
+
+    Scoring (`loss_vocab`, docs/DESIGN-NOTES.md "Decoding speed"): a SID's score is the sum of its M tokens'
+    log-probs, each normalised as the model was trained (``llm.loss_vocab``): 'full' = log-softmax over the
+    whole vocabulary (the model's full logits at every step); 'sid' = log-softmax over the M * K item-SID
+    tokens only, computed from the last hidden state and those M * K rows of the LM head (no `(R, V)` logits).
+
+    Profiling: the phases run inside ``torch.profiler.record_function`` ranges ``decode.prefill``,
+    ``decode.step_forward``, ``decode.logprobs``, ``decode.constraint`` (trie lookups + masking),
+    ``decode.select`` (top-k), ``decode.cache_reorder`` ('full') or ``decode.tree_mask`` ('sid'); bench/decode.py
+    reads them.
 
     Args:
         model: causal LM (HF or peft-wrapped), called as `model(input_ids=, attention_mask=,
             position_ids=, cache=, use_cache=True, logits_to_keep=1)` (`cache` is transformers 5.x's
-            name for `past_key_values`, deprecated there). Put in eval mode for the call, then restored.
+            name for `past_key_values`, deprecated there); with 'sid' scoring its decoder
+            (`model.get_decoder()`) is called the same way without `logits_to_keep`. Put in eval mode for the
+            call, then restored.
         trie: the catalogue; call `trie.to(device)` once to avoid a copy per call.
         input_ids: int64 `(B, T)`, LEFT-padded prompt token ids, on any device: moved to the model's.
         attention_mask: int64 `(B, T)`, 1 for real tokens, 0 for padding.
@@ -476,13 +603,15 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
             They are masked in the trie for that prompt: a prefix is allowed only while it still leads to an
             item not excluded (:meth:`SIDTrie.excluded_nodes`), so no beam is spent on excluded items and
             W distinct allowed items come back whenever there are W; otherwise the row is padded with -1.
+        loss_vocab: 'full' or 'sid' (see Scoring); None = the model's ``ttds_loss_vocab`` attribute, which
+            :func:`ttds_ray.llm.load_llm` sets from the run's config, else 'full'.
 
     Returns:
         BeamResult with `item_idx` int64 `(B, W')` sorted by score descending and `scores`
         float32 `(B, W')`, W' = min(W, n_items).
 
     Raises:
-        ValueError: if n_beams < 1, shapes differ, or a prompt is empty or right-padded.
+        ValueError: if n_beams < 1, shapes differ, a prompt is empty or right-padded, or `loss_vocab` is unknown.
     """
     if n_beams < 1:
         raise ValueError(f"n_beams must be >= 1, got {n_beams}")
@@ -492,6 +621,7 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
     if input_ids.shape[1] == 0 or bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("every prompt must be non-empty and LEFT-padded (attention_mask[:, -1] == 1); "
                          "set tokenizer.padding_side = 'left'")
+    loss_vocab = resolve_loss_vocab(model, loss_vocab)
     device = next(model.parameters()).device        # decode on the model's device (CPU or GPU)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch_size = input_ids.shape[0]
@@ -504,17 +634,18 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
     excluded = trie.excluded_nodes(exclude, device) if exclude is not None else None  # ExcludedNodes or None
     level_token_ids = trie.level_token_ids.to(device)  # (M, K)
     n_codes = trie.codebook_size
+    record = torch.profiler.record_function
 
     was_training = model.training
     model.eval()
     try:
+        scorer = _StepScorer(model, level_token_ids, loss_vocab)
         attention_mask = attention_mask.to(torch.int64)
         # HF Llama derives positions from the cache length, not the mask, outside generate(): pass them.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    cache=None, use_cache=True, logits_to_keep=1)
-        cache = out.cache
-        logits = out.logits[:, -1]  # (R, V), R = B * width rows; width = 1 before the first step
+        with record("decode.prefill"):
+            state, cache = scorer.forward(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, cache=None)  # state: R = B * width rows
         next_pos = position_ids[:, -1] + 1  # (B,)
         beam_mask = attention_mask  # (R, T + level)
 
@@ -522,31 +653,48 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
         nodes = torch.zeros(batch_size, 1, dtype=torch.int64, device=device)  # (B, width) root
         scores = torch.zeros(batch_size, 1, dtype=torch.float32, device=device)  # (B, width)
         row_base = torch.arange(batch_size, device=device).unsqueeze(1)  # (B, 1)
+        seen = torch.zeros(batch_size, 1, 0, dtype=torch.bool, device=device)  # (B, width, S) tree path: ancestors
         for level in range(trie.n_levels):
-            logp = _level_logprobs(logits, level_token_ids[level]).view(batch_size, width, n_codes)  # (B, width, K)
-            # the one trie lookup of the step; with exclude, only prefixes that still lead to an allowed item
-            child = trie.children_of(nodes, level, excluded).to(device)  # (B, width, K) node id, -1 = not allowed
-            allowed = child >= 0  # (B, width, K)
-            cand = (scores.unsqueeze(-1) + logp).masked_fill(~allowed, float("-inf"))  # (B, width, K)
-            new_width = min(n_beams, width * n_codes)
-            scores, flat = cand.view(batch_size, width * n_codes).topk(new_width, dim=-1)  # (B, W)
-            parent, code = flat // n_codes, flat % n_codes  # (B, W)
-            valid = allowed.view(batch_size, -1).gather(1, flat) & torch.isfinite(scores)  # (B, W)
-            nodes = child.view(batch_size, -1).gather(1, flat)  # (B, W)
-            nodes = torch.where(valid, nodes, torch.full_like(nodes, -1))
-            scores = scores.masked_fill(~valid, float("-inf"))
+            with record("decode.logprobs"):
+                logp = scorer.level_logprobs(state, level).view(batch_size, width, n_codes)  # (B, width, K)
+            with record("decode.constraint"):
+                # the one trie lookup of the step; with exclude, only prefixes that still lead to an allowed item
+                child = trie.children_of(nodes, level, excluded).to(device)  # (B, width, K) node, -1 = not allowed
+                allowed = child >= 0  # (B, width, K)
+                cand = (scores.unsqueeze(-1) + logp).masked_fill(~allowed, float("-inf"))  # (B, width, K)
+            with record("decode.select"):
+                new_width = min(n_beams, width * n_codes)
+                scores, flat = cand.view(batch_size, width * n_codes).topk(new_width, dim=-1)  # (B, W)
+                parent, code = flat // n_codes, flat % n_codes  # (B, W)
+            with record("decode.constraint"):
+                valid = allowed.view(batch_size, -1).gather(1, flat) & torch.isfinite(scores)  # (B, W)
+                nodes = child.view(batch_size, -1).gather(1, flat)  # (B, W)
+                nodes = torch.where(valid, nodes, torch.full_like(nodes, -1))
+                scores = scores.masked_fill(~valid, float("-inf"))
             if level == trie.n_levels - 1:
                 break
-            rows = (row_base * width + parent).view(-1)  # (B*W,) rows of the previous beams to keep
-            cache.reorder_cache(rows)  # also expands the B prompt rows into B*W beams at level 0
-            beam_mask = torch.cat([beam_mask[rows], beam_mask.new_ones(rows.numel(), 1)], dim=1)  # (B*W, T+level+1)
+            tokens = level_token_ids[level][code]  # (B, W)
+            if scorer.tree:  # the W beams of a prompt share its cache; each sees its own ancestors (_tree_mask)
+                with record("decode.tree_mask"):
+                    seen = seen.gather(1, parent.unsqueeze(-1).expand(-1, -1, seen.shape[-1]))  # (B, W, S)
+                    mask = scorer.tree_mask(attention_mask, seen, state.dtype)  # (B, 1, W, T + S + W)
+                    seen = torch.cat([seen, torch.eye(new_width, dtype=torch.bool, device=device)
+                                      .expand(batch_size, -1, -1)], dim=-1)  # (B, W, S + W)
+                width = new_width
+                pos = (next_pos + level).unsqueeze(1).expand(-1, width)  # (B, W): all at depth `level`
+                with record("decode.step_forward"):
+                    state, cache = scorer.forward(input_ids=tokens, attention_mask=mask, position_ids=pos,
+                                                  cache=cache)  # state (B * W, D)
+                continue
+            with record("decode.cache_reorder"):
+                rows = (row_base * width + parent).view(-1)  # (B*W,) rows of the previous beams to keep
+                cache.reorder_cache(rows)  # also expands the B prompt rows into B*W beams at level 0
+                beam_mask = torch.cat([beam_mask[rows], beam_mask.new_ones(rows.numel(), 1)], dim=1)  # (B*W, T+l+1)
             width = new_width
-            tokens = level_token_ids[level][code].view(-1, 1)  # (B*W, 1)
             pos = (next_pos + level).repeat_interleave(width).view(-1, 1)  # (B*W, 1)
-            out = model(input_ids=tokens, attention_mask=beam_mask, position_ids=pos, cache=cache,
-                        use_cache=True, logits_to_keep=1)
-            cache = out.cache
-            logits = out.logits[:, -1]  # (B*W, V)
+            with record("decode.step_forward"):
+                state, cache = scorer.forward(input_ids=tokens.view(-1, 1), attention_mask=beam_mask, position_ids=pos,
+                                              cache=cache)
     finally:
         model.train(was_training)
 

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -314,6 +314,51 @@ def _head_logits(model: nn.Module, h: torch.Tensor, rows: torch.Tensor | None = 
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
+class HeadRows(NamedTuple):
+    """The LM head restricted to some vocab rows, materialised once (:func:`head_rows`): for decoding, which
+    needs the logits of a few rows (the SID tokens) at every step, not the whole ``(V, D)`` product.
+
+    Attributes:
+        weight: ``(R, D)`` rows of the effective head weight (peft trainable-token rows merged).
+        bias: ``(R,)`` or None.
+        softcap: the model's ``final_logit_softcapping`` (Gemma-2 style) or None.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``(n, D)`` hidden states (what lm_head reads) -> ``(n, R)`` logits, equal to the model's own logits
+        at those rows (:func:`_head_logits` with the same rows)."""
+        logits = F.linear(h, self.weight, self.bias)
+        return self.softcap * torch.tanh(logits / self.softcap) if self.softcap else logits
+
+
+@torch.no_grad()
+def head_rows(model: nn.Module, rows: torch.Tensor) -> HeadRows | None:
+    """The LM head of ``model`` at vocab ids ``rows`` ``(R,)``, as :class:`HeadRows` (a copy, ``(R, D)``), or None
+    when the head is not a linear layer (callers then use the model's full logits).
+
+    Reading the peft-merged weight costs one ``(V, D)`` merge for trainable-token heads, so call this once per
+    decode, not per step; the copy is stale after the weights change.
+    """
+    w = _output_weight(model)
+    if w is None:
+        return None
+    head = model.get_output_embeddings()
+    layer = _token_layer(head)
+    bias = (layer.base_layer if layer else head).bias
+    rows = torch.as_tensor(rows, dtype=torch.long, device=w.device)
+    return HeadRows(w[rows].detach(), None if bias is None else bias[rows].detach(),
+                    getattr(model.config, "final_logit_softcapping", None))
+
+
+DECODE_SCORING_ATTR = "ttds_loss_vocab"
+"""Attribute :func:`load_llm` sets on the model it returns: the run's ``llm.loss_vocab`` ('full' or 'sid'), which
+:func:`ttds_ray.decoding.beam_search` reads to score beams with the softmax the model was trained with."""
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """int64 ``(B, T)`` positions counting only real tokens (needed for left padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -466,6 +511,9 @@ def save_llm(model: nn.Module, tok, out_dir: Path, meta: dict) -> None:
 def load_llm(llm_dir: Path, cfg: LLMConfig) -> tuple[nn.Module, object, dict]:
     """Reload a trained recommender LM (eval mode, float32) from a run's ``llm/`` directory.
 
+    The model carries ``cfg.loss_vocab`` (the run's config: the softmax it was trained with) as the attribute
+    :data:`DECODE_SCORING_ATTR`, so :func:`ttds_ray.decoding.beam_search` scores beams the same way.
+
     Raises:
         FileNotFoundError: the adapter/model directory is missing.
     """
@@ -484,6 +532,7 @@ def load_llm(llm_dir: Path, cfg: LLMConfig) -> tuple[nn.Module, object, dict]:
     else:
         model = AutoModelForCausalLM.from_pretrained(str(llm_dir / "model"), dtype=torch.float32)
     model.eval()
+    setattr(model, DECODE_SCORING_ATTR, cfg.loss_vocab)   # beam_search scores as the model was trained
     return model, tok, meta
 
 
