@@ -43,12 +43,23 @@ def random_prompts(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.T
     return input_ids, attention_mask
 
 
-def brute_force_scores(model, prompt: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
+def log_softmax_as_trained(logits: torch.Tensor, loss_vocab: str) -> torch.Tensor:
+    """The slow way: full logits `(..., V)` -> log-softmax over all V ('full') or over the M * K SID rows only
+    ('sid', -inf elsewhere), as ``llm.lm_loss`` normalises SID labels with ``loss_vocab='sid'``."""
+    logits = logits.float()
+    if loss_vocab == "sid":
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        keep[LEVEL_TOKEN_IDS.flatten()] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return logits.log_softmax(-1)
+
+
+def brute_force_scores(model, prompt: torch.Tensor, codes: np.ndarray, loss_vocab: str = "full") -> torch.Tensor:
     """Summed log-probs of every item's M SID tokens after `prompt` (1-D, unpadded): float `(N,)`."""
     sid_ids = LEVEL_TOKEN_IDS[torch.arange(N_LEVELS), torch.from_numpy(codes)]  # (N, M)
     seqs = torch.cat([prompt.expand(len(codes), -1), sid_ids], dim=1)  # (N, T + M)
     with torch.no_grad():
-        logp = model(input_ids=seqs).logits.float().log_softmax(-1)  # (N, T + M, V)
+        logp = log_softmax_as_trained(model(input_ids=seqs).logits, loss_vocab)  # (N, T + M, V)
     t = prompt.numel()
     picked = logp[:, t - 1: t - 1 + N_LEVELS].gather(2, sid_ids.unsqueeze(-1)).squeeze(-1)  # (N, M)
     return picked.sum(dim=1)
@@ -306,8 +317,9 @@ def test_allowed_children_equal_the_valid_prefixes_on_random_catalogues(n_items,
 
 
 def reference_beam_search(model, prompt: torch.Tensor, codes: np.ndarray, n_beams: int,
-                          excluded: set = frozenset()) -> tuple[list[int], list[float]]:
-    """Brute-force constrained beam search: one uncached forward per beam, allowed codes from `valid_children`."""
+                          excluded: set = frozenset(), loss_vocab: str = "full") -> tuple[list[int], list[float]]:
+    """Brute-force constrained beam search: one uncached forward per beam, allowed codes from `valid_children`,
+    log-probs normalised as `loss_vocab` says (:func:`log_softmax_as_trained`)."""
     allowed = valid_children(codes, excluded)
     beams = [((), 0.0)]
     for level in range(N_LEVELS):
@@ -315,7 +327,8 @@ def reference_beam_search(model, prompt: torch.Tensor, codes: np.ndarray, n_beam
         for prefix, score in beams:
             seq = torch.cat([prompt, LEVEL_TOKEN_IDS[torch.arange(level), list(prefix)]])
             with torch.no_grad():
-                logp = model(input_ids=seq[None]).logits[0, -1].float().log_softmax(-1)[LEVEL_TOKEN_IDS[level]]
+                logits = model(input_ids=seq[None]).logits[0, -1]
+                logp = log_softmax_as_trained(logits, loss_vocab)[LEVEL_TOKEN_IDS[level]]
             cands += [(prefix + (k,), score + float(logp[k])) for k in sorted(allowed.get(prefix, ()))]
         beams = sorted(cands, key=lambda c: -c[1])[:n_beams]
     item_of = {tuple(row): i for i, row in enumerate(codes.tolist())}
@@ -444,3 +457,159 @@ def test_sids_too_wide_for_one_int64_key_build_the_same_trie():
     trie = SIDTrie(codes, torch.arange(6 * 4096).view(6, 4096))
     assert_allowed_children_match_brute_force(trie)
     assert trie.item_of_leaf(trie.item_path[:, -1]).tolist() == list(range(200))
+
+
+# --- Scoring as trained (issue 12, decoding speed): 'full' is the former path, 'sid' the SID-row softmax ---------
+
+class _LogitsOnly(torch.nn.Module):
+    """The same LM seen only through its full logits (no ``get_decoder`` / ``get_output_embeddings``): with
+    'sid' scoring, beam_search takes the slow way, full `(R, V)` logits indexed at the SID rows and per-beam
+    cache copies, the reference for the fast path (SID head rows + shared prompt cache)."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, **kwargs):
+        return self.lm(**kwargs)
+
+
+# Recorded with beam_search as it was before the 'sid' scoring (commit 515dd7b^, full-vocabulary softmax only):
+# tiny_llama, the catalogue / prompts / exclusions of test_full_scoring_is_the_default_and_unchanged_to_the_bit.
+GOLDEN_FULL_SCORES = [
+    [-68.05055236816406, -71.92399597167969, -76.29298400878906, -77.1594467163086, -81.57414245605469,
+     -87.0369873046875],
+    [-82.58673858642578, -85.65608215332031, -86.37733459472656, -86.44507598876953, -87.91397857666016,
+     -88.00791931152344],
+    [-72.29247283935547, -76.8335952758789, -77.486083984375, -80.49993896484375, -81.18988800048828,
+     -82.98405456542969],
+    [-67.68380737304688, -75.45915985107422, -76.69287872314453, -78.32003784179688, -79.07571411132812,
+     -87.40098571777344]]
+GOLDEN_FULL_ITEMS = [[23, 5, 2, 22, 21, 38], [21, 8, 58, 43, 59, 38], [2, 5, 21, 22, 43, 38], [23, 5, 2, 8, 58, 38]]
+
+
+def test_full_scoring_is_the_default_and_unchanged_to_the_bit(tiny_llama):
+    """'full' (the default without a loss_vocab and without the model attribute) gives exactly the items and the
+    float32 scores the former beam_search gave (narrow beam, add_items, exclusions, left padding): the same
+    operations in the same order (_StepScorer 'full' runs the former code path)."""
+    codes = random_codes(60, seed=21)
+    trie = SIDTrie(codes[:50], LEVEL_TOKEN_IDS)
+    trie.add_items(codes[50:])
+    input_ids, attention_mask = random_prompts([5, 9, 3, 7], seed=13)
+    exclude = [[], [5, 2, 22], [], [55, 1]]
+    explicit = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=6, exclude=exclude, loss_vocab="full")
+    default = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=6, exclude=exclude)
+    assert not hasattr(tiny_llama, "ttds_loss_vocab")
+    assert explicit.item_idx.tolist() == GOLDEN_FULL_ITEMS == default.item_idx.tolist()
+    assert torch.equal(default.scores, explicit.scores)
+    # bit-equal to the recorded values in a fresh process; 1e-5 leaves room for float32 rounding that depends on
+    # where the weights sit in memory (after another test's peft wrap + unload, the last bit can differ)
+    torch.testing.assert_close(explicit.scores, torch.tensor(GOLDEN_FULL_SCORES), atol=1e-5, rtol=0)
+
+
+def test_sid_scoring_ranks_every_item_by_the_sid_row_log_softmax_computed_the_slow_way(tiny_llama):
+    """W >= N (exhaustive): 'sid' returns every item ranked by the summed log-softmax over the SID rows of the
+    full logits (full forward, then index), not by the full-vocabulary scores."""
+    codes = random_codes(12, seed=2)
+    trie = SIDTrie(codes, LEVEL_TOKEN_IDS)
+    input_ids, attention_mask = random_prompts([6, 4], seed=5)
+    result = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=16, loss_vocab="sid")
+    for row in range(2):
+        prompt = input_ids[row][attention_mask[row].bool()]
+        expected = brute_force_scores(tiny_llama, prompt, codes, loss_vocab="sid")  # (N,)
+        order = torch.argsort(expected, descending=True)
+        assert result.item_idx[row].tolist() == order.tolist()
+        torch.testing.assert_close(result.scores[row], expected[order], atol=1e-4, rtol=0)
+        full = brute_force_scores(tiny_llama, prompt, codes)
+        assert (expected > full + 1e-3).all()          # a smaller normaliser: really another scoring
+
+
+def test_sid_fast_path_equals_the_slow_way_with_a_narrow_beam_and_exclusions(tiny_llama):
+    """W = 6 of 60 items, add_items, exclusions, left padding: the fast path (SID head rows, beams sharing the
+    prompt cache through the tree mask) gives the items and scores of the slow way (full logits, indexed,
+    per-beam caches) and of an uncached brute-force decoder."""
+    codes = random_codes(60, seed=21)
+    trie = SIDTrie(codes[:50], LEVEL_TOKEN_IDS)
+    trie.add_items(codes[50:])
+    input_ids, attention_mask = random_prompts([5, 9, 3, 7], seed=13)
+    exclude = [[], [5, 2, 22], [], [55, 1]]
+    fast = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=6, exclude=exclude, loss_vocab="sid")
+    slow = beam_search(_LogitsOnly(tiny_llama), trie, input_ids, attention_mask, n_beams=6, exclude=exclude,
+                       loss_vocab="sid")
+    assert fast.item_idx.tolist() == slow.item_idx.tolist()
+    torch.testing.assert_close(fast.scores, slow.scores, atol=1e-5, rtol=0)
+    for row in range(4):
+        prompt = input_ids[row][attention_mask[row].bool()]
+        items, scores = reference_beam_search(tiny_llama, prompt, codes, 6, set(exclude[row]), loss_vocab="sid")
+        assert fast.item_idx[row].tolist() == items
+        torch.testing.assert_close(fast.scores[row], torch.tensor(scores), atol=1e-4, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+@pytest.mark.filterwarnings("ignore:.*tied layer is part of the adapter.*")
+def test_sid_fast_path_through_peft_lora_with_trainable_sid_rows(tiny_llama):
+    """As training wraps the model (LoRA + trainable SID rows in the tied embedding / head, llm.wrap_for_training),
+    with non-zero adapters: the fast path reads the merged head rows (llm.head_rows) like the model's own logits."""
+    peft = pytest.importorskip("peft")
+    codes = random_codes(40, seed=4)
+    trie = SIDTrie(codes, LEVEL_TOKEN_IDS)
+    input_ids, attention_mask = random_prompts([3, 8, 5], seed=9)
+    plain = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=7, loss_vocab="sid")
+    lora = peft.get_peft_model(tiny_llama, peft.LoraConfig(r=2, target_modules="all-linear",
+                                                            trainable_token_indices=LEVEL_TOKEN_IDS.flatten().tolist()))
+    try:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if p.requires_grad:                    # LoRA A/B and the trainable token deltas
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+        fast = beam_search(lora, trie, input_ids, attention_mask, n_beams=7, loss_vocab="sid")
+        slow = beam_search(_LogitsOnly(lora), trie, input_ids, attention_mask, n_beams=7, loss_vocab="sid")
+    finally:
+        lora.unload()
+    assert fast.item_idx.tolist() == slow.item_idx.tolist()
+    torch.testing.assert_close(fast.scores, slow.scores, atol=1e-4, rtol=0)
+    assert not torch.allclose(fast.scores, plain.scores, atol=1e-2)   # the adapters and token deltas do count
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sid_tree_attention_keeps_positions_and_padding_apart(attn):
+    """GPT-2's learned absolute positions expose a wrong position or a leaked padding / sibling key (see
+    test_left_padding_keeps_absolute_positions); with either attention implementation (sdpa takes a bool tree
+    mask, eager an additive one) a left-padded prompt decodes as it does alone, and as the slow way."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0)
+    config._attn_implementation = attn
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight.normal_(0.0, 1.0)
+    trie = SIDTrie(random_codes(40, seed=3), LEVEL_TOKEN_IDS)
+    batch_ids, batch_mask = random_prompts([4, 11], seed=7)
+    alone = beam_search(model, trie, batch_ids[:1, -4:], batch_mask[:1, -4:], n_beams=8, loss_vocab="sid")
+    batched = beam_search(model, trie, batch_ids, batch_mask, n_beams=8, loss_vocab="sid")
+    slow = beam_search(_LogitsOnly(model), trie, batch_ids, batch_mask, n_beams=8, loss_vocab="sid")
+    assert batched.item_idx[0].tolist() == alone.item_idx[0].tolist()
+    torch.testing.assert_close(batched.scores[0], alone.scores[0], atol=1e-4, rtol=0)
+    assert batched.item_idx.tolist() == slow.item_idx.tolist()
+    torch.testing.assert_close(batched.scores, slow.scores, atol=1e-4, rtol=0)
+
+
+def test_loss_vocab_comes_from_the_model_attribute_and_unknown_values_are_refused(tiny_llama):
+    """llm.load_llm tags the model with the run's llm.loss_vocab (ttds_loss_vocab); an explicit argument wins."""
+    trie = SIDTrie(random_codes(30, seed=5), LEVEL_TOKEN_IDS)
+    input_ids, attention_mask = random_prompts([4, 6], seed=3)
+    sid = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=5, loss_vocab="sid")
+    full = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=5, loss_vocab="full")
+    tiny_llama.ttds_loss_vocab = "sid"
+    try:
+        tagged = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=5)
+        overridden = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=5, loss_vocab="full")
+        tiny_llama.ttds_loss_vocab = "softmax"
+        with pytest.raises(ValueError, match="ttds_loss_vocab.*'softmax'"):
+            beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=5)
+    finally:
+        del tiny_llama.ttds_loss_vocab
+    assert torch.equal(tagged.scores, sid.scores) and torch.equal(overridden.scores, full.scores)
+    with pytest.raises(ValueError, match="loss_vocab must be one of"):
+        beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=5, loss_vocab="SID")
