@@ -1,0 +1,163 @@
+"""Our beam search against HF ``generate`` + ``prefix_allowed_tokens_fn`` on a trained tiny model (issue 12).
+
+A 500-item catalogue (3 levels x 16 codes), a tiny Llama trained for a few seconds with the training loss
+(``llm.lm_loss``, ``loss_vocab='sid'``) on synthetic next-item sequences, so its distributions are peaked like a
+trained recommender's rather than near-uniform. HF's reference decoder is bench/decode.py's ``HFDecoder``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from ttds_ray import llm
+from ttds_ray.decoding import SIDTrie, beam_search
+
+N_ITEMS, N_LEVELS, N_CODES, N_TEXT = 500, 3, 16, 40        # text tokens 0..39 (0 = pad, 1 = bos), then SID tokens
+N_USERS, HISTORY, BEAMS, TOL = 50, 5, 20, 1e-4
+LEVEL_TOKEN_IDS = N_TEXT + torch.arange(N_LEVELS * N_CODES).view(N_LEVELS, N_CODES)   # (M, K)
+INSTRUCTION = [1, 7, 8, 9, 10]                             # bos + a fixed "instruction"
+
+
+def _bench_decode():
+    """bench/decode.py as a module (HFDecoder, agreement, integrity)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _catalogue(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """500 distinct SIDs; an item's level-1 code is its cluster (16 clusters): ``(codes (N, M), cluster (N,))``."""
+    cluster = rng.integers(0, N_CODES, N_ITEMS)
+    codes, seen = np.zeros((N_ITEMS, N_LEVELS), np.int64), set()
+    for i in range(N_ITEMS):
+        while True:
+            sid = (int(cluster[i]), *rng.integers(0, N_CODES, N_LEVELS - 1).tolist())
+            if sid not in seen:
+                seen.add(sid)
+                codes[i] = sid
+                break
+    return codes, cluster
+
+
+def _sequences(rng: np.random.Generator, cluster: np.ndarray, n: int) -> np.ndarray:
+    """``(n, HISTORY + 1)`` item sequences: the next item stays in the cluster of the last one w.p. 0.8, and within a
+    cluster prefers a few popular items (Zipf), so the next-item distribution is learnable and peaked."""
+    members = [np.flatnonzero(cluster == c) for c in range(N_CODES)]
+    weight = [1.0 / np.arange(1, len(m) + 1) ** 1.2 for m in members]
+    seqs = np.zeros((n, HISTORY + 1), np.int64)
+    seqs[:, 0] = rng.integers(0, N_ITEMS, n)
+    for t in range(1, HISTORY + 1):
+        for u in range(n):
+            c = cluster[seqs[u, t - 1]] if rng.random() < 0.8 else rng.integers(0, N_CODES)
+            seqs[u, t] = rng.choice(members[c], p=weight[c] / weight[c].sum())
+    return seqs
+
+
+def _prompt(history: np.ndarray, sid_tokens: np.ndarray) -> list[int]:
+    return INSTRUCTION + sid_tokens[history].reshape(-1).tolist()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """``(model, trie, prompts, last loss)``: a tiny Llama trained 150 steps with lm_loss(sid_ids=...) (~5 s)."""
+    torch.set_num_threads(1)             # small matmuls: a second thread only adds contention on a shared machine
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    codes, cluster = _catalogue(rng)
+    sid_tokens = LEVEL_TOKEN_IDS[torch.arange(N_LEVELS), torch.from_numpy(codes)].numpy()   # (N, M)
+    config = transformers.LlamaConfig(vocab_size=N_TEXT + N_LEVELS * N_CODES, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                      max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1,
+                                      eos_token_id=2, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config)
+    train = _sequences(rng, cluster, 1024)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sid_ids = LEVEL_TOKEN_IDS.flatten()
+    for step in range(150):
+        rows = train[rng.integers(0, len(train), 32)]
+        ids = torch.tensor([_prompt(r[:-1], sid_tokens) + sid_tokens[r[-1]].tolist() for r in rows])
+        labels = torch.full_like(ids, -100)
+        labels[:, -N_LEVELS:] = ids[:, -N_LEVELS:]
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        loss = llm.lm_loss(model, batch, sid_ids=sid_ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    test = _sequences(rng, cluster, N_USERS)
+    prompts = [_prompt(r[:-rng.integers(1, 3)][-HISTORY:], sid_tokens) for r in test]   # lengths differ: padding
+    return model, SIDTrie(codes, LEVEL_TOKEN_IDS), prompts, loss.item()
+
+
+def _batch(prompts: list[list[int]]) -> dict:
+    from ttds_ray.tasks import collate
+
+    return collate([{"input_ids": p} for p in prompts], 0, 64)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("loss_vocab", ["sid", "full"])
+def test_top20_equals_hf_generate_with_prefix_allowed_tokens(trained, loss_vocab):
+    """50 users, 20 beams: our top-20 equals HF's (same items, same order) for every user, or differs only where
+    both decoders' scores agree within TOL at every rank (float ties; shown in the message). HF scores 'full'
+    natively; for 'sid' a hook on the LM head leaves only the SID rows, so its log-softmax is the training one."""
+    bench = _bench_decode()
+    model, trie, prompts, loss = trained
+    assert loss < 4.0, f"the tiny model did not train (loss {loss:.2f} nats; uniform over 16 codes is 2.77 x 3)"
+    batch = _batch(prompts)
+    ours = beam_search(model, trie, batch["input_ids"], batch["attention_mask"], n_beams=BEAMS, loss_vocab=loss_vocab)
+    hf_items, hf_scores = bench.HFDecoder(model, trie, 0, BEAMS)(batch, sid_only=loss_vocab == "sid")
+    a = bench.agreement(ours.item_idx.numpy(), ours.scores.numpy(), hf_items, hf_scores, TOL)
+    assert a["agree_within_tol"] == N_USERS, f"{a['exact']} exact + {a['tie_only']} tie-only of {N_USERS}: {a}"
+    assert a["max_score_gap"] < TOL
+    assert bench.integrity(ours.item_idx.numpy(), trie.n_items) == {"invalid_id_rate": 0.0, "duplicate_rate": 0.0}
+    assert bench.integrity(hf_items, trie.n_items) == {"invalid_id_rate": 0.0, "duplicate_rate": 0.0}
+    # a peaked, trained model: the top item clearly ahead for most users, so the agreement is not vacuous
+    assert float(np.median(ours.scores[:, 0] - ours.scores[:, 1])) > 1e-3
+
+
+def test_a_trained_model_scores_differently_under_the_two_softmaxes(trained):
+    """The two scorings are not interchangeable: on the model trained with the SID softmax, 'full' and 'sid' give
+    other scores (the full normaliser holds text tokens the model learned nothing about)."""
+    model, trie, prompts, _ = trained
+    batch = _batch(prompts[:10])
+    sid = beam_search(model, trie, batch["input_ids"], batch["attention_mask"], n_beams=BEAMS, loss_vocab="sid")
+    full = beam_search(model, trie, batch["input_ids"], batch["attention_mask"], n_beams=BEAMS, loss_vocab="full")
+    assert (sid.scores >= full.scores - 1e-4).all() and not torch.allclose(sid.scores, full.scores, atol=1e-3)
+
+
+def test_a_loaded_run_decodes_with_the_softmax_it_was_trained_with(tiny_run):
+    """Recommender.from_run -> llm.load_llm tags the model with the run's llm.loss_vocab ('sid' in the tiny run's
+    config), so Recommender.rank / TTDSRanker score with it without being told: the same lists and scores as an
+    explicit loss_vocab='sid', not those of 'full'."""
+    from ttds_ray import tasks
+    from ttds_ray.evaluate import eval_histories
+    from ttds_ray.recommender import Recommender
+
+    cfg, run, _ = tiny_run
+    assert cfg.llm.loss_vocab == "sid"
+    rec = Recommender.from_run(run.root)
+    assert getattr(rec.model, llm.DECODE_SCORING_ATTR) == "sid"
+    rows = np.arange(min(6, len(rec.splits)))
+    hist = eval_histories(rec.splits, rows, "test", cfg.data.max_history)
+    user_codes = rec.user_table.codes[rec.splits.user_idx[rows]]
+    items, scores = rec.rank(hist, user_codes, n_beams=10)
+    delattr(rec.model, llm.DECODE_SCORING_ATTR)            # now beam_search's own default ('full')
+    full_items, full_scores = rec.rank(hist, user_codes, n_beams=10)
+    rec.model.ttds_loss_vocab = "sid"
+    assert (scores >= full_scores - 1e-4).all() and not np.allclose(scores, full_scores, atol=1e-3)
+    prompts = tasks.build_eval_prompts([h.tolist() for h in hist], rec.item_tokens,
+                                       rec.user_tokens[rec.splits.user_idx[rows]], rec.pieces, cfg.tasks,
+                                       max_history=cfg.data.max_history, max_length=cfg.llm.max_length)
+    batch = tasks.collate([{"input_ids": p} for p in prompts], rec.tok.pad_token_id, cfg.llm.max_length)
+    explicit = beam_search(rec.model, rec.trie, batch["input_ids"], batch["attention_mask"], n_beams=10,
+                           loss_vocab="sid")
+    np.testing.assert_array_equal(items, explicit.item_idx.numpy())
+    np.testing.assert_allclose(scores, explicit.scores.numpy(), atol=1e-5, rtol=0)
