@@ -10,6 +10,7 @@ Dimensions: N entities, B batch, D_s / D_c input dims, Z latent, L levels, K cod
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -474,12 +475,19 @@ def user_semantic_embeddings(item_text: np.ndarray, histories: list[list[int]]) 
     return np.stack([item_text[h].mean(0) if len(h) else mean for h in histories]).astype(np.float32)
 
 
+#: safetensors metadata key of a tower's constructor arguments (one JSON value: safetensors writes a metadata map
+#: with several keys in a per-process random order, so equal towers gave different file bytes).
+TOWER_META_KEY = "ttds_tower"
+
+
 def tower_bytes(tower: Tower) -> bytes:
     """safetensors bytes of the tower's weights, with its constructor arguments in the safetensors metadata
-    (``d_s``, ``d_c``, ``tower_config`` JSON), so :func:`load_tower` needs nothing else (no pickle)."""
+    (key :data:`TOWER_META_KEY`: JSON ``{"d_c", "d_s", "tower_config"}``, sorted keys), so :func:`load_tower`
+    needs nothing else (no pickle). Equal towers give equal bytes."""
     from safetensors.torch import save as st_save
 
-    meta = {"d_s": str(tower.d_s), "d_c": str(tower.d_c), "tower_config": tower.tcfg.model_dump_json()}
+    meta = {TOWER_META_KEY: json.dumps({"d_s": tower.d_s, "d_c": tower.d_c,
+                                         "tower_config": tower.tcfg.model_dump()}, sort_keys=True)}
     return st_save({k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}, metadata=meta)
 
 
@@ -506,8 +514,14 @@ def load_tower(path: Path, d_s: int | None = None, d_c: int | None = None, tcfg:
         raise ArtifactError(f"{path}: tower checkpoint is missing; rerun the tokenizer stage")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if "tower_config" in meta:
-        saved = (int(meta["d_s"]), int(meta["d_c"]), TowerConfig.model_validate_json(meta["tower_config"]))
+    if TOWER_META_KEY in meta:
+        args = json.loads(meta[TOWER_META_KEY])
+    elif "tower_config" in meta:        # written before TOWER_META_KEY: one metadata key per argument
+        args = {**meta, "tower_config": json.loads(meta["tower_config"])}
+    else:
+        args = None
+    if args is not None:
+        saved = (int(args["d_s"]), int(args["d_c"]), TowerConfig.model_validate(args["tower_config"]))
         given = (d_s, d_c, tcfg)
         if any(g is not None and g != v for g, v in zip(given, saved)):
             raise ArtifactError(f"{path}: saved for d_s, d_c, config = {saved}, asked for {given}")

@@ -1,0 +1,126 @@
+"""The statistics and the table writer of bench/quality.py, on synthetic per-user ranks (no training)."""
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from ttds_ray.errors import DataError
+from ttds_ray.metrics import hr_ndcg
+
+
+@pytest.fixture(scope="module")
+def q():
+    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "bench" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod            # dataclasses look their module up while the file executes
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_t_interval_known_values(q):
+    mean, low, high = q.t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and high - mean == pytest.approx(4.302653 / np.sqrt(3), rel=1e-6)   # t(0.975, 2) = 4.3027
+    assert mean - low == pytest.approx(high - mean)
+    assert q.t_interval([0.5, 0.5]) == (0.5, 0.5, 0.5)
+    assert q.t_interval([0.25]) == (0.25, None, None)                  # one seed: no spread
+    with pytest.raises(ValueError):
+        q.t_interval([])
+    with pytest.raises(ValueError):
+        q.t_interval([0.1, float("nan")])
+
+
+def test_per_user_values_average_to_the_metrics(q):
+    ranks = np.array([1, 2, 3, 11, 0, 10, 5])
+    m = hr_ndcg(ranks, ks=(1, 5, 10))
+    for metric in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"):
+        assert q.per_user(ranks, metric).mean() == pytest.approx(m[metric], abs=1e-15)
+    assert q.per_user([1, 2, 3, 11], "NDCG@10") == pytest.approx([1, 0.6309298, 0.5, 0])
+    with pytest.raises(ValueError):
+        q.per_user(ranks, "MRR@10")
+
+
+def test_paired_bootstrap_recovers_a_known_difference(q):
+    rng = np.random.default_rng(0)
+    # three seeds of 400 users; system a gains 0.1 NDCG over b on average, with per-user noise
+    b = [rng.uniform(0, 0.4, 400) for _ in range(3)]
+    a = [x + 0.1 + rng.normal(0, 0.05, 400) for x in b]
+    res = q.paired_bootstrap(a, b, n_resamples=1000, seed=7)
+    assert res["diff"] == pytest.approx(np.mean([(x - y).mean() for x, y in zip(a, b)]))
+    assert res["low"] < 0.1 < res["high"] and res["high"] - res["low"] < 0.02
+    assert res["p_le_0"] == 0.0 and res["n_users"] == [400] * 3 and res["n_resamples"] == 1000
+    assert q.paired_bootstrap(a, b, n_resamples=1000, seed=7) == res                   # seeded
+    # the same system on both sides: a zero-width interval at 0
+    same = q.paired_bootstrap(b, b, n_resamples=200)
+    assert same["diff"] == same["low"] == same["high"] == 0.0 and same["p_le_0"] == 1.0
+
+
+def test_paired_bootstrap_pairs_users(q):
+    # a large between-user spread that both systems share: pairing removes it, so the interval stays narrow
+    base = np.linspace(0, 1, 500)
+    res = q.paired_bootstrap([base + 0.01], [base], n_resamples=500)
+    assert res["low"] == pytest.approx(0.01) and res["high"] == pytest.approx(0.01)
+    # no difference on average, noisy: the interval covers 0
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 2, 300).astype(float), rng.integers(0, 2, 300).astype(float)
+    res = q.paired_bootstrap([a], [b], n_resamples=2000, seed=0)
+    assert res["low"] < 0 < res["high"] and res["low"] < res["diff"] < res["high"]
+    # width ~ 2 x 1.96 x the standard error of a mean difference of two fair coins, sqrt(0.5 / 300) = 0.041
+    assert 0.12 < res["high"] - res["low"] < 0.20
+    with pytest.raises(ValueError):
+        q.paired_bootstrap([a], [b[:-1]])
+    with pytest.raises(ValueError):
+        q.paired_bootstrap([], [])
+
+
+def test_letter_statistics_check(q):
+    ok = {"n_users": 22363, "n_items": 12101, "n_interactions": 198502, "kcore": 5}
+    q.check_letter_stats("beauty", ok)
+    q.check_letter_stats("yelp", {"n_users": 30431, "n_items": 20033, "n_interactions": 316354})
+    with pytest.raises(DataError, match=r"n_items: 12100 here, 12101 published"):
+        q.check_letter_stats("beauty", {**ok, "n_items": 12100})
+    with pytest.raises(DataError, match="n_interactions"):
+        q.check_letter_stats("yelp", ok)
+
+
+def _record(q, dataset, seed, rng, n_users=50):
+    """A run_one-shaped record with random ranks; TTDS ranks its targets better than the rest."""
+    systems = {}
+    for k, name in enumerate(q.SYSTEMS):
+        ranks = rng.integers(0, 40 - 5 * k, n_users)
+        systems[name] = {"metrics": hr_ndcg(ranks, ks=(1, 5, 10)), "ranks": ranks.tolist(), "wall_s": 10.0 * k}
+    return {"dataset": dataset, "seed": seed, "n_users_evaluated": n_users, "n_items": 1000, "n_users_total": 900,
+            "shared_stage_wall_s": {"data": 1.0, "embeddings": 2.0, "cf": 3.0, "tokenizer": 4.0}, "systems": systems}
+
+
+def test_summary_and_table_writer(q, tmp_path):
+    rng = np.random.default_rng(3)
+    records = [_record(q, "ml100k", s, rng) for s in (0, 1, 2)] + [_record(q, "scientific", 0, rng)]
+    summary = q.summarise(records, n_resamples=100)
+    ml = summary["ml100k"]
+    assert ml["seeds"] == [0, 1, 2] and set(ml["systems"]) == set(q.SYSTEMS)
+    per_seed = [r["systems"]["SASRec"]["metrics"]["NDCG@10"] for r in records[:3]]
+    assert ml["systems"]["SASRec"]["NDCG@10"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert ml["systems"]["SASRec"]["NDCG@10"]["low"] < np.mean(per_seed) < ml["systems"]["SASRec"]["NDCG@10"]["high"]
+    d = ml["diffs"]["Popularity"]["NDCG@10"]
+    assert d["seeds"]["mean"] == pytest.approx(d["bootstrap"]["diff"])
+    best = max(q.BASELINES, key=lambda s: ml["systems"][s]["HR@10"]["mean"])
+    assert ml["ratio"]["HR@10"]["best_baseline"] == best
+    assert ml["ratio"]["HR@10"]["TTDS"] == pytest.approx(ml["systems"]["TTDS"]["HR@10"]["mean"]
+                                                        / ml["systems"][best]["HR@10"]["mean"])
+    assert summary["scientific"]["systems"]["TTDS"]["HR@10"]["low"] is None          # one seed
+    meta = {"preset": "unit", "preset_description": "synthetic", "date": "2026-12-03", "machine": "test",
+            "command": "pytest", "wall_s": 1.0, "overrides": {"ml100k": ["eval.max_users=50"]}}
+    js, md = q.write_outputs(records, summary, meta, tmp_path)
+    assert js.name == "quality-unit.json" and md.name == "quality-unit.md"
+    doc = json.loads(js.read_text())
+    assert doc["summary"]["ml100k"]["systems"]["TTDS"]["HR@10"]["mean"] == ml["systems"]["TTDS"]["HR@10"]["mean"]
+    text = md.read_text()
+    sasrec = ml["systems"]["SASRec"]["NDCG@10"]
+    assert f"{sasrec['mean']:.4f} [{sasrec['low']:.4f}, {sasrec['high']:.4f}]" in text
+    rows = [line for line in text.splitlines() if line.startswith("| TTDS |")]
+    assert len(rows) == 2 and rows[0].count("|") == len(q.METRICS) + 3
+    assert "## MovieLens-100K" in text and "## Amazon Scientific" in text and "eval.max_users=50" in text
+    assert "TTDS / best baseline" in text and f"(best: {best})" in text
