@@ -257,6 +257,7 @@ class SASRecRecipe:
     def __init__(self, cfg: TTDSConfig, run: RunDir, env: WorkerEnv):
         self.cfg, self.env = cfg, env
         prepared = data.Prepared.load(run.require("data"))
+        torch.manual_seed(cfg.seed)         # the initial weights (the global RNG is seeded at random per process)
         self.base = cf.SASRec.from_config(cfg.cf, len(prepared.items)).to(env.device)
         self.opt = cf.make_optimizer(self.base, cfg.cf)
         self.epoch, self.step = 0, 0
