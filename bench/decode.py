@@ -18,7 +18,8 @@ Reported per preset and batch size:
 - the invalid-ID rate (returned SIDs that are no catalogue item) and duplicate rate (items returned twice for
   one user) of both decoders;
 - top-20 agreement with HF, per scoring: HF scores 'full' natively; for 'sid' a forward hook on the LM head
-  sets every non-SID logit to -inf, so HF's log-softmax over V becomes the log-softmax over the SID rows. A
+  sets every non-SID logit to -inf, so HF's log-softmax over V becomes the log-softmax over the SID rows (an
+  extra, untimed HF pass, on the first ``--sid-agree-users`` users: SmolLM2's HF decoding is slow here). A
   user agrees exactly when the 20 items are the same in the same order; else "tie-only" when both score
   vectors agree within ``--tol`` nats at every rank and every common item's scores agree within ``--tol``;
 - the forward-FLOP bound: FLOPs/user from ``bench/score.py``'s model (``flops_per_prompt``) with V = the LM-head
@@ -134,9 +135,9 @@ def ours(model, trie: SIDTrie, n_beams: int, loss_vocab: str):
 
 
 def timed(decode, chunks: list[dict], n_users: int, repeats: int) -> dict:
-    """users/s of ``decode`` over all chunks, ``repeats`` passes after one untimed warm-up batch; the results of
-    the last pass (item_idx, scores) are returned under 'items' / 'scores'."""
-    decode(chunks[0])
+    """users/s of ``decode`` over all chunks, ``repeats`` passes after an untimed warm-up on the first prompt; the
+    results of the last pass (item_idx, scores) are returned under 'items' / 'scores'."""
+    decode({k: v[:1] for k, v in chunks[0].items()})
     passes, load = [], [loadavg()]
     for _ in range(repeats):
         t = time.perf_counter()
@@ -234,7 +235,7 @@ def run_preset(name: str, rec: Recommender, args, peak: float) -> dict:
         chunks = batches(rec, prompts[:n], bs)
         res: dict = {"users": n}
         for lv in ("sid", "full"):
-            r = timed(ours(rec.model, rec.trie, args.beams, lv), chunks, n, args.repeats)
+            r = timed(ours(rec.model, rec.trie, args.beams, lv), chunks, n, args.repeats[name])
             res[f"ours_{lv}"] = r
             print(f"[{name} b={bs}] ours {lv}: {r['users_per_s_best']:.2f} users/s (median "
                   f"{r['users_per_s_median']:.2f}), load {r['loadavg_before_after']}", flush=True)
@@ -243,13 +244,14 @@ def run_preset(name: str, rec: Recommender, args, peak: float) -> dict:
         print(f"[{name} b={bs}] HF generate: {r['users_per_s_best']:.2f} users/s, load {r['loadavg_before_after']}",
               flush=True)
         if bs == max(args.batch_sizes):       # agreement, integrity and profile on the big batch
-            hf_sid = [hf(c, sid_only=True) for c in chunks]
+            n_sid = min(n, args.sid_agree_users[name])     # HF with the SID-row hook: untimed, on the first users
+            hf_sid = [hf(c, sid_only=True) for c in batches(rec, prompts[:n_sid], bs)]
             hf_sid_items, hf_sid_scores = np.concatenate([x[0] for x in hf_sid]), np.concatenate([x[1] for x in hf_sid])
             res["agreement"] = {
                 "full": agreement(res["ours_full"]["items"], res["ours_full"]["scores"], r["items"], r["scores"],
                                   args.tol),
-                "sid": agreement(res["ours_sid"]["items"], res["ours_sid"]["scores"], hf_sid_items, hf_sid_scores,
-                                 args.tol)}
+                "sid": agreement(res["ours_sid"]["items"][:n_sid], res["ours_sid"]["scores"][:n_sid], hf_sid_items,
+                                 hf_sid_scores, args.tol)}
             res["integrity"] = {k: integrity(res[k]["items"], rec.trie.n_items) for k in ("ours_sid", "ours_full")}
             res["integrity"]["hf"] = integrity(r["items"], rec.trie.n_items)
             res["integrity"]["hf_sid"] = integrity(hf_sid_items, rec.trie.n_items)
@@ -281,7 +283,10 @@ def main() -> None:
     ap.add_argument("--batch1-users", type=int, nargs=2, default=[16, 4], metavar=("TINY", "SMOLLM2"),
                     help="users timed at batch 1 (a subset of the same prompts)")
     ap.add_argument("--beams", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, nargs=2, default=[3, 2], metavar=("TINY", "SMOLLM2"),
+                    help="timed passes of our decoder")
+    ap.add_argument("--sid-agree-users", type=int, nargs=2, default=[64, 8], metavar=("TINY", "SMOLLM2"),
+                    help="users of the 'sid' agreement check (an extra, untimed HF pass with the SID-row hook)")
     ap.add_argument("--hf-repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--matmul-n", type=int, default=2048)
@@ -290,7 +295,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     args.users = {"tiny": args.tiny_users, "smollm2": args.smollm2_users}
-    args.batch1_users = dict(zip(("tiny", "smollm2"), args.batch1_users))
+    for key in ("batch1_users", "repeats", "sid_agree_users"):
+        setattr(args, key, dict(zip(("tiny", "smollm2"), getattr(args, key))))
 
     torch.set_num_threads(args.threads)
     load0 = loadavg()
