@@ -92,7 +92,8 @@ def _record(q, dataset, seed, rng, n_users=50):
         ranks = rng.integers(0, 40 - 5 * k, n_users)
         systems[name] = {"metrics": hr_ndcg(ranks, ks=(1, 5, 10)), "ranks": ranks.tolist(), "wall_s": 10.0 * k}
     return {"dataset": dataset, "seed": seed, "n_users_evaluated": n_users, "n_items": 1000, "n_users_total": 900,
-            "shared_stage_wall_s": {"data": 1.0, "embeddings": 2.0, "cf": 3.0, "tokenizer": 4.0}, "systems": systems}
+            "shared_stage_wall_s": {"data": 1.0, "embeddings": 2.0, "cf": 3.0, "tokenizer": 4.0}, "systems": systems,
+            "compute_wall_s": 100.0}
 
 
 def test_summary_and_table_writer(q, tmp_path):
@@ -112,7 +113,7 @@ def test_summary_and_table_writer(q, tmp_path):
                                                         / ml["systems"][best]["HR@10"]["mean"])
     assert summary["scientific"]["systems"]["TTDS"]["HR@10"]["low"] is None          # one seed
     meta = {"preset": "unit", "preset_description": "synthetic", "date": "2026-12-03", "machine": "test",
-            "command": "pytest", "wall_s": 1.0, "overrides": {"ml100k": ["eval.max_users=50"]}}
+            "command": "pytest", "wall_s": 1.0, "compute_wall_s": 400.0, "overrides": {"ml100k": ["eval.max_users=50"]}}
     js, md = q.write_outputs(records, summary, meta, tmp_path)
     assert js.name == "quality-unit.json" and md.name == "quality-unit.md"
     doc = json.loads(js.read_text())
