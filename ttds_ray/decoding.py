@@ -490,7 +490,7 @@ class _StepScorer:
     def __init__(self, model: torch.nn.Module, level_token_ids: Tensor, loss_vocab: str) -> None:
         self.model, self.level_token_ids, self.loss_vocab = model, level_token_ids, loss_vocab
         self.sid_rows = level_token_ids.reshape(-1)             # (M * K,)
-        self.decoder, self.head = None, None
+        self.decoder, self.head, attn = None, None, None
         if loss_vocab == "sid" and hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings"):
             from . import llm
 
