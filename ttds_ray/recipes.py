@@ -365,6 +365,7 @@ class LLMRecipe:
         torch.manual_seed(cfg.seed)
         self.base, self.tok, self.vocab, base_vocab = build_recommender_lm(cfg, run)
         self.base.to(env.device)
+        setattr(self.base, llm.DECODE_SCORING_ATTR, cfg.llm.loss_vocab)   # validation decodes as trained
         prepared, self.splits = load_splits(run)
         splits = self.splits
         self.item_t, user_t = load_sid_tables(run)
