@@ -475,6 +475,9 @@ class ValidatingBackend:
     def normalize(self, interactions):
         return self.inner.normalize(interactions)
 
+    def prepare(self, dcfg, seed):
+        return self.inner.prepare(dcfg, seed)
+
     def encode_items(self, items, ecfg):
         return self.inner.encode_items(items, ecfg)
 
