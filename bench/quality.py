@@ -111,7 +111,8 @@ class Preset:
         return [*self.common, *self.per_dataset.get(dataset, ())]
 
 
-_CPU_COMMON = ("eval.max_users=300", "ray.num_workers=1", "ray.torch_threads=2")
+# one torch thread: on 2 cores shared with other jobs, 2 threads per process measured 3-10x slower per step
+_CPU_COMMON = ("eval.max_users=300", "ray.num_workers=1", "ray.torch_threads=1")
 _CPU_DYNAMIC = ("dynamic.guide_samples=256", "dynamic.tokenizer_epochs=2")
 PRESETS = {
     "smoke": Preset(
@@ -120,11 +121,12 @@ PRESETS = {
          "dynamic.tokenizer_epochs=1", "ray.torch_threads=2"),
         {}, {"epochs": 2, "patience": None, "valid_users": 60, "batch_size": 64}),
     "cpu-fast": Preset(
-        "2-core CPU budget: the tiny backbone (4 layers, d=128, from scratch) with a few hundred LLM steps, "
-        "300 seeded test users; everything far below the papers' budgets",
+        "2-core CPU budget: the tiny backbone (4 layers, d=128, from scratch) with 200 LLM steps of 32 sequences, "
+        "SASRec 10 epochs, towers 30 epochs, TIGER-style at most 3 epochs, 300 seeded test users, one torch thread; "
+        "everything far below the papers' budgets",
         _CPU_COMMON,
-        {"ml100k": ("cf.epochs=10", "tokenizer.epochs=30", "llm.max_steps=300", *_CPU_DYNAMIC),
-         "scientific": ("cf.epochs=10", "tokenizer.epochs=30", "llm.max_steps=300", *_CPU_DYNAMIC,
+        {"ml100k": ("cf.epochs=10", "tokenizer.epochs=30", "llm.max_steps=200", *_CPU_DYNAMIC),
+         "scientific": ("cf.epochs=10", "tokenizer.epochs=30", "llm.max_steps=200", *_CPU_DYNAMIC,
                         "embeddings.max_text_chars=256"),
          "beauty": ("cf.epochs=10", "tokenizer.epochs=30", "llm.max_steps=600", *_CPU_DYNAMIC),
          "yelp": ("cf.epochs=10", "tokenizer.epochs=30", "llm.max_steps=600", *_CPU_DYNAMIC)},
