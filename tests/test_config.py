@@ -154,3 +154,18 @@ def test_config_sources(tmp_path):
     assert next(line for line in lines if line.startswith("eval.ks ")).split()[-1] == "default"
     col = lines[0].index("value")
     assert all(line[col - 2:col] == "  " and line[col] != " " for line in lines)  # aligned value column
+
+
+@pytest.mark.parametrize("name", ["488e6941", "1e5", "yes", "007", "true_name"])
+def test_a_saved_config_reads_back_the_same_strings(tmp_path, name):
+    """save_config writes with the loader's own scalar rules: a hex trial id like 488e6941 (a float, inf, to the
+    loader) is quoted and reads back as the same string (a sweep trial once failed on it)."""
+    from ttds_ray.artifacts import Files, RunDir
+    from ttds_ray.config import TTDSConfig, load_config
+    from ttds_ray.pipeline import save_config
+
+    cfg = TTDSConfig(name=name, output_dir=str(tmp_path), data={"path": "x"})
+    run = RunDir(tmp_path / "r")
+    run.root.mkdir()
+    save_config(cfg, run)
+    assert load_config(run.root / Files.CONFIG).name == name

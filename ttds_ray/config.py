@@ -494,6 +494,20 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_ConfigLoader)
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """SafeDumper that resolves plain scalars as :class:`_ConfigLoader` reads them, so a string the loader
+    would read as another type (a hex trial id such as ``488e6941``, which it reads as the float inf) is
+    written quoted and comes back as the same string."""
+
+
+_ConfigDumper.yaml_implicit_resolvers = {ch: list(r) for ch, r in _ConfigLoader.yaml_implicit_resolvers.items()}
+
+
+def dump_yaml(tree: Any) -> str:
+    """YAML text of ``tree`` (keys in insertion order) that :func:`load_config` reads back unchanged."""
+    return yaml.dump(tree, Dumper=_ConfigDumper, sort_keys=False, allow_unicode=True)
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """Turn ``["llm.lr=1e-4", "eval.max_users=50"]`` into a nested dict (values parsed as YAML, with
     only true/false as booleans and ``1e-4`` as a float).

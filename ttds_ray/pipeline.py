@@ -24,11 +24,10 @@ from typing import Callable, Protocol
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from . import cf, data, dynamic, embeddings, evaluate, ingest, llm, recipes, storage, tasks, towers
 from .artifacts import STAGES, Files, RunDir, atomic_write_bytes, read_json, write_json
-from .config import DataConfig, EmbeddingsConfig, TTDSConfig
+from .config import DataConfig, EmbeddingsConfig, TTDSConfig, dump_yaml
 from .errors import CollisionError, ConfigError
 from .plots import plot_code_usage, plot_curve, plot_terms
 from .sids import SIDTable
@@ -453,7 +452,7 @@ def reuse_stages(cfg: TTDSConfig, src: Path, run: RunDir) -> list[str]:
 
 def save_config(cfg: TTDSConfig, run: RunDir) -> None:
     """Write the resolved config; stages built from other settings are rebuilt (see stage_hash)."""
-    atomic_write_bytes(run.root / Files.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    atomic_write_bytes(run.root / Files.CONFIG, dump_yaml(cfg.to_dict()).encode())
 
 
 # ----------------------------------------------------------------------------- the run loop

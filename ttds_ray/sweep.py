@@ -27,7 +27,7 @@ import yaml
 
 from . import pipeline
 from .artifacts import STAGES, Files, RunDir, atomic_write_bytes, read_json, write_json
-from .config import TTDSConfig, _known_keys, _load_trees, _merge, _yaml_load, load_config, parse_overrides
+from .config import TTDSConfig, _known_keys, _load_trees, _merge, _yaml_load, dump_yaml, load_config, parse_overrides
 from .errors import ConfigError
 
 log = logging.getLogger("ttds_ray")
@@ -475,8 +475,10 @@ class ValidatingBackend:
     def normalize(self, interactions):
         return self.inner.normalize(interactions)
 
-    def prepare(self, dcfg, seed):
-        return self.inner.prepare(dcfg, seed)
+    def __getattr__(self, name):     # optional Backend methods (e.g. ``prepare``) exactly as ``inner`` has them
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
     def encode_items(self, items, ecfg):
         return self.inner.encode_items(items, ecfg)
@@ -700,7 +702,7 @@ def best_config_text(base_config: str | Path, base_overrides: list[str], space: 
             f"# validation NDCG@10 = {best.metric:.4f} on {space.valid_users} seeded validation users (not test).",
             f"# = {base_config} + " + (" ".join(list(base_overrides) + ovs) or "(no overrides)"),
             f"# Train it and evaluate on test:  ttds-ray train --config <this file> --reuse-from {best.run_dir}"]
-    return "\n".join(head) + "\n" + yaml.safe_dump(tree, sort_keys=False)
+    return "\n".join(head) + "\n" + dump_yaml(tree)
 
 
 def write_results(paths: SweepPaths, records: list[TrialRecord], space: SearchSpace, base_config: str | Path,
