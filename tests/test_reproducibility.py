@@ -60,7 +60,7 @@ def test_second_run_of_the_same_config_is_identical(tiny_run, tmp_path):
     """A second run of the tiny slice (same config and seed, this process: its global RNG state differs from the
     first run's) rebuilds SASRec, the towers, the LLM with its re-index round and the evaluation: same ID tables,
     losses and metrics, and every other file. (The data and embeddings stages are linked from the first run to
-    save time; the tests below cover them.)"""
+    save time; the data stage is rerun below, the embeddings by the Ray test.)"""
     cfg, run1, metrics1 = tiny_run
     cfg2 = _tiny_config(tmp_path, cfg.data.path)
     run2 = RunDir(cfg2.run_dir)
@@ -85,15 +85,17 @@ def test_data_stage_is_reproducible(tiny_run, tmp_path):
         assert (tmp_path / name).read_bytes() == (run1.stage_dir("data") / name).read_bytes(), name
 
 
-def test_text_embeddings_do_not_depend_on_the_batch(tiny_run):
-    """An item's text vector is the same bits whatever other texts are encoded with it: in the stage's one call over
-    the catalogue, in smaller groups in another order (as Ray Data's batches), or alone (a cold-start item)."""
+def test_text_embeddings_are_encoded_in_fixed_chunks(tiny_run, monkeypatch):
+    """A text's vector depends on the texts padded into its batch (docs/DESIGN-NOTES.md), so ``encode_texts`` works
+    in fixed chunks of ``embeddings.ENCODE_CHUNK`` texts: the whole input in one call (LocalBackend) equals the chunks
+    encoded one call each (the Ray Data batches of ``train.RayBackend.encode_items``), and a second call the first."""
     cfg, run1, _ = tiny_run
     texts = Prepared.load(run1.stage_dir("data")).items["text"].tolist()[:30]
-    stage = embeddings.load_npy(run1.stage_dir("embeddings") / Files.ITEM_TEXT)[:30]
-    groups = [embeddings.encode_with(cfg.embeddings, texts[i:i + 7][::-1])[::-1] for i in range(0, 30, 7)]
-    np.testing.assert_array_equal(np.concatenate(groups), stage)
-    np.testing.assert_array_equal(embeddings.encode_with(cfg.embeddings, texts[3:4])[0], stage[3])
+    monkeypatch.setattr(embeddings, "ENCODE_CHUNK", 7)
+    whole = embeddings.encode_with(cfg.embeddings, texts)
+    chunks = [embeddings.encode_with(cfg.embeddings, texts[i:i + 7]) for i in range(0, 30, 7)]
+    np.testing.assert_array_equal(whole, np.concatenate(chunks))
+    np.testing.assert_array_equal(embeddings.encode_with(cfg.embeddings, texts), whole)
 
 
 @pytest.mark.ray

@@ -71,30 +71,35 @@ def encode_with(ecfg, texts: list[str]) -> np.ndarray:
     return encode_texts(texts, batch_size=ecfg.batch_size, max_chars=ecfg.max_text_chars)
 
 
+#: Texts per encoder call: :func:`encode_texts` encodes its input in consecutive chunks of this many texts, the
+#: row batches ``train.RayBackend.encode_items`` hands its Ray Data actor, so both backends encode the same groups.
+ENCODE_CHUNK = 1024
+
+
 def encode_texts(texts: list[str], *, batch_size: int = 128, max_chars: int = 1000,
                  show_progress: bool = False) -> np.ndarray:
     """Encode texts with all-MiniLM-L6-v2 (sentence-transformers, CPU, offline).
 
-    Each text goes through the encoder alone (a batch of one: no padding, one fixed shape per text), so its
-    vector is the same bits whatever other texts the call holds: one in-process call, Ray Data's 1024-row
-    batches, or a single cold-start item at serving time. Padded batches changed vectors by up to 1.7e-7 with
-    the batch composition (and, through the towers, the semantic IDs); batches of equal token length still
-    changed some (the matrix kernels depend on the row count). One at a time also cost less CPU here than
-    padded batches of 128 (9.2-10.5 s vs 14.6-15.8 s for 150 Scientific item texts, 1 thread).
+    A text's vector depends on the other texts of its padded batch (by up to 1.7e-7 per component, measured on
+    Scientific item texts; not on the torch thread count), so the input is encoded in consecutive chunks of
+    :data:`ENCODE_CHUNK` texts, each one sentence-transformers call (batches of ``batch_size`` by length): the
+    catalogue in one in-process call and in Ray Data's 1024-row batches gives the same bits. A text encoded
+    alone (a cold-start item) may differ from its vector in the catalogue by that much.
 
     Args:
         texts: N strings; each is truncated to ``max_chars`` characters.
-        batch_size: accepted for callers (``embeddings.batch_size``); the encoder runs one text at a time.
 
     Returns:
         float32 ``(N, 384)``, L2-normalised rows.
     """
     model = _minilm()
-    if not texts:
-        return np.zeros((0, MINILM_DIM), dtype=np.float32)
-    emb = model.encode([t[:max_chars] for t in texts], batch_size=1, convert_to_numpy=True,
-                       normalize_embeddings=True, show_progress_bar=show_progress)
-    return np.asarray(emb, dtype=np.float32)
+    texts = [t[:max_chars] for t in texts]
+    out = np.zeros((len(texts), MINILM_DIM), dtype=np.float32)
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        out[start:start + ENCODE_CHUNK] = model.encode(
+            texts[start:start + ENCODE_CHUNK], batch_size=batch_size, convert_to_numpy=True,
+            normalize_embeddings=True, show_progress_bar=show_progress)
+    return out
 
 
 def save_npy(path: str | Path, arr: np.ndarray) -> None:
