@@ -111,7 +111,7 @@ class Preset:
         return [*self.common, *self.per_dataset.get(dataset, ())]
 
 
-# one torch thread: on 2 cores shared with other jobs, 2 threads per process measured 3-10x slower per step
+# one torch thread: on 2 cores shared with other jobs, 2 threads per process took 2.1-3.0 s per LLM step, 1 thread 0.43-0.75 s
 _CPU_COMMON = ("eval.max_users=300", "ray.num_workers=1", "ray.torch_threads=1")
 _CPU_DYNAMIC = ("dynamic.guide_samples=256", "dynamic.tokenizer_epochs=2")
 PRESETS = {
