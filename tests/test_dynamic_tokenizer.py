@@ -8,8 +8,8 @@ from test_towers import _clusters
 from torch import nn
 
 from ttds_ray.config import TokenizerConfig, TowerConfig
-from ttds_ray.towers import (Guidance, Tower, count_changed, encode_codes, fit_tower, guidance_terms,
-                             refine_item_tower)
+from ttds_ray.towers import (Guidance, Tower, count_changed, encode_codes, export_item_sids, fit_tower,
+                             guidance_terms, refine_item_tower, sticky_item_sids)
 
 torch.set_num_threads(1)
 K = 8
@@ -156,3 +156,68 @@ def test_count_changed_counts_rows_with_any_changed_level_and_rejects_shape_mism
     assert count_changed(old, new) == 2 and count_changed(old, old) == 0
     with pytest.raises(ValueError, match="code tables"):
         count_changed(old, new[:3])
+
+
+def _perturbed(tower: Tower, scale: float, seed: int = 0) -> Tower:
+    """A copy of ``tower`` with every parameter moved by Gaussian noise of std ``scale`` (a stand-in for a
+    guided refinement that changes the latents)."""
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(tower)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return out
+
+
+@pytest.fixture(scope="module")
+def items16():
+    """The clusters of ``items`` with a K=16 tower, whose export has unique IDs without a CollisionError."""
+    s, c, _ = _clusters(n_clusters=8, per=25, d=16)
+    return s, c, fit_tower(CFG, TowerConfig(n_levels=3, codebook_size=16, latent_dim=8, hidden_dim=32), s, c, seed=0)
+
+
+def test_sticky_reindex_keeps_ids_unique_obeys_the_margin_and_the_cap(items16):
+    s, c, tower = items16
+    old = export_item_sids(tower, s, c, CFG)[0].codes
+    moved = _perturbed(tower, 0.002)
+    free, st = sticky_item_sids(moved, s, c, old, margin=0.0, max_changed=1.0)
+    assert len(np.unique(free.codes, axis=0)) == len(s) and st["collisions_final"] == 0
+    n_free = count_changed(old, free.codes)
+    marg, _ = sticky_item_sids(moved, s, c, old, margin=0.5, max_changed=1.0)
+    assert 0 < count_changed(old, marg.codes) < n_free               # a switching cost keeps more items in place
+    # the rule at level 1, recomputed here: a level-1 code changes only if it is closer by the margin
+    with torch.no_grad():
+        z = copy.deepcopy(moved).double().latent(torch.as_tensor(s, dtype=torch.float64),
+                                                 torch.as_tensor(c, dtype=torch.float64))
+        d = torch.cdist(z, moved.rq.codebooks[0].double()).pow(2).numpy()
+    rows = np.flatnonzero(marg.codes[:, 0] != old[:, 0])
+    assert np.all(d[rows, marg.codes[rows, 0]] < 0.5 * d[rows, old[rows, 0]])
+    assert count_changed(old, sticky_item_sids(moved, s, c, old, margin=0.999, max_changed=1.0)[0].codes) == 0
+    capped, cst = sticky_item_sids(moved, s, c, old, margin=0.0, max_changed=0.05)
+    assert count_changed(old, capped.codes) <= int(0.05 * len(s)) and cst["capped"] > 0
+    assert len(np.unique(capped.codes, axis=0)) == len(s)
+    # the items the cap lets move are among those the uncapped round moves, and items that keep their ID
+    # keep all of it (no collision resolution touches an unchanged ID)
+    changed_capped = (capped.codes != old).any(1)
+    assert np.all((free.codes != old).any(1)[changed_capped])
+    assert np.array_equal(capped.codes[~changed_capped], old[~changed_capped])
+
+
+def test_sticky_reindex_with_an_unchanged_tower_moves_only_items_the_export_put_off_their_greedy_code(items16):
+    s, c, tower = items16
+    old, _ = export_item_sids(tower, s, c, CFG)
+    greedy = encode_codes(tower, s, c)[0]
+    again, _ = sticky_item_sids(tower, s, c, old.codes, margin=0.0, max_changed=1.0)
+    on_greedy = (old.codes == greedy).all(1)
+    assert np.array_equal(again.codes[on_greedy], old.codes[on_greedy])
+
+
+def test_sticky_reindex_rejects_a_bad_old_table(items16):
+    s, c, tower = items16
+    old = export_item_sids(tower, s, c, CFG)[0].codes
+    with pytest.raises(ValueError, match="repeat"):
+        sticky_item_sids(tower, s, c, np.vstack([old[:-1], old[:1]]), margin=0.1, max_changed=1.0)
+    with pytest.raises(ValueError, match=r"\(N, L\)"):
+        sticky_item_sids(tower, s, c, old[:, :2], margin=0.1, max_changed=1.0)
+    with pytest.raises(ValueError, match="margin"):
+        sticky_item_sids(tower, s, c, old, margin=1.0, max_changed=1.0)

@@ -300,6 +300,25 @@ class DynamicConfig(_Section):
                             "token dist); 0 = off.")
     gamma_nce: float = Field(0.1, ge=0, description="Weight of InfoNCE(proj(LLM hidden), target latent); 0 = off.")
     tau: float = Field(0.1, gt=0, description="Temperature of the guided InfoNCE.")
+    reindex: Literal["fresh", "sticky"] = Field(
+        "fresh", description="How a round assigns IDs: 'fresh' = greedy RQ codes of the refined tower + the "
+        "export's per-prefix Sinkhorn (every item may move); 'sticky' = an item keeps its code at a level unless "
+        "the refined tower's residual is closer to another code by dynamic.switch_margin, at most "
+        "dynamic.max_changed of the items move (largest quantisation gain first), and unchanged IDs never move "
+        "to resolve a collision (docs/DESIGN-NOTES.md, 'Sticky re-indexing').")
+    switch_margin: float = Field(0.0, ge=0, lt=1, description="reindex=sticky: a code changes only if the new "
+                                 "code's squared residual distance < (1 - margin) x the old code's.")
+    max_changed: float = Field(1.0, gt=0, le=1, description="reindex=sticky: cap on the share of items whose "
+                               "ID changes in one round.")
+
+    @model_validator(mode="after")
+    def _check_reindex(self) -> "DynamicConfig":
+        if self.reindex == "fresh":
+            for key, default in (("switch_margin", 0.0), ("max_changed", 1.0)):
+                if getattr(self, key) != default:
+                    raise ValueError(f"dynamic.{key} applies to dynamic.reindex=sticky only; set "
+                                     f"dynamic.reindex=sticky or leave dynamic.{key} at {default}")
+        return self
 
     @property
     def is_static(self) -> bool:
@@ -450,6 +469,8 @@ class TTDSConfig(_Section):
         d = self.to_dict()
         if d["embeddings"]["text_encoder"] != "llm":    # settings that do not apply stay out of the hash
             d["embeddings"] = {k: v for k, v in d["embeddings"].items() if not k.startswith("llm_")}
+        if d["dynamic"]["reindex"] == "fresh":          # runs from before sticky re-indexing keep their hash
+            d["dynamic"] = {k: v for k, v in d["dynamic"].items() if k not in ("reindex", "switch_margin", "max_changed")}
         keys = ["seed"] + [k for s in STAGE_SECTIONS[:STAGE_SECTIONS_ORDER.index(stage) + 1] for k in s]
         return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
 

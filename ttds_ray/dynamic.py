@@ -4,8 +4,9 @@ Pure torch/numpy (train.py runs it inside the LLM stage's Ray Train worker). One
 (1) the frozen LLM scores ``dynamic.guide_samples`` seqrec targets of the training split (hidden state
 and level-1 item-token distribution at the position that predicts the target's first code);
 (2) the item tower is refined with its own loss plus the two recommender-guided terms
-(towers.refine_item_tower); (3) items are re-indexed (unique IDs as in §1.3) and the number of items
-whose ID changed is counted. The LLM segments between rounds are trained by the caller.
+(towers.refine_item_tower); (3) items are re-indexed (unique IDs as in §1.3, or with a switching cost
+and a cap when ``dynamic.reindex=sticky``: towers.sticky_item_sids) and the number of items whose ID
+changed is counted. The LLM segments between rounds are trained by the caller.
 """
 from __future__ import annotations
 
@@ -97,11 +98,15 @@ def run_round(model: nn.Module, tower: towers.Tower, table: towers.SIDTable, *, 
     new_tower, _, terms = towers.refine_item_tower(
         tower, tok_cfg, item_s, item_c, guide, epochs=dyn_cfg.tokenizer_epochs, lr=dyn_cfg.tokenizer_lr,
         gamma_kl=dyn_cfg.gamma_kl, gamma_nce=dyn_cfg.gamma_nce, tau=dyn_cfg.tau, seed=seed)
-    new_table, stats = towers.export_item_sids(new_tower, item_s, item_c, tok_cfg, item_names=item_names)
+    if dyn_cfg.reindex == "sticky":
+        new_table, stats = towers.sticky_item_sids(new_tower, item_s, item_c, table.codes,
+                                                   margin=dyn_cfg.switch_margin, max_changed=dyn_cfg.max_changed)
+    else:
+        new_table, stats = towers.export_item_sids(new_tower, item_s, item_c, tok_cfg, item_names=item_names)
     stats = {"changed": towers.count_changed(table.codes, new_table.codes),
              "changed_per_level": (table.codes != new_table.codes).sum(0).tolist(), "n_items": len(new_table.codes),
              "guide_examples": len(prompts), "terms": terms, "guide_wall_s": round(t_guide, 1),
              "wall_s": round(time.time() - t0, 1),
-             **{k: stats[k] for k in ("collisions_greedy", "collisions_sinkhorn", "collisions_final")
-                if k in stats}}
+             **{k: stats[k] for k in ("collisions_greedy", "collisions_sinkhorn", "collisions_final", "wanted",
+                                      "capped", "kept_full_prefix") if k in stats}}
     return RoundResult(new_tower, new_table, stats)

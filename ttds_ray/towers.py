@@ -421,6 +421,88 @@ def export_item_sids(tower: Tower, s: np.ndarray, c: np.ndarray, cfg: TokenizerC
 
 
 @torch.no_grad()
+def sticky_item_sids(tower: Tower, s: np.ndarray, c: np.ndarray, old_codes: np.ndarray, *, margin: float,
+                     max_changed: float) -> tuple[SIDTable, dict]:
+    """Re-index items with a switching cost (docs/DESIGN-NOTES.md, 'Sticky re-indexing'; issue-13 direction
+    "an item moves only when the objective improves by a margin; a cap per round").
+
+    Level by level on the refined tower's float64 latent ``z``: an item keeps its old code ``o`` at level
+    l unless the greedy code ``g`` of its current residual satisfies ``d(g) < (1 - margin) · d(o)``
+    (squared distances). If more than ``max_changed · N`` items would change, only those with the largest
+    quantisation gain ``|z - q(old)|² - |z - q(new)|²`` (ties by item index) move; the others keep their
+    old ID. Unchanged IDs are never re-assigned to resolve a collision: a moving item whose new ID is
+    held takes the nearest free last-level code under its new prefix, or keeps its old ID if the prefix
+    is full (old IDs of moving items stay reserved until they are released, so rows stay unique).
+
+    Args:
+        old_codes: int ``(N, L)`` unique item IDs before the round (the codebooks' indices, which the
+            refinement fine-tunes in place, so code k keeps its neighbourhood).
+        margin: in ``[0, 1)``; 0 = move whenever the greedy code is strictly closer.
+        max_changed: in ``(0, 1]``; share of items allowed to change.
+
+    Returns:
+        ``(SIDTable, stats)``; stats: ``wanted`` (items whose sticky code differs before the cap),
+        ``capped`` (reverted by the cap), ``kept_full_prefix`` (reverted: new prefix full),
+        ``collisions_greedy`` (rows sharing an ID before resolution), ``collisions_final`` (0), code usage.
+
+    Raises:
+        ValueError: ``old_codes`` has the wrong shape or repeats an ID, or margin/max_changed out of range.
+    """
+    old = np.asarray(old_codes, dtype=np.int64)
+    n, n_levels, k = len(s), tower.rq.n_levels, tower.rq.codebook_size
+    if old.shape != (n, n_levels):
+        raise ValueError(f"old_codes must be (N, L) = ({n}, {n_levels}); got {old.shape}")
+    if len(np.unique(old, axis=0)) != n:
+        raise ValueError("old_codes repeat a semantic ID: sticky re-indexing needs a unique table")
+    if not (0 <= margin < 1 and 0 < max_changed <= 1):
+        raise ValueError(f"margin must be in [0, 1) and max_changed in (0, 1]; got {margin}, {max_changed}")
+    t64 = copy.deepcopy(tower).double().eval()
+    z = t64.latent(torch.as_tensor(s, dtype=torch.float64), torch.as_tensor(c, dtype=torch.float64))
+    books = t64.rq.codebooks                                                   # (L, K, D)
+    rows, old_t = torch.arange(n), torch.as_tensor(old)
+    r, codes = z.clone(), old_t.clone()
+    for lvl in range(n_levels):
+        d = torch.cdist(r, books[lvl]).pow(2)                                  # (N, K)
+        g = d.argmin(1)
+        move = d[rows, g] < (1.0 - margin) * d[rows, old_t[:, lvl]]
+        codes[:, lvl] = torch.where(move, g, old_t[:, lvl])
+        r = r - books[lvl][codes[:, lvl]]
+    last_cost = d.numpy()                                                      # last level, under the new prefix
+    err_new = r.pow(2).sum(1)
+    err_old = (z - books[torch.arange(n_levels)[None, :], old_t].sum(1)).pow(2).sum(1)
+    gain = (err_old - err_new).numpy()
+    codes = codes.numpy()
+    moving = np.flatnonzero((codes != old).any(1))
+    stats = {"wanted": int(len(moving)), "collisions_greedy": int(n - len(np.unique(codes, axis=0)))}
+    order = moving[np.lexsort((moving, -gain[moving]))]                        # largest gain first, then index
+    cap = int(np.floor(max_changed * n))
+    codes[order[cap:]] = old[order[cap:]]
+    stats["capped"] = int(max(0, len(order) - cap))
+    order = order[:cap]
+    taken = {tuple(row) for row in old.tolist()}           # unchanged IDs + reserved old IDs of moving items
+    kept_full = 0
+    for i in order.tolist():
+        prefix = tuple(int(x) for x in codes[i, :-1])
+        choice = next((int(kk) for kk in np.argsort(last_cost[i], kind="stable")
+                       if prefix + (int(kk),) not in taken), None)
+        if choice is None:
+            codes[i] = old[i]
+            kept_full += 1
+            continue
+        codes[i, -1] = choice
+        new_id, old_id = tuple(int(x) for x in codes[i]), tuple(int(x) for x in old[i])
+        if new_id != old_id:
+            taken.discard(old_id)
+            taken.add(new_id)
+    stats["kept_full_prefix"] = kept_full
+    stats["collisions_final"] = int(n - len(np.unique(codes, axis=0)))
+    assert stats["collisions_final"] == 0, "sticky re-indexing left duplicate semantic IDs"
+    table = SIDTable(codes, k)
+    stats.update(code_usage(table.codes, table.codebook_size))
+    return table, stats
+
+
+@torch.no_grad()
 def cold_start_codes(tower: Tower, s: np.ndarray, c: np.ndarray | None, taken: set[tuple[int, ...]]
                      ) -> np.ndarray:
     """A unique semantic ID for one new item from the modalities it has (DESIGN §1.7).
