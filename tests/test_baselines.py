@@ -7,6 +7,7 @@ run checks that the per-user ranks of every system reproduce the eval stage's me
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ttds_ray import baselines, pipeline, recipes
@@ -132,3 +133,8 @@ def test_per_user_ranks_reproduce_the_eval_stage(tiny_run):
     _, splits = recipes.load_splits(run)
     rows = baselines.eval_rows(cfg, splits)
     assert (targets_of(splits, rows, "test") >= 0).all() and (scored["Popularity"] >= 1).all()
+    df = pd.read_parquet(run.require("eval") / Files.RANKINGS)     # beam scores stored with the lists, best first
+    assert "scores" in df.columns
+    for r, s in zip(df["ranked"], df["scores"]):
+        s = np.asarray(s)
+        assert len(s) == len(r) and np.isfinite(s[np.asarray(r) >= 0]).all() and (np.diff(s) <= 0).all()

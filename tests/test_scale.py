@@ -116,12 +116,12 @@ def test_evaluation_on_several_workers_counts_every_user_once(ray_session, tiny_
 
     cfg0, run, _ = tiny_run
     base = dict(max_users=11, progress=False)
-    ref, rows, ref_ranked = evaluate.evaluate_split(cfg0, run, "test", **base)
+    ref, rows, ref_ranked, _ = evaluate.evaluate_split(cfg0, run, "test", **base)
     assert ref["n_users_evaluated"] == 11
     for w in (1, 2, 3):
         cfg = load_config(run.root / Files.CONFIG, [f"ray.num_workers={w}", "ray.cpus_per_worker=0.5",
                                                     "ray.torch_threads=1", "eval.batch_size=4"])
-        m, _, ranked = evaluate.evaluate_split(cfg, run, "test", **base,
+        m, _, ranked, _ = evaluate.evaluate_split(cfg, run, "test", **base,
                                                rank=lambda h, u: RayBackend().rank(cfg, run, h, u))
         assert m["n_users_evaluated"] == 11 and m["models"] == ref["models"], w
         assert np.array_equal(ranked, ref_ranked), w

@@ -140,7 +140,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run directory with a fi
         cfg = load_run_config(run_dir)
         run = RunDir(run_dir)
         run.require("llm")
-        metrics, _, _ = evaluate_split(cfg, run, split, max_users=max_users)
+        metrics, *_ = evaluate_split(cfg, run, split, max_users=max_users)
     except TTDSError as e:
         _fail(e)
     out = run_dir / Files.split_metrics(split, metrics["n_users_evaluated"])

@@ -113,8 +113,9 @@ RankFn = Callable[[list[np.ndarray], "np.ndarray | None"], tuple[np.ndarray, np.
 
 
 def evaluate_ttds(rec, splits: Splits, rows: np.ndarray, split: str, cfg: TTDSConfig,
-                  progress: bool = False, rank: RankFn | None = None) -> tuple[dict, np.ndarray]:
-    """TTDS metrics and the ranked lists ``(U, W)`` through :meth:`Recommender.rank` (the serving path), in
+                  progress: bool = False, rank: RankFn | None = None
+                  ) -> tuple[dict, np.ndarray, np.ndarray]:
+    """TTDS metrics, the ranked lists ``(U, W)`` and their beam scores float32 ``(U, W)`` (-inf pad) through :meth:`Recommender.rank` (the serving path), in
     this process or through ``rank`` (the same method on several workers).
 
     Raises:
@@ -130,12 +131,12 @@ def evaluate_ttds(rec, splits: Splits, rows: np.ndarray, split: str, cfg: TTDSCo
             raise RuntimeError(f"distributed ranking returned {len(ranked)} rows for {len(rows)} users")
     full = eval_histories(splits, rows, split, 10 ** 9) if cfg.eval.exclude_seen else None
     return _block(ranked, targets_of(splits, rows, split), cfg.eval.ks, full, cfg.eval.exclude_seen,
-                  scores=scores), ranked
+                  scores=scores), ranked, scores
 
 
 def evaluate_split(cfg: TTDSConfig, run, split: str = "test", *, max_users: int | None = None,
                    progress: bool = True, device: str | torch.device | None = None, rank: RankFn | None = None
-                   ) -> tuple[dict, np.ndarray, np.ndarray]:
+                   ) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
     """TTDS (trie beam search over the final item index, via :class:`~ttds_ray.recommender.Recommender`),
     SASRec and popularity on ``split`` of a run (DESIGN §2). Imports no Ray.
 
@@ -148,7 +149,8 @@ def evaluate_split(cfg: TTDSConfig, run, split: str = "test", *, max_users: int 
         rank: rank the TTDS users elsewhere (several Ray workers: ``train.RayBackend.rank``); default in-process.
 
     Returns:
-        ``(metrics, rows, ranked)``: the metrics dict, evaluated user rows ``(U,)``, TTDS rankings ``(U, W)``.
+        ``(metrics, rows, ranked, scores)``: the metrics dict, evaluated user rows ``(U,)``, TTDS rankings
+        ``(U, W)`` and their beam scores float32 ``(U, W)`` (sum of log-probabilities of the ID tokens; -inf pad).
 
     Raises:
         ConfigError: bad split. StageMissing / ArtifactError: a stage or artifact is missing.
@@ -173,7 +175,7 @@ def evaluate_split(cfg: TTDSConfig, run, split: str = "test", *, max_users: int 
     max_users = cfg.eval.max_users if max_users is None else max_users
     rows = select_eval_users(len(splits), max_users, cfg.seed)
     rec = Recommender(cfg, run, device)
-    ttds_m, ranked = evaluate_ttds(rec, splits, rows, split, cfg, progress=progress, rank=rank)
+    ttds_m, ranked, scores = evaluate_ttds(rec, splits, rows, split, cfg, progress=progress, rank=rank)
     metrics = {
         "split": split, "protocol": "leave-one-out, full catalogue, nothing excluded"
         if not cfg.eval.exclude_seen else "leave-one-out, full catalogue, exclude_seen",
@@ -184,4 +186,4 @@ def evaluate_split(cfg: TTDSConfig, run, split: str = "test", *, max_users: int 
                    "Popularity": evaluate_popularity(splits, n_items, rows, split, cfg)},
     }
     metrics["eval_wall_s"] = round(time.time() - t0, 1)
-    return metrics, rows, ranked
+    return metrics, rows, ranked, scores

@@ -344,17 +344,19 @@ def stage_llm(cfg: TTDSConfig, run: RunDir, backend: Backend) -> None:
 
 def stage_eval(cfg: TTDSConfig, run: RunDir, backend: Backend | None = None, *, progress: bool = True) -> dict:
     """Test-split evaluation of TTDS, SASRec and popularity (``evaluate.evaluate_split``); writes
-    eval/metrics.json + the TTDS rankings."""
+    eval/metrics.json + the TTDS rankings with their beam scores (``user_idx``, ``target``, ``ranked``, ``scores``:
+    the tie policy of ``metrics.target_ranks`` can be re-applied from the file)."""
     _, splits = recipes.load_splits(run)
     rank = None
     if backend is not None and hasattr(backend, "rank") and cfg.ray.num_workers > 1:
         rank = lambda hist, user_codes: backend.rank(cfg, run, hist, user_codes)   # noqa: E731
-    metrics, rows, ranked = evaluate.evaluate_split(cfg, run, "test", progress=progress, rank=rank)
+    metrics, rows, ranked, scores = evaluate.evaluate_split(cfg, run, "test", progress=progress, rank=rank)
     with run.write_stage("eval", config_hash=cfg.stage_hash("eval"),
                          numbers={"HR@10": metrics["models"]["TTDS"].get("HR@10")}) as (d, _):
         write_json(d / Files.METRICS, metrics)
         pd.DataFrame({"user_idx": splits.user_idx[rows], "target": splits.test_target[rows],
-                      "ranked": list(ranked)}).to_parquet(d / Files.RANKINGS)
+                      "ranked": list(ranked), "scores": list(np.asarray(scores, dtype=np.float32))}
+                     ).to_parquet(d / Files.RANKINGS)
     return metrics
 
 

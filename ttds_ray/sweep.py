@@ -561,7 +561,7 @@ def execute_trial(paths: SweepPaths, trial_id: str, base_config: str | Path, bas
             write_json(run_dir / TRIAL_FILE, rec)
         run_trial_stages(cfg, ValidatingBackend(backend, space.valid_users), StageStore(paths.stages), on_stage)
         run = RunDir(cfg.run_dir)
-        metrics, _, _ = evaluate_split(cfg, run, "valid", max_users=space.valid_users, progress=False)
+        metrics, *_ = evaluate_split(cfg, run, "valid", max_users=space.valid_users, progress=False)
         ttds = metrics["models"]["TTDS"]
         n_samples = run.manifest("llm")["numbers"].get("n_samples_per_epoch", 0)
         rec.update(status="completed", metric=ttds["NDCG@10"], valid=ttds, n_valid_users=ttds["n_users"],
