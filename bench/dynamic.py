@@ -1,0 +1,226 @@
+"""Dynamic vs static indexing, and re-indexing variants, on the same data, seeds and LLM step budget.
+
+    python bench/dynamic.py --dataset ml100k --steps 600 --seeds 0 1 2 --variants static fresh sticky-m0.2
+
+The research harness of issue 13 (docs/RESULTS.md, "Dynamic indexing"). Every variant of a seed shares
+the data, embeddings, SASRec and tokenizer stages of the ``bench/quality.py`` run of that dataset, seed
+and preset (``--reuse-from``; built here if missing), trains the LLM stage with ``llm.max_steps=--steps``
+and the variant's overrides, and is scored on the validation split (selection) and the test split
+(reported once), on the same seeded users (``eval.max_users`` of the preset). Everything runs in this
+process on ``pipeline.LocalBackend``; a rerun reuses finished stages.
+
+Writes ``<results-dir>/dynamic-<dataset>-<steps>.json`` and ``.md``: per variant HR@1/5/10, NDCG@5/10 on
+valid and test as mean over seeds with a 95 % t-interval, the ratio to static, the paired bootstrap over
+users of variant minus static and minus SASRec (test NDCG@10), the items whose ID changed per round and
+the LLM loss jump at each round (mean of the 20 steps after minus the 20 steps before), and a PNG of the
+loss curves of seed ``--seeds[0]``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality as Q  # noqa: E402  (bench/quality.py: datasets, presets, statistics)
+
+import numpy as np  # noqa: E402
+
+from ttds_ray.artifacts import Files, atomic_write_bytes, read_json  # noqa: E402
+
+log = logging.getLogger("dynamic")
+
+#: Variants as overrides of the TTDS config of the quality preset.
+VARIANTS = {
+    "static": ["dynamic.static_index=true"],
+    "fresh": [],                                                   # the default re-indexing
+    "sticky": ["dynamic.reindex=sticky"],
+    "sticky-m0.2": ["dynamic.reindex=sticky", "dynamic.switch_margin=0.2"],
+    "sticky-m0.5": ["dynamic.reindex=sticky", "dynamic.switch_margin=0.5"],
+    "sticky-cap0.05": ["dynamic.reindex=sticky", "dynamic.max_changed=0.05"],
+    "sticky-m0.2-r4": ["dynamic.reindex=sticky", "dynamic.switch_margin=0.2", "dynamic.rounds=4"],
+    "fresh-lr1e-5": ["dynamic.tokenizer_lr=1e-5"],
+}
+WINDOW = 20          # steps either side of a round for the loss jump
+
+
+def loss_jumps(losses: list[float], rounds: list[dict], window: int = WINDOW) -> list[float]:
+    """Per round: mean LLM loss of the ``window`` steps after the round minus the ``window`` steps before.
+
+    Args:
+        losses: loss per optimiser step (nats/token), step s at index s-1.
+        rounds: the LLM stage's ``rounds.json`` (each with ``step``: steps done when the round ran).
+    """
+    out = []
+    for r in rounds:
+        s = int(r["step"])
+        before, after = losses[max(0, s - window):s], losses[s:s + window]
+        out.append(float(np.mean(after) - np.mean(before)) if before and after else float("nan"))
+    return out
+
+
+def run_variant(dataset: str, seed: int, variant: str, steps: int, *, preset: str, runs_dir: Path,
+                data_root: Path) -> dict:
+    """Train and score one variant; returns metrics on valid and test, per-user test ranks, churn, losses."""
+    from ttds_ray import baselines, pipeline
+    from ttds_ray.artifacts import RunDir
+    from ttds_ray.config import load_config
+    from ttds_ray.evaluate import evaluate_split
+
+    ds, pre = Q.DATASETS[dataset], Q.PRESETS[preset]
+    common = [f"seed={seed}", f"data.path={ds.data_path(data_root)}", *pre.overrides(dataset)]
+    base_cfg = load_config(Q.REPO / ds.config, [*common, f"output_dir={runs_dir / f'quality-{preset}'}",
+                                                f"name={dataset}-s{seed}-ttds"])
+    backend = pipeline.LocalBackend()
+    pipeline.run(base_cfg, backend, stop_after="tokenizer")          # reused when bench/quality.py built it
+    cfg = load_config(Q.REPO / ds.config, [*common, f"output_dir={runs_dir / 'dynamic'}",
+                                           f"name={dataset}-s{seed}-{variant}-{steps}", f"llm.max_steps={steps}",
+                                           *VARIANTS[variant]])
+    pipeline.run(cfg, backend, reuse_from=base_cfg.run_dir)
+    run = RunDir(cfg.run_dir)
+    test = read_json(run.require("eval") / Files.METRICS)
+    valid_path = run.root / "eval" / "metrics_valid.json"
+    if valid_path.exists() and read_json(valid_path).get("config_hash") == cfg.stage_hash("eval"):
+        valid = read_json(valid_path)
+    else:
+        valid, *_ = evaluate_split(cfg, run, "valid", progress=False)
+        valid["config_hash"] = cfg.stage_hash("eval")
+        atomic_write_bytes(valid_path, Q.json.dumps(valid, indent=1).encode())
+    users, ranks = baselines.ttds_ranks(run)
+    scored = baselines.score_baseline_ranks(cfg, run)
+    if not np.array_equal(users, scored["user_idx"]):
+        raise RuntimeError(f"{cfg.name}: TTDS and SASRec were evaluated on different users")
+    llm_dir = run.require("llm")
+    losses = read_json(llm_dir / "losses.json")
+    rounds = read_json(llm_dir / "rounds.json") if (llm_dir / "rounds.json").exists() else []
+    walls = Q._stage_walls(run, ("llm", "eval"))
+    return {"dataset": dataset, "seed": seed, "variant": variant, "steps": steps, "run_dir": str(run.root),
+            "test": test["models"]["TTDS"], "valid": valid["models"]["TTDS"],
+            "sasrec_test": test["models"]["SASRec"], "sasrec_valid": valid["models"]["SASRec"],
+            "ranks": np.asarray(ranks).tolist(), "sasrec_ranks": np.asarray(scored["SASRec"]).tolist(),
+            "changed_per_round": [r["changed"] for r in rounds],
+            "changed_per_level": [r.get("changed_per_level") for r in rounds],
+            "round_steps": [r["step"] for r in rounds], "loss_jumps": loss_jumps(losses, rounds),
+            "final_loss": float(np.mean(losses[-WINDOW:])), "losses": losses, "wall_s": walls,
+            "n_items": test["n_items"], "n_users_evaluated": test["n_users_evaluated"]}
+
+
+def summarise(records: list[dict], variants: list[str], n_resamples: int = 1000) -> dict:
+    """Per variant: mean [t-interval] over seeds of every metric on valid and test, ratio to static, and
+    paired bootstraps (test NDCG@10) against static and SASRec on the seeds both have."""
+    by = {v: sorted((r for r in records if r["variant"] == v), key=lambda r: r["seed"]) for v in variants}
+    out = {}
+    for v, recs in by.items():
+        if not recs:
+            continue
+        row = {"seeds": [r["seed"] for r in recs]}
+        for split in ("valid", "test"):
+            row[split] = {m: dict(zip(("mean", "low", "high"), Q.t_interval([r[split][m] for r in recs])))
+                          for m in Q.METRICS}
+        row["sasrec_test"] = {m: Q.t_interval([r["sasrec_test"][m] for r in recs])[0] for m in Q.METRICS}
+        row["changed_per_round"] = [r["changed_per_round"] for r in recs]
+        row["loss_jumps"] = [r["loss_jumps"] for r in recs]
+        row["final_loss"] = Q.t_interval([r["final_loss"] for r in recs])[0]
+        row["llm_wall_s"] = float(np.mean([r["wall_s"].get("llm", 0.0) for r in recs]))
+        for other, key in (("static", "ranks"), ("SASRec", "sasrec_ranks")):
+            ref = {r["seed"]: r for r in by.get("static", [])} if other == "static" else {r["seed"]: r for r in recs}
+            pairs = [(r, ref[r["seed"]]) for r in recs if r["seed"] in ref]
+            if not pairs or (other == "static" and v == "static"):
+                continue
+            a = [Q.per_user(r["ranks"], "NDCG@10") for r, _ in pairs]
+            b = [Q.per_user(o[key], "NDCG@10") for _, o in pairs]
+            row[f"vs_{other}"] = Q.paired_bootstrap(a, b, n_resamples=n_resamples)
+            mean_o = np.mean([x.mean() for x in b])
+            row[f"ratio_{other}"] = float(np.mean([x.mean() for x in a]) / mean_o) if mean_o > 0 else None
+        out[v] = row
+    return out
+
+
+def render(summary: dict, meta: dict) -> str:
+    lines = [f"# Dynamic indexing variants: {meta['dataset']}, {meta['steps']} LLM steps", "",
+             f"Measured {meta['date']} on {meta['machine']}; `{meta['command']}`. Preset `{meta['preset']}` "
+             f"({', '.join(meta['overrides'])}) with `llm.max_steps={meta['steps']}`; {meta['n_items']} items, "
+             f"{meta['n_users']} users evaluated per seed on each split. Cells: mean over seeds "
+             "[95 % t-interval]. Select on valid; test is reported once per configuration.", ""]
+    for split in ("valid", "test"):
+        lines += [f"## {split}", "", "| variant | seeds | " + " | ".join(Q.METRICS) + " |",
+                  "|---|---|" + "---|" * len(Q.METRICS)]
+        for v, row in summary.items():
+            cells = [Q._cell(row[split][m]) for m in Q.METRICS]
+            lines.append(f"| {v} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Test NDCG@10 against static and SASRec (paired bootstrap over users, stratified by seed)", "",
+              "| variant | / static | − static [95 %] | P(Δ≤0) | / SASRec | − SASRec [95 %] | items changed per round "
+              "(per seed) | loss jump per round (nats) | final loss | LLM stage s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for v, row in summary.items():
+        def cmp(other):
+            b = row.get(f"vs_{other}")
+            if b is None:
+                return ["–", "–", "–"]
+            return [Q._fmt_ratio(row.get(f"ratio_{other}")), f"{b['diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]",
+                    f"{b['p_le_0']:.3f}"]
+        st, sa = cmp("static"), cmp("SASRec")
+        jumps = "; ".join(", ".join(f"{j:+.2f}" for j in js) for js in row["loss_jumps"]) or "–"
+        churn = "; ".join(", ".join(str(c) for c in cs) for cs in row["changed_per_round"]) or "–"
+        lines.append(f"| {v} | {st[0]} | {st[1]} | {st[2]} | {sa[0]} | {sa[1]} | {churn or '–'} | {jumps} | "
+                     f"{row['final_loss']:.3f} | {row['llm_wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_losses(records: list[dict], seed: int, path: Path) -> None:
+    """LLM loss per step (moving mean of 10) of every variant of ``seed``, rounds marked."""
+    from ttds_ray.plots import _plt, _save
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in (r for r in records if r["seed"] == seed):
+        x = np.convolve(r["losses"], np.ones(10) / 10, mode="valid")
+        line, = ax.plot(np.arange(10, 10 + len(x)), x, label=r["variant"], lw=1)
+        for s in r["round_steps"]:
+            ax.axvline(s, color=line.get_color(), ls=":", lw=0.8)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("LLM loss (nats/token, mean of 10)")
+    ax.set_title(f"{records[0]['dataset']} seed {seed}: loss per step, re-index rounds dotted")
+    ax.legend()
+    _save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="ml100k", choices=sorted(Q.DATASETS))
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--preset", default="cpu-fast", choices=sorted(Q.PRESETS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=["static", "fresh", "sticky-m0.2"], choices=list(VARIANTS))
+    p.add_argument("--runs-dir", type=Path, default=Q.REPO / "runs")
+    p.add_argument("--results-dir", type=Path, default=Q.REPO / "results")
+    p.add_argument("--data-root", type=Path, default=Q.REPO.parent / "shared" / "data")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    t0, records = time.time(), []
+    stem = args.results_dir / f"dynamic-{args.dataset}-{args.steps}"
+    for seed in args.seeds:                          # seed-major: a partial table after each seed has every variant
+        for v in args.variants:
+            log.info("=== %s seed %d %s (%d steps) ===", args.dataset, seed, v, args.steps)
+            records.append(run_variant(args.dataset, seed, v, args.steps, preset=args.preset,
+                                       runs_dir=args.runs_dir, data_root=args.data_root))
+        meta = {"dataset": args.dataset, "steps": args.steps, "preset": args.preset, "date": time.strftime("%Y-%m-%d"),
+                "machine": Q._machine(), "overrides": Q.PRESETS[args.preset].overrides(args.dataset),
+                "command": "python bench/dynamic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "n_items": records[0]["n_items"], "n_users": records[0]["n_users_evaluated"],
+                "wall_s": round(time.time() - t0, 1)}
+        summary = summarise(records, args.variants)
+        slim = [{k: v for k, v in r.items() if k != "losses"} for r in records]
+        atomic_write_bytes(stem.with_suffix(".json"), Q.json.dumps(
+            {"meta": meta, "summary": summary, "records": slim}, indent=1, default=Q._json_default).encode())
+        atomic_write_bytes(stem.with_suffix(".md"), render(summary, meta).encode())
+        plot_losses(records, args.seeds[0], stem.parent / f"{stem.name}-loss.png")
+        log.info("=== seed %d done (%.0f s); wrote %s ===", seed, time.time() - t0, stem.with_suffix(".md"))
+    print(render(summarise(records, args.variants), meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
