@@ -61,6 +61,15 @@ def loss_jumps(losses: list[float], rounds: list[dict], window: int = WINDOW) ->
     return out
 
 
+def excess_loss(rec: dict, static: dict, window: int = WINDOW) -> list[float]:
+    """Per round of ``rec``: its mean loss over the ``window`` steps after the round minus the static run's over
+    the same steps (same seed, same sample order, so before the first round the two curves are identical);
+    the damage a round does, free of the downward trend that :func:`loss_jumps` includes."""
+    a, b = rec["losses"], static["losses"]
+    return [float(np.mean(a[s:s + window]) - np.mean(b[s:s + window])) for s in rec["round_steps"]
+            if s + window <= min(len(a), len(b))]
+
+
 def run_variant(dataset: str, seed: int, variant: str, steps: int, *, preset: str, runs_dir: Path,
                 data_root: Path) -> dict:
     """Train and score one variant; returns metrics on valid and test, per-user test ranks, churn, losses."""
@@ -122,6 +131,9 @@ def summarise(records: list[dict], variants: list[str], n_resamples: int = 1000)
         row["sasrec_test"] = {m: Q.t_interval([r["sasrec_test"][m] for r in recs])[0] for m in Q.METRICS}
         row["changed_per_round"] = [r["changed_per_round"] for r in recs]
         row["loss_jumps"] = [r["loss_jumps"] for r in recs]
+        static = {r["seed"]: r for r in by.get("static", [])}
+        row["excess_loss_vs_static"] = [excess_loss(r, static[r["seed"]]) for r in recs if r["seed"] in static
+                                        and r is not static[r["seed"]] and "losses" in r]
         row["final_loss"] = Q.t_interval([r["final_loss"] for r in recs])[0]
         row["llm_wall_s"] = float(np.mean([r["wall_s"].get("llm", 0.0) for r in recs]))
         for other, key in (("static", "ranks"), ("SASRec", "sasrec_ranks")):
@@ -153,8 +165,9 @@ def render(summary: dict, meta: dict) -> str:
         lines.append("")
     lines += ["## Test NDCG@10 against static and SASRec (paired bootstrap over users, stratified by seed)", "",
               "| variant | / static | − static [95 %] | P(Δ≤0) | / SASRec | − SASRec [95 %] | items changed per round "
-              "(per seed) | loss jump per round (nats) | final loss | LLM stage s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "(per seed) | loss jump per round (nats) | loss − static's after each round (nats) | final loss | "
+              "LLM stage s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, row in summary.items():
         def cmp(other):
             b = row.get(f"vs_{other}")
@@ -163,9 +176,12 @@ def render(summary: dict, meta: dict) -> str:
             return [Q._fmt_ratio(row.get(f"ratio_{other}")), f"{b['diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]",
                     f"{b['p_le_0']:.3f}"]
         st, sa = cmp("static"), cmp("SASRec")
-        jumps = "; ".join(", ".join(f"{j:+.2f}" for j in js) for js in row["loss_jumps"]) or "–"
-        churn = "; ".join(", ".join(str(c) for c in cs) for cs in row["changed_per_round"]) or "–"
-        lines.append(f"| {v} | {st[0]} | {st[1]} | {st[2]} | {sa[0]} | {sa[1]} | {churn or '–'} | {jumps} | "
+        def per_seed(lists, fmt):
+            return "; ".join(", ".join(fmt(x) for x in xs) for xs in lists) if any(lists) else "–"
+        jumps = per_seed(row["loss_jumps"], lambda j: f"{j:+.2f}")
+        excess = per_seed(row.get("excess_loss_vs_static", []), lambda j: f"{j:+.2f}")
+        churn = per_seed(row["changed_per_round"], str)
+        lines.append(f"| {v} | {st[0]} | {st[1]} | {st[2]} | {sa[0]} | {sa[1]} | {churn} | {jumps} | {excess} | "
                      f"{row['final_loss']:.3f} | {row['llm_wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
