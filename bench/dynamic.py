@@ -42,6 +42,10 @@ VARIANTS = {
     "sticky-cap0.05": ["dynamic.reindex=sticky", "dynamic.max_changed=0.05"],
     "sticky-m0.2-r4": ["dynamic.reindex=sticky", "dynamic.switch_margin=0.2", "dynamic.rounds=4"],
     "fresh-lr1e-5": ["dynamic.tokenizer_lr=1e-5"],
+    # one round only, early (after a third of the budget), when a round did the least damage
+    "sticky-m0.2-early1": ["dynamic.reindex=sticky", "dynamic.switch_margin=0.2", "dynamic.rounds=1",
+                           "dynamic.final_freeze=0.67"],
+    "fresh-early1": ["dynamic.rounds=1", "dynamic.final_freeze=0.67"],
 }
 WINDOW = 20          # steps either side of a round for the loss jump
 

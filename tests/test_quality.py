@@ -125,3 +125,39 @@ def test_summary_and_table_writer(q, tmp_path):
     assert len(rows) == 2 and rows[0].count("|") == len(q.METRICS) + 3
     assert "## MovieLens-100K" in text and "## Amazon Scientific" in text and "eval.max_users=50" in text
     assert "TTDS / best baseline" in text and f"(best: {best})" in text
+
+
+@pytest.fixture(scope="module")
+def dyn(q):
+    """bench/dynamic.py (imports bench/quality.py as ``quality``)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_dynamic", REPO / "bench" / "dynamic.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _dyn_record(variant, seed, losses, round_steps, ranks):
+    metrics = {m: 0.1 for m in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")}
+    return {"variant": variant, "seed": seed, "losses": losses, "round_steps": round_steps,
+            "loss_jumps": [], "changed_per_round": [5] * len(round_steps), "final_loss": losses[-1],
+            "wall_s": {"llm": 1.0}, "valid": metrics, "test": metrics, "sasrec_test": metrics,
+            "ranks": ranks, "sasrec_ranks": [1] * len(ranks)}
+
+
+def test_dynamic_bench_loss_measures_and_summary(dyn):
+    falling = list(np.linspace(5.0, 3.0, 100))
+    bumped = falling[:40] + [x + 0.5 for x in falling[40:]]       # a round at step 40 costs 0.5 nats for good
+    # the plain jump includes the downward trend; the excess over the static run is the round's cost alone
+    assert dyn.loss_jumps(bumped, [{"step": 40}], window=10)[0] == pytest.approx(0.5 - 10 * 2.0 / 99, abs=1e-9)
+    rec, static = _dyn_record("fresh", 0, bumped, [40], [1, 0, 3]), _dyn_record("static", 0, falling, [], [2, 1, 0])
+    assert dyn.excess_loss(rec, static, window=10) == pytest.approx([0.5])
+    summary = dyn.summarise([static, rec], ["static", "fresh"], n_resamples=200)
+    assert summary["fresh"]["excess_loss_vs_static"] == [pytest.approx([0.5])]
+    ndcg = lambda r: np.mean([1 / np.log2(x + 1) if 1 <= x <= 10 else 0.0 for x in r])   # noqa: E731
+    assert summary["fresh"]["vs_static"]["diff"] == pytest.approx(ndcg([1, 0, 3]) - ndcg([2, 1, 0]))
+    assert "vs_static" not in summary["static"]
+    md = dyn.render(summary, {"dataset": "x", "steps": 100, "date": "d", "machine": "m", "command": "c",
+                              "preset": "p", "overrides": [], "n_items": 3, "n_users": 3})
+    assert "| static |" in md and "+0.50" in md
