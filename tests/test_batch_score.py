@@ -221,6 +221,10 @@ def test_batch_test_split_equals_the_eval_stage_rankings(run, rec, tmp_path):
     got = {u: g["item_id"].tolist() for u, g in df.groupby("user", sort=False)}
     assert len(expect) == cfg.eval.max_users
     assert got == expect          # same users (the eval sample) and the same top-k, in order
+    # and the same beam scores as eval/rankings.parquet stores with each list
+    want_scores = {seqs[u]: np.asarray(sc, np.float32)[:k] for u, sc in zip(ranks["user_idx"], ranks["scores"])}
+    for u, g in df.groupby("user", sort=False):
+        np.testing.assert_allclose(g["score"].to_numpy(np.float32), want_scores[u], rtol=0, atol=1e-5)
 
 
 def test_batch_equals_the_online_path(run, rec, tmp_path):
