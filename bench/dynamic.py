@@ -18,6 +18,7 @@ loss curves of seed ``--seeds[0]``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -28,7 +29,7 @@ import quality as Q  # noqa: E402  (bench/quality.py: datasets, presets, statist
 
 import numpy as np  # noqa: E402
 
-from ttds_ray.artifacts import Files, atomic_write_bytes, read_json  # noqa: E402
+from ttds_ray.artifacts import Files, atomic_write_bytes, read_json, write_json  # noqa: E402
 
 log = logging.getLogger("dynamic")
 
@@ -94,13 +95,14 @@ def run_variant(dataset: str, seed: int, variant: str, steps: int, *, preset: st
     pipeline.run(cfg, backend, reuse_from=base_cfg.run_dir)
     run = RunDir(cfg.run_dir)
     test = read_json(run.require("eval") / Files.METRICS)
-    valid_path = run.root / "eval" / "metrics_valid.json"
+    # where `ttds-ray evaluate RUN --split valid` writes; reused while the eval stage's hash is the same
+    valid_path = run.root / Files.split_metrics("valid", test["n_users_evaluated"])
     if valid_path.exists() and read_json(valid_path).get("config_hash") == cfg.stage_hash("eval"):
         valid = read_json(valid_path)
     else:
         valid, *_ = evaluate_split(cfg, run, "valid", progress=False)
         valid["config_hash"] = cfg.stage_hash("eval")
-        atomic_write_bytes(valid_path, Q.json.dumps(valid, indent=1).encode())
+        write_json(valid_path, valid)
     users, ranks = baselines.ttds_ranks(run)
     scored = baselines.score_baseline_ranks(cfg, run)
     if not np.array_equal(users, scored["user_idx"]):
@@ -216,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=["static", "fresh", "sticky-m0.2"], choices=list(VARIANTS))
     p.add_argument("--runs-dir", type=Path, default=Q.REPO / "runs")
     p.add_argument("--results-dir", type=Path, default=Q.REPO / "results")
-    p.add_argument("--data-root", type=Path, default=Q.REPO.parent / "shared" / "data")
+    p.add_argument("--data-root", type=Path, default=Q.REPO.parent / "shared" / "data",
+                   help="folder holding amazon_scientific_lcrec, amazon_beauty_p5 (as bench/quality.py; ml100k "
+                        "comes from the `ttds-ray data fetch` cache)")
     args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error(f"--steps must be >= 2 (a round needs steps before and after it), got {args.steps}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0, records = time.time(), []
     stem = args.results_dir / f"dynamic-{args.dataset}-{args.steps}"
@@ -233,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 "wall_s": round(time.time() - t0, 1)}
         summary = summarise(records, args.variants)
         slim = [{k: v for k, v in r.items() if k != "losses"} for r in records]
-        atomic_write_bytes(stem.with_suffix(".json"), Q.json.dumps(
+        atomic_write_bytes(stem.with_suffix(".json"), json.dumps(
             {"meta": meta, "summary": summary, "records": slim}, indent=1, default=Q._json_default).encode())
         atomic_write_bytes(stem.with_suffix(".md"), render(summary, meta).encode())
         plot_losses(records, args.seeds[0], stem.parent / f"{stem.name}-loss.png")

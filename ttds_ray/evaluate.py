@@ -115,8 +115,9 @@ RankFn = Callable[[list[np.ndarray], "np.ndarray | None"], tuple[np.ndarray, np.
 def evaluate_ttds(rec, splits: Splits, rows: np.ndarray, split: str, cfg: TTDSConfig,
                   progress: bool = False, rank: RankFn | None = None
                   ) -> tuple[dict, np.ndarray, np.ndarray]:
-    """TTDS metrics, the ranked lists ``(U, W)`` and their beam scores float32 ``(U, W)`` (-inf pad) through :meth:`Recommender.rank` (the serving path), in
-    this process or through ``rank`` (the same method on several workers).
+    """TTDS metrics, the ranked lists ``(U, W)`` and their beam scores float32 ``(U, W)`` (-inf pad) through
+    :meth:`Recommender.rank` (the serving path), in this process or through ``rank`` (the same method on several
+    workers).
 
     Raises:
         RuntimeError: ``rank`` returned another number of rows than users asked (every user counts once).
