@@ -1,6 +1,8 @@
 """Dynamic vs static indexing, and re-indexing variants, on the same data, seeds and LLM step budget.
 
     python bench/dynamic.py --dataset ml100k --steps 600 --seeds 0 1 2 --variants static fresh sticky-m0.2
+    python bench/dynamic.py --dataset ml100k --steps 600 --out ablation --reference fresh \
+        --variants fresh static no-user-sid no-inst-grain no-dist-grain no-code-grain no-item2id ...
 
 The research harness of issue 13 (docs/RESULTS.md, "Dynamic indexing"). Every variant of a seed shares
 the data, embeddings, SASRec and tokenizer stages of the ``bench/quality.py`` run of that dataset, seed
@@ -9,9 +11,11 @@ and the variant's overrides, and is scored on the validation split (selection) a
 (reported once), on the same seeded users (``eval.max_users`` of the preset). Everything runs in this
 process on ``pipeline.LocalBackend``; a rerun reuses finished stages.
 
-Writes ``<results-dir>/dynamic-<dataset>-<steps>.json`` and ``.md``: per variant HR@1/5/10, NDCG@5/10 on
-valid and test as mean over seeds with a 95 % t-interval, the ratio to static, the paired bootstrap over
-users of variant minus static and minus SASRec (test NDCG@10), the items whose ID changed per round and
+The second form is the component ablation (``ABLATIONS``: the full method with one part off, each against
+the full method). Writes ``<results-dir>/<out>-<dataset>-<steps>.json`` and ``.md`` (``--out``, default
+``dynamic``): per variant HR@1/5/10, NDCG@5/10 on valid and test as mean over seeds with a 95 % t-interval,
+the ratio to the ``--reference`` variant (default static), the paired bootstrap over users of variant minus
+reference and minus SASRec (test NDCG@10), the items whose ID changed per round and
 the LLM loss jump at each round (mean of the 20 steps after minus the 20 steps before), and a PNG of the
 loss curves of seed ``--seeds[0]``.
 """
@@ -48,6 +52,15 @@ VARIANTS = {
                            "dynamic.final_freeze=0.67"],
     "fresh-early1": ["dynamic.rounds=1", "dynamic.final_freeze=0.67"],
 }
+#: The component ablation of issue 13: the default TTDS config ('fresh', the full method) with one part off;
+#: 'static' is the dynamic-off row. Run with ``--out ablation --reference fresh``.
+_TASKS_OFF = ("item2id", "id2item", "title_history", "user2items", "co_interaction", "neighbour_users", "user2profile")
+ABLATIONS = {
+    "no-user-sid": ["tasks.use_user_sid=false"],        # user IDs out of every prompt, and the tasks that need them
+    **{f"no-{g}-grain": [f"tokenizer.alpha_{g}=0"] for g in ("inst", "dist", "code")},      # DM-VAE grains
+    **{f"no-{t}": [f"tasks.weights.{t}=0"] for t in _TASKS_OFF},
+}
+VARIANTS.update(ABLATIONS)
 WINDOW = 20          # steps either side of a round for the loss jump
 
 
@@ -122,9 +135,11 @@ def run_variant(dataset: str, seed: int, variant: str, steps: int, *, preset: st
             "n_items": test["n_items"], "n_users_evaluated": test["n_users_evaluated"]}
 
 
-def summarise(records: list[dict], variants: list[str], n_resamples: int = 1000) -> dict:
-    """Per variant: mean [t-interval] over seeds of every metric on valid and test, ratio to static, and
-    paired bootstraps (test NDCG@10) against static and SASRec on the seeds both have."""
+def summarise(records: list[dict], variants: list[str], n_resamples: int = 1000, reference: str = "static") -> dict:
+    """Per variant: mean [t-interval] over seeds of every metric on valid and test, ratio to ``reference``
+    (a variant: 'static' for the re-indexing study, 'fresh', the full method, for the ablation), and paired
+    bootstraps (test NDCG@10) against ``reference`` and SASRec on the seeds both have. Keys name the
+    reference: ``vs_<reference>``, ``ratio_<reference>``, ``excess_loss_vs_<reference>``."""
     by = {v: sorted((r for r in records if r["variant"] == v), key=lambda r: r["seed"]) for v in variants}
     out = {}
     for v, recs in by.items():
@@ -137,15 +152,15 @@ def summarise(records: list[dict], variants: list[str], n_resamples: int = 1000)
         row["sasrec_test"] = {m: Q.t_interval([r["sasrec_test"][m] for r in recs])[0] for m in Q.METRICS}
         row["changed_per_round"] = [r["changed_per_round"] for r in recs]
         row["loss_jumps"] = [r["loss_jumps"] for r in recs]
-        static = {r["seed"]: r for r in by.get("static", [])}
-        row["excess_loss_vs_static"] = [excess_loss(r, static[r["seed"]]) for r in recs if r["seed"] in static
-                                        and r is not static[r["seed"]] and "losses" in r]
+        ref = {r["seed"]: r for r in by.get(reference, [])}
+        row[f"excess_loss_vs_{reference}"] = [excess_loss(r, ref[r["seed"]]) for r in recs if r["seed"] in ref
+                                              and r is not ref[r["seed"]] and "losses" in r]
         row["final_loss"] = Q.t_interval([r["final_loss"] for r in recs])[0]
         row["llm_wall_s"] = float(np.mean([r["wall_s"].get("llm", 0.0) for r in recs]))
-        for other, key in (("static", "ranks"), ("SASRec", "sasrec_ranks")):
-            ref = {r["seed"]: r for r in by.get("static", [])} if other == "static" else {r["seed"]: r for r in recs}
-            pairs = [(r, ref[r["seed"]]) for r in recs if r["seed"] in ref]
-            if not pairs or (other == "static" and v == "static"):
+        for other, key in ((reference, "ranks"), ("SASRec", "sasrec_ranks")):
+            mates = ref if other == reference else {r["seed"]: r for r in recs}
+            pairs = [(r, mates[r["seed"]]) for r in recs if r["seed"] in mates]
+            if not pairs or (other == reference and v == reference):
                 continue
             a = [Q.per_user(r["ranks"], "NDCG@10") for r, _ in pairs]
             b = [Q.per_user(o[key], "NDCG@10") for _, o in pairs]
@@ -157,7 +172,9 @@ def summarise(records: list[dict], variants: list[str], n_resamples: int = 1000)
 
 
 def render(summary: dict, meta: dict) -> str:
-    lines = [f"# Dynamic indexing variants: {meta['dataset']}, {meta['steps']} LLM steps", "",
+    ref = meta.get("reference", "static")
+    title = "Dynamic indexing variants" if ref == "static" else f"Component ablation (reference: {ref})"
+    lines = [f"# {title}: {meta['dataset']}, {meta['steps']} LLM steps", "",
              f"Measured {meta['date']} on {meta['machine']}; `{meta['command']}`. Preset `{meta['preset']}` "
              f"({', '.join(meta['overrides'])}) with `llm.max_steps={meta['steps']}`; {meta['n_items']} items, "
              f"{meta['n_users']} users evaluated per seed on each split. Cells: mean over seeds "
@@ -169,9 +186,9 @@ def render(summary: dict, meta: dict) -> str:
             cells = [Q._cell(row[split][m]) for m in Q.METRICS]
             lines.append(f"| {v} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Test NDCG@10 against static and SASRec (paired bootstrap over users, stratified by seed)", "",
-              "| variant | / static | − static [95 %] | P(Δ≤0) | / SASRec | − SASRec [95 %] | items changed per round "
-              "(per seed) | loss jump per round (nats) | loss − static's after each round (nats) | final loss | "
+    lines += [f"## Test NDCG@10 against {ref} and SASRec (paired bootstrap over users, stratified by seed)", "",
+              f"| variant | / {ref} | − {ref} [95 %] | P(Δ≤0) | / SASRec | − SASRec [95 %] | items changed per round "
+              f"(per seed) | loss jump per round (nats) | loss − {ref}'s after each round (nats) | final loss | "
               "LLM stage s |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, row in summary.items():
@@ -181,11 +198,11 @@ def render(summary: dict, meta: dict) -> str:
                 return ["–", "–", "–"]
             return [Q._fmt_ratio(row.get(f"ratio_{other}")), f"{b['diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]",
                     f"{b['p_le_0']:.3f}"]
-        st, sa = cmp("static"), cmp("SASRec")
+        st, sa = cmp(ref), cmp("SASRec")
         def per_seed(lists, fmt):
             return "; ".join(", ".join(fmt(x) for x in xs) for xs in lists) if any(lists) else "–"
         jumps = per_seed(row["loss_jumps"], lambda j: f"{j:+.2f}")
-        excess = per_seed(row.get("excess_loss_vs_static", []), lambda j: f"{j:+.2f}")
+        excess = per_seed(row.get(f"excess_loss_vs_{ref}", []), lambda j: f"{j:+.2f}")
         churn = per_seed(row["changed_per_round"], str)
         lines.append(f"| {v} | {st[0]} | {st[1]} | {st[2]} | {sa[0]} | {sa[1]} | {churn} | {jumps} | {excess} | "
                      f"{row['final_loss']:.3f} | {row['llm_wall_s']:.0f} |")
@@ -216,17 +233,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="cpu-fast", choices=sorted(Q.PRESETS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["static", "fresh", "sticky-m0.2"], choices=list(VARIANTS))
+    p.add_argument("--reference", default="static", choices=list(VARIANTS),
+                   help="the variant the others are divided by and bootstrapped against (must be in --variants)")
+    p.add_argument("--out", default="dynamic", help="results file stem: <results-dir>/<out>-<dataset>-<steps>")
     p.add_argument("--runs-dir", type=Path, default=Q.REPO / "runs")
     p.add_argument("--results-dir", type=Path, default=Q.REPO / "results")
     p.add_argument("--data-root", type=Path, default=Q.REPO.parent / "shared" / "data",
                    help="folder holding amazon_scientific_lcrec, amazon_beauty_p5 (as bench/quality.py; ml100k "
                         "comes from the `ttds-ray data fetch` cache)")
     args = p.parse_args(argv)
+    if args.reference not in args.variants:
+        p.error(f"--reference {args.reference} must be one of --variants {args.variants}")
+    if not args.out.replace("-", "").replace("_", "").isalnum():
+        p.error(f"--out must be a plain name (letters, digits, - and _), got {args.out!r}")
     if args.steps < 2:
         p.error(f"--steps must be >= 2 (a round needs steps before and after it), got {args.steps}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0, records = time.time(), []
-    stem = args.results_dir / f"dynamic-{args.dataset}-{args.steps}"
+    stem = args.results_dir / f"{args.out}-{args.dataset}-{args.steps}"
     for seed in args.seeds:                          # seed-major: a partial table after each seed has every variant
         for v in args.variants:
             log.info("=== %s seed %d %s (%d steps) ===", args.dataset, seed, v, args.steps)
@@ -235,16 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"dataset": args.dataset, "steps": args.steps, "preset": args.preset, "date": time.strftime("%Y-%m-%d"),
                 "machine": Q._machine(), "overrides": Q.PRESETS[args.preset].overrides(args.dataset),
                 "command": "python bench/dynamic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "n_items": records[0]["n_items"], "n_users": records[0]["n_users_evaluated"],
+                "n_items": records[0]["n_items"], "n_users": records[0]["n_users_evaluated"], "reference": args.reference,
                 "wall_s": round(time.time() - t0, 1)}
-        summary = summarise(records, args.variants)
+        summary = summarise(records, args.variants, reference=args.reference)
         slim = [{k: v for k, v in r.items() if k != "losses"} for r in records]
         atomic_write_bytes(stem.with_suffix(".json"), json.dumps(
             {"meta": meta, "summary": summary, "records": slim}, indent=1, default=Q._json_default).encode())
         atomic_write_bytes(stem.with_suffix(".md"), render(summary, meta).encode())
         plot_losses(records, args.seeds[0], stem.parent / f"{stem.name}-loss.png")
         log.info("=== seed %d done (%.0f s); wrote %s ===", seed, time.time() - t0, stem.with_suffix(".md"))
-    print(render(summarise(records, args.variants), meta))
+    print(render(summarise(records, args.variants, reference=args.reference), meta))
     return 0
 
 

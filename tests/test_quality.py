@@ -161,3 +161,34 @@ def test_dynamic_bench_loss_measures_and_summary(dyn):
     md = dyn.render(summary, {"dataset": "x", "steps": 100, "date": "d", "machine": "m", "command": "c",
                               "preset": "p", "overrides": [], "n_items": 3, "n_users": 3})
     assert "| static |" in md and "+0.50" in md
+
+
+def test_dynamic_bench_reference_variant_for_the_ablation(dyn):
+    """With ``reference='fresh'`` (the component ablation) every comparison is against the full method."""
+    full = _dyn_record("fresh", 0, [3.0] * 50, [20], [1, 2, 0, 4])
+    off = _dyn_record("no-item2id", 0, [3.2] * 50, [20], [2, 2, 0, 0])
+    summary = dyn.summarise([full, off], ["fresh", "no-item2id"], n_resamples=200, reference="fresh")
+    ndcg = lambda r: np.mean([1 / np.log2(x + 1) if 1 <= x <= 10 else 0.0 for x in r])   # noqa: E731
+    assert summary["no-item2id"]["vs_fresh"]["diff"] == pytest.approx(ndcg([2, 2, 0, 0]) - ndcg([1, 2, 0, 4]))
+    assert summary["no-item2id"]["excess_loss_vs_fresh"] == [pytest.approx([0.2])]
+    assert "vs_fresh" not in summary["fresh"] and "vs_static" not in summary["no-item2id"]
+    md = dyn.render(summary, {"dataset": "x", "steps": 50, "date": "d", "machine": "m", "command": "c",
+                              "preset": "p", "overrides": [], "n_items": 4, "n_users": 4, "reference": "fresh"})
+    assert "Component ablation (reference: fresh)" in md and "| variant | / fresh |" in md
+
+
+def test_every_bench_variant_is_a_valid_config(dyn):
+    """Each variant's overrides load on the configs the benches use (a misspelt key would fail here, before
+    an hour of runs), and each ablation switches off what its name says."""
+    from ttds_ray.config import load_config
+
+    for cfg_file in ("configs/quickstart.yaml", "configs/scientific_tiny.yaml"):
+        base = load_config(REPO / cfg_file, [])
+        for name, overrides in dyn.VARIANTS.items():
+            cfg = load_config(REPO / cfg_file, overrides)
+            if name in dyn.ABLATIONS:
+                assert cfg.to_dict() != base.to_dict(), name
+    q = load_config(REPO / "configs/quickstart.yaml", dyn.VARIANTS["no-co_interaction"])
+    assert q.tasks.weights.co_interaction == 0 and q.tasks.weights.item2id > 0
+    assert load_config(REPO / "configs/quickstart.yaml", dyn.VARIANTS["no-dist-grain"]).tokenizer.alpha_dist == 0
+    assert set(dyn.ABLATIONS) <= set(dyn.VARIANTS) and len(dyn.ABLATIONS) == 11
