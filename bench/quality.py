@@ -467,12 +467,35 @@ def _machine() -> str:
     return f"{platform.machine()} {cores} cores, {gpu}, Python {platform.python_version()}"
 
 
+def dataset_seeds(datasets: list[str], seeds: list[int], specs: list[str]) -> dict[str, list[int]]:
+    """Seeds per dataset: ``seeds`` unless a ``DATASET=S[,S...]`` spec gives that dataset its own.
+
+    Raises:
+        ValueError: a malformed spec, a dataset not in ``datasets``, a repeated dataset, or no seed.
+    """
+    out = {d: list(seeds) for d in datasets}
+    seen = set()
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        if not sep or name not in out or name in seen:
+            raise ValueError(f"--dataset-seeds {spec!r}: expected DATASET=S[,S...] with DATASET one of --datasets "
+                             f"{datasets}, each at most once")
+        try:
+            out[name] = [int(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--dataset-seeds {spec!r}: seeds must be integers separated by commas") from None
+        seen.add(name)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["ml100k", "scientific"], choices=sorted(DATASETS))
     p.add_argument("--preset", default="cpu-fast", choices=sorted(PRESETS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--dataset-seeds", nargs="+", default=[], metavar="DATASET=S[,S...]",
+                   help="other seeds for a dataset than --seeds, e.g. yelp=0 for a large dataset run with one seed")
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs", help="run directories go to <runs-dir>/quality-<preset>/")
     p.add_argument("--results-dir", type=Path, default=REPO / "results")
     p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data",
@@ -480,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
     p.add_argument("--force-tiger", action="store_true", help="retrain the TIGER-style model even if stored")
     args = p.parse_args(argv)
+    try:
+        seeds_of = dataset_seeds(args.datasets, args.seeds, args.dataset_seeds)
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.preset == "cpu-fast" and ({"beauty", "yelp"} & set(args.datasets)):
         log.warning("Beauty/Yelp with cpu-fast take hours per seed on 2 cores; the preset is sized for ml100k and "
@@ -489,11 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"preset": args.preset, "preset_description": PRESETS[args.preset].description,
             "overrides": {d: PRESETS[args.preset].overrides(d) for d in args.datasets},
             "tiger": PRESETS[args.preset].tiger, "datasets": args.datasets, "seeds": args.seeds,
+            "dataset_seeds": seeds_of,
             "date": time.strftime("%Y-%m-%d"), "machine": _machine(),
             "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "bootstrap": {"resamples": args.resamples, "seed": 0}}
     for dataset in args.datasets:
-        for seed in args.seeds:
+        for seed in seeds_of[dataset]:
             log.info("=== %s seed %d (%s) ===", dataset, seed, args.preset)
             records.append(run_one(dataset, seed, args.preset, runs_dir=args.runs_dir, data_root=args.data_root,
                                    force_tiger=args.force_tiger))

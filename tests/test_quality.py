@@ -96,6 +96,14 @@ def _record(q, dataset, seed, rng, n_users=50):
             "compute_wall_s": 100.0}
 
 
+def test_dataset_seeds(q):
+    assert q.dataset_seeds(["ml100k", "yelp"], [0, 1, 2], ["yelp=0"]) == {"ml100k": [0, 1, 2], "yelp": [0]}
+    assert q.dataset_seeds(["beauty"], [0], ["beauty=3,4"]) == {"beauty": [3, 4]}
+    for bad in (["yelp"], ["beauty=0"], ["yelp=a"], ["yelp="], ["yelp=0", "yelp=1"]):
+        with pytest.raises(ValueError, match="--dataset-seeds"):
+            q.dataset_seeds(["ml100k", "yelp"], [0], bad)
+
+
 def test_summary_and_table_writer(q, tmp_path):
     rng = np.random.default_rng(3)
     records = [_record(q, "ml100k", s, rng) for s in (0, 1, 2)] + [_record(q, "scientific", 0, rng)]
