@@ -34,6 +34,7 @@ import quality as Q  # noqa: E402  (bench/quality.py: datasets, presets, statist
 import numpy as np  # noqa: E402
 
 from ttds_ray.artifacts import Files, atomic_write_bytes, read_json, write_json  # noqa: E402
+from ttds_ray.config import TaskWeights  # noqa: E402
 
 log = logging.getLogger("dynamic")
 
@@ -54,7 +55,7 @@ VARIANTS = {
 }
 #: The component ablation of issue 13: the default TTDS config ('fresh', the full method) with one part off;
 #: 'static' is the dynamic-off row. Run with ``--out ablation --reference fresh``.
-_TASKS_OFF = ("item2id", "id2item", "title_history", "user2items", "co_interaction", "neighbour_users", "user2profile")
+_TASKS_OFF = [t for t in TaskWeights.model_fields if t != "seqrec"]   # seqrec is the task that is evaluated
 ABLATIONS = {
     "no-user-sid": ["tasks.use_user_sid=false"],        # user IDs out of every prompt, and the tasks that need them
     **{f"no-{g}-grain": [f"tokenizer.alpha_{g}=0"] for g in ("inst", "dist", "code")},      # DM-VAE grains
@@ -259,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"dataset": args.dataset, "steps": args.steps, "preset": args.preset, "date": time.strftime("%Y-%m-%d"),
                 "machine": Q._machine(), "overrides": Q.PRESETS[args.preset].overrides(args.dataset),
                 "command": "python bench/dynamic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "n_items": records[0]["n_items"], "n_users": records[0]["n_users_evaluated"], "reference": args.reference,
-                "wall_s": round(time.time() - t0, 1)}
+                "n_items": records[0]["n_items"], "n_users": records[0]["n_users_evaluated"],
+                "reference": args.reference, "wall_s": round(time.time() - t0, 1)}
         summary = summarise(records, args.variants, reference=args.reference)
         slim = [{k: v for k, v in r.items() if k != "losses"} for r in records]
         atomic_write_bytes(stem.with_suffix(".json"), json.dumps(

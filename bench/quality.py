@@ -471,7 +471,7 @@ def dataset_seeds(datasets: list[str], seeds: list[int], specs: list[str]) -> di
     """Seeds per dataset: ``seeds`` unless a ``DATASET=S[,S...]`` spec gives that dataset its own.
 
     Raises:
-        ValueError: a malformed spec, a dataset not in ``datasets``, a repeated dataset, or no seed.
+        ValueError: a malformed spec, a dataset not in ``datasets``, a repeated dataset or seed, or no seed.
     """
     out = {d: list(seeds) for d in datasets}
     seen = set()
@@ -484,6 +484,8 @@ def dataset_seeds(datasets: list[str], seeds: list[int], specs: list[str]) -> di
             out[name] = [int(v) for v in values.split(",")]
         except ValueError:
             raise ValueError(f"--dataset-seeds {spec!r}: seeds must be integers separated by commas") from None
+        if len(set(out[name])) != len(out[name]):
+            raise ValueError(f"--dataset-seeds {spec!r}: a seed is given twice")
         seen.add(name)
     return out
 
@@ -509,8 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.preset == "cpu-fast" and ({"beauty", "yelp"} & set(args.datasets)):
-        log.warning("Beauty/Yelp with cpu-fast take hours per seed on 2 cores; the preset is sized for ml100k and "
-                    "scientific")
+        log.warning("Beauty/Yelp with cpu-fast take 30-50 min (Beauty) and about 77 min (Yelp) of stage time per "
+                    "seed on 2 shared cores (measured 2026-12-04, docs/RESULTS.md)")
     t0 = time.time()
     records = []
     meta = {"preset": args.preset, "preset_description": PRESETS[args.preset].description,

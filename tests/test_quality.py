@@ -99,7 +99,7 @@ def _record(q, dataset, seed, rng, n_users=50):
 def test_dataset_seeds(q):
     assert q.dataset_seeds(["ml100k", "yelp"], [0, 1, 2], ["yelp=0"]) == {"ml100k": [0, 1, 2], "yelp": [0]}
     assert q.dataset_seeds(["beauty"], [0], ["beauty=3,4"]) == {"beauty": [3, 4]}
-    for bad in (["yelp"], ["beauty=0"], ["yelp=a"], ["yelp="], ["yelp=0", "yelp=1"]):
+    for bad in (["yelp"], ["beauty=0"], ["yelp=a"], ["yelp="], ["yelp=0", "yelp=1"], ["yelp=1,1"]):
         with pytest.raises(ValueError, match="--dataset-seeds"):
             q.dataset_seeds(["ml100k", "yelp"], [0], bad)
 
