@@ -52,6 +52,11 @@ VARIANTS = {
     "sticky-m0.2-early1": ["dynamic.reindex=sticky", "dynamic.switch_margin=0.2", "dynamic.rounds=1",
                            "dynamic.final_freeze=0.67"],
     "fresh-early1": ["dynamic.rounds=1", "dynamic.final_freeze=0.67"],
+    # semantic-ID token rows start from the towers' code vectors (llm.sid_init=codebook), not from titles
+    "static-cb": ["dynamic.static_index=true", "llm.sid_init=codebook"],
+    "fresh-cb": ["llm.sid_init=codebook"],
+    "sticky-m0.2-early1-cb": ["dynamic.reindex=sticky", "dynamic.switch_margin=0.2", "dynamic.rounds=1",
+                              "dynamic.final_freeze=0.67", "llm.sid_init=codebook"],
 }
 #: The component ablation of issue 13: the default TTDS config ('fresh', the full method) with one part off;
 #: 'static' is the dynamic-off row. Run with ``--out ablation --reference fresh``.
@@ -90,8 +95,9 @@ def excess_loss(rec: dict, static: dict, window: int = WINDOW) -> list[float]:
 
 
 def run_variant(dataset: str, seed: int, variant: str, steps: int, *, preset: str, runs_dir: Path,
-                data_root: Path) -> dict:
-    """Train and score one variant; returns metrics on valid and test, per-user test ranks, churn, losses."""
+                data_root: Path, extra: tuple[str, ...] = ()) -> dict:
+    """Train and score one variant; returns metrics on valid and test, per-user test ranks, churn, losses.
+    ``extra``: overrides after the preset's and the variant's (``--eval-users``)."""
     from ttds_ray import baselines, pipeline
     from ttds_ray.artifacts import RunDir
     from ttds_ray.config import load_config
@@ -105,7 +111,7 @@ def run_variant(dataset: str, seed: int, variant: str, steps: int, *, preset: st
     pipeline.run(base_cfg, backend, stop_after="tokenizer")          # reused when bench/quality.py built it
     cfg = load_config(Q.REPO / ds.config, [*common, f"output_dir={runs_dir / 'dynamic'}",
                                            f"name={dataset}-s{seed}-{variant}-{steps}", f"llm.max_steps={steps}",
-                                           *VARIANTS[variant]])
+                                           *VARIANTS[variant], *extra])
     pipeline.run(cfg, backend, reuse_from=base_cfg.run_dir)
     run = RunDir(cfg.run_dir)
     test = read_json(run.require("eval") / Files.METRICS)
@@ -237,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", default="static", choices=list(VARIANTS),
                    help="the variant the others are divided by and bootstrapped against (must be in --variants)")
     p.add_argument("--out", default="dynamic", help="results file stem: <results-dir>/<out>-<dataset>-<steps>")
+    p.add_argument("--eval-users", default=None, help="users evaluated per split instead of the preset's "
+                   "eval.max_users: a number, or 'all'; only the eval stage reruns (the LLM runs are reused)")
     p.add_argument("--runs-dir", type=Path, default=Q.REPO / "runs")
     p.add_argument("--results-dir", type=Path, default=Q.REPO / "results")
     p.add_argument("--data-root", type=Path, default=Q.REPO.parent / "shared" / "data",
@@ -249,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--out must be a plain name (letters, digits, - and _), got {args.out!r}")
     if args.steps < 2:
         p.error(f"--steps must be >= 2 (a round needs steps before and after it), got {args.steps}")
+    extra = ()
+    if args.eval_users is not None:
+        if not (args.eval_users == "all" or (args.eval_users.isdigit() and int(args.eval_users) > 0)):
+            p.error(f"--eval-users must be a positive number or 'all', got {args.eval_users!r}")
+        extra = (f"eval.max_users={'null' if args.eval_users == 'all' else args.eval_users}",)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0, records = time.time(), []
     stem = args.results_dir / f"{args.out}-{args.dataset}-{args.steps}"
@@ -256,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         for v in args.variants:
             log.info("=== %s seed %d %s (%d steps) ===", args.dataset, seed, v, args.steps)
             records.append(run_variant(args.dataset, seed, v, args.steps, preset=args.preset,
-                                       runs_dir=args.runs_dir, data_root=args.data_root))
+                                       runs_dir=args.runs_dir, data_root=args.data_root, extra=extra))
         meta = {"dataset": args.dataset, "steps": args.steps, "preset": args.preset, "date": time.strftime("%Y-%m-%d"),
-                "machine": Q._machine(), "overrides": Q.PRESETS[args.preset].overrides(args.dataset),
+                "machine": Q._machine(), "overrides": [*Q.PRESETS[args.preset].overrides(args.dataset), *extra],
                 "command": "python bench/dynamic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "n_items": records[0]["n_items"], "n_users": records[0]["n_users_evaluated"],
                 "reference": args.reference, "wall_s": round(time.time() - t0, 1)}

@@ -231,6 +231,29 @@ def test_rows_are_initialised_from_titles(tok_and_vocab):
     assert torch.allclose(emb[vocab.user_token_ids[0, 1]], (t[0] + t[1]) / 2, atol=1e-6)
 
 
+def test_codebook_init_keeps_each_levels_geometry_at_the_text_rows_scale(tok_and_vocab):
+    tok, vocab, base = tok_and_vocab
+    model = llm.build_backbone(LLMConfig(**TINY, finetune="full"), base, seed=0)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    g = torch.Generator().manual_seed(1)
+    # residual levels shrink: level l's vectors are 10**-l of level 0's
+    item_books = torch.randn(LEVELS, K, 6, generator=g) * (10.0 ** -torch.arange(LEVELS))[:, None, None]
+    user_books = torch.randn(USER_LEVELS, USER_K, 5, generator=g)
+    llm.init_sid_rows_from_codebooks(model, vocab, item_books, user_books, seed=0)
+    emb = model.get_input_embeddings().weight.detach()
+    text_rms = emb[:base].pow(2).mean().sqrt()
+    for books, ids in ((item_books, vocab.item_token_ids), (user_books, vocab.user_token_ids)):
+        for l in range(books.shape[0]):
+            rows = emb[ids[l]]                                                   # (K, D)
+            assert torch.isclose(rows.pow(2).mean().sqrt(), text_rms, rtol=1e-4)
+            # the map is orthonormal up to the level's scale: pairwise distances are proportional
+            ratio = torch.cdist(rows, rows) / torch.cdist(books[l], books[l]).clamp_min(1e-12)
+            off = ~torch.eye(len(rows), dtype=torch.bool)
+            assert ratio[off].std() / ratio[off].mean() < 1e-4
+    with pytest.raises(ValueError, match="item codebooks are"):
+        llm.init_sid_rows_from_codebooks(model, vocab, item_books[:, :K - 1], user_books, seed=0)
+
+
 def test_token_alignment_loss_trains_the_sid_rows_under_lora(tok_and_vocab):
     tok, vocab, base = tok_and_vocab
     cfg = _cfg("lora")

@@ -200,3 +200,11 @@ def test_every_bench_variant_is_a_valid_config(dyn):
     assert q.tasks.weights.co_interaction == 0 and q.tasks.weights.item2id > 0
     assert load_config(REPO / "configs/quickstart.yaml", dyn.VARIANTS["no-dist-grain"]).tokenizer.alpha_dist == 0
     assert set(dyn.ABLATIONS) <= set(dyn.VARIANTS) and len(dyn.ABLATIONS) == 11
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "some", "1.5"])
+def test_dynamic_bench_refuses_a_bad_eval_user_count_before_any_work(dyn, bad, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        dyn.main(["--eval-users", bad, "--seeds", "0", "--variants", "static", "--runs-dir", str(tmp_path)])
+    assert e.value.code == 2 and "--eval-users" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -279,6 +279,10 @@ class LLMConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(20, ge=0, description="Optimiser steps of linear learning-rate warm-up.")
     max_length: int = Field(256, ge=16, description="Tokens per training sequence (truncated from the left).")
+    sid_init: Literal["title", "codebook"] = Field(
+        "title", description="Initial rows of the new semantic-ID tokens: 'title' = mean title embedding of the "
+        "items (users: of their histories) carrying the code (DESIGN §1.4); 'codebook' = the tower's code vector "
+        "e_{l,k} through a fixed orthonormal map, scaled to the text rows' RMS (docs/DESIGN-NOTES.md).")
     alpha_tok: float = Field(0.0, ge=0, description="Token-grain alignment weight (DESIGN §1.2): pulls the sum "
                              "of an item's semantic-token input embeddings toward the LLM embedding of its "
                              "title; 0 = off.")

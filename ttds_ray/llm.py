@@ -219,6 +219,64 @@ def init_sid_rows(model: nn.Module, tok, vocab: SIDVocab, item_codes: np.ndarray
         out.weight[vocab.new_token_ids] = emb[vocab.new_token_ids]
 
 
+def codebook_rows(codebooks: torch.Tensor, dim: int, rms: float, *, seed: int) -> torch.Tensor:
+    """Token rows that carry a tower's codebook geometry: each level's code vectors mapped by one fixed,
+    seeded map with orthonormal columns (distances and angles kept exactly when ``dim >= d_z``) and scaled
+    so the level's rows have root-mean-square ``rms`` per element (the residual levels shrink level by
+    level; unscaled, the deeper levels' tokens would be near zero).
+
+    Args:
+        codebooks: float ``(L, K, d_z)`` residual-quantizer codebooks (``Tower.rq.codebooks``).
+        dim: the LLM's embedding size D.
+        rms: target per-element root mean square of the rows (the text rows' own, typically).
+
+    Returns:
+        float32 ``(L, K, D)``.
+
+    Raises:
+        ValueError: codebooks not 3-d, ``dim < 1`` or ``rms <= 0``.
+    """
+    if codebooks.dim() != 3 or dim < 1 or not rms > 0:
+        raise ValueError(f"need (L, K, d_z) codebooks, dim >= 1 and rms > 0; got {tuple(codebooks.shape)}, "
+                         f"{dim}, {rms}")
+    d_z = codebooks.shape[-1]
+    g = torch.Generator().manual_seed(int(seed))
+    q, _ = torch.linalg.qr(torch.randn(max(dim, d_z), min(dim, d_z), generator=g))   # orthonormal columns
+    proj = q if dim >= d_z else q.T                                                  # (D, d_z)
+    rows = codebooks.detach().float().cpu() @ proj.T                                 # (L, K, D)
+    level_rms = rows.pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-12)
+    return rows * (rms / level_rms)
+
+
+@torch.no_grad()
+def init_sid_rows_from_codebooks(model: nn.Module, vocab: SIDVocab, item_codebooks: torch.Tensor,
+                                 user_codebooks: torch.Tensor, *, seed: int) -> None:
+    """``llm.sid_init=codebook``: initialise item token (l, k) from the item tower's code vector e_{l,k} and
+    user token (l, k) from the user tower's, through :func:`codebook_rows` (issue-13 direction: a code's
+    token starts with the meaning the tokenizer gave the code, fused semantic + collaborative; the title
+    init of :func:`init_sid_rows` carries the text only, and for the randomly initialised 'tiny' backbone
+    its title rows are noise). Rows are scaled to the per-element RMS of the existing (text) rows.
+
+    Args:
+        item_codebooks: ``(L, K, d_z)`` of the item tower; user_codebooks: ``(L_u, K_u, d_u)``.
+
+    Raises:
+        ValueError: a codebook's (levels, codes) is not the vocabulary's.
+    """
+    emb = model.get_input_embeddings().weight                                      # (V, D)
+    text_rms = float(emb[:min(vocab.new_token_ids)].pow(2).mean().sqrt())
+    for name, books, ids in (("item", item_codebooks, vocab.item_token_ids),
+                             ("user", user_codebooks, vocab.user_token_ids)):
+        if tuple(books.shape[:2]) != tuple(ids.shape):
+            raise ValueError(f"{name} codebooks are {tuple(books.shape[:2])} (levels, codes), the vocabulary "
+                             f"has {tuple(ids.shape)}")
+        rows = codebook_rows(books, emb.shape[1], text_rms, seed=seed + (name == "user"))
+        emb[ids.flatten()] = rows.reshape(-1, emb.shape[1]).to(emb)
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != emb.data_ptr():
+        out.weight[vocab.new_token_ids] = emb[vocab.new_token_ids]
+
+
 def wrap_for_training(model: nn.Module, cfg: LLMConfig, new_token_ids: list[int]) -> nn.Module:
     """Make the right parameters trainable.
 

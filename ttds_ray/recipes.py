@@ -172,7 +172,7 @@ def task_context(cfg: TTDSConfig, run: RunDir, tok) -> tasks.TaskContext:
 
 
 def build_recommender_lm(cfg: TTDSConfig, run: RunDir):
-    """Backbone + tokenizer with semantic-ID tokens, rows initialised from item titles, wrapped for training.
+    """Backbone + tokenizer with semantic-ID tokens, rows initialised per ``llm.sid_init``, wrapped for training.
 
     Returns:
         ``(model, tokenizer, vocab, base_vocab_size)``; the model is on the CPU.
@@ -184,8 +184,13 @@ def build_recommender_lm(cfg: TTDSConfig, run: RunDir):
     model = llm.build_backbone(cfg.llm, base_vocab, seed=cfg.seed)
     vocab = llm.add_sid_tokens(tok, item_t.n_levels, item_t.codebook_size, user_t.n_levels, user_t.codebook_size)
     model.resize_token_embeddings(len(tok), mean_resizing=False)
-    llm.init_sid_rows(model, tok, vocab, item_t.codes, prepared.items["title"].tolist(), user_t.codes,
-                      [s.tolist() for s in splits.train_items])
+    if cfg.llm.sid_init == "codebook":
+        d = run.require("tokenizer")
+        books = [towers.load_tower(d / f).rq.codebooks.detach() for f in (Files.ITEM_TOWER, Files.USER_TOWER)]
+        llm.init_sid_rows_from_codebooks(model, vocab, *books, seed=cfg.seed)
+    else:
+        llm.init_sid_rows(model, tok, vocab, item_t.codes, prepared.items["title"].tolist(), user_t.codes,
+                          [s.tolist() for s in splits.train_items])
     model = llm.wrap_for_training(model, cfg.llm, vocab.new_token_ids)
     return model, tok, vocab, base_vocab
 
