@@ -135,11 +135,58 @@ def run_variant(dataset: str, seed: int, variant: str, steps: int, *, preset: st
             "test": test["models"]["TTDS"], "valid": valid["models"]["TTDS"],
             "sasrec_test": test["models"]["SASRec"], "sasrec_valid": valid["models"]["SASRec"],
             "ranks": np.asarray(ranks).tolist(), "sasrec_ranks": np.asarray(scored["SASRec"]).tolist(),
+            "users": np.asarray(users).tolist(),
             "changed_per_round": [r["changed"] for r in rounds],
             "changed_per_level": [r.get("changed_per_level") for r in rounds],
             "round_steps": [r["step"] for r in rounds], "loss_jumps": loss_jumps(losses, rounds),
             "final_loss": float(np.mean(losses[-WINDOW:])), "losses": losses, "wall_s": walls,
             "n_items": test["n_items"], "n_users_evaluated": test["n_users_evaluated"]}
+
+
+def sasrec_budget(dataset: str, seed: int, epochs: list[int], *, preset: str, runs_dir: Path, data_root: Path,
+                  extra: tuple[str, ...] = ()) -> dict:
+    """SASRec given more training (``cf.epochs`` in ``epochs``), the epoch count chosen on the validation split
+    (NDCG@10, first best): the comparator of issue 13's goal 2 when TTDS's stages take longer than the preset's
+    SASRec. Each count is its own run (data and embeddings reused from the quality run), scored on the same
+    seeded users as the variants. Returns ``{"epochs", "per_epochs", "valid", "test", "users", "ranks",
+    "wall_s"}``: the chosen run's metrics, users, test ranks and cf-stage wall, and every count's valid
+    NDCG@10 and wall."""
+    from ttds_ray import baselines, metrics, pipeline
+    from ttds_ray.artifacts import RunDir
+    from ttds_ray.config import load_config
+
+    ds, pre = Q.DATASETS[dataset], Q.PRESETS[preset]
+    common = [f"seed={seed}", f"data.path={ds.data_path(data_root)}", *pre.overrides(dataset), *extra]
+    base = load_config(Q.REPO / ds.config, [*common, f"output_dir={runs_dir / f'quality-{preset}'}",
+                                            f"name={dataset}-s{seed}-ttds"])
+    tried = []
+    for e in epochs:
+        cfg = load_config(Q.REPO / ds.config, [*common, f"output_dir={runs_dir / 'sasrec-budget'}",
+                                               f"name={dataset}-s{seed}-cf{e}", f"cf.epochs={e}"])
+        pipeline.run(cfg, pipeline.LocalBackend(), stop_after="cf", reuse_from=base.run_dir)
+        run = RunDir(cfg.run_dir)
+        ranks = {split: baselines.score_baseline_ranks(cfg, run, split) for split in ("valid", "test")}
+        m = {split: metrics.hr_ndcg(r["SASRec"], cfg.eval.ks) for split, r in ranks.items()}
+        tried.append({"epochs": e, "valid": m["valid"], "test": m["test"], "users": ranks["test"]["user_idx"],
+                      "ranks": ranks["test"]["SASRec"], "wall_s": run.manifest("cf").get("wall_s")})
+    best = max(tried, key=lambda t: t["valid"]["NDCG@10"])          # max keeps the first of equals
+    return {"epochs": best["epochs"], "valid": best["valid"], "test": best["test"], "users": best["users"],
+            "ranks": np.asarray(best["ranks"]).tolist(), "wall_s": best["wall_s"],
+            "per_epochs": {t["epochs"]: {"valid_ndcg@10": t["valid"]["NDCG@10"], "wall_s": t["wall_s"]}
+                           for t in tried}}
+
+
+def use_sasrec(record: dict, tuned: dict) -> dict:
+    """``record`` with its SASRec fields (metrics and per-user test ranks) replaced by ``tuned``'s
+    (:func:`sasrec_budget`), after checking that both ranked the same users.
+
+    Raises:
+        RuntimeError: the two were evaluated on different users.
+    """
+    if list(map(int, tuned["users"])) != list(map(int, record["users"])):
+        raise RuntimeError(f"{record['variant']} seed {record['seed']}: SASRec-budget runs ranked other users")
+    return {**record, "sasrec_test": tuned["test"], "sasrec_valid": tuned["valid"], "sasrec_ranks": tuned["ranks"],
+            "sasrec_epochs": tuned["epochs"]}
 
 
 def summarise(records: list[dict], variants: list[str], n_resamples: int = 1000, reference: str = "static") -> dict:
@@ -186,6 +233,10 @@ def render(summary: dict, meta: dict) -> str:
              f"({', '.join(meta['overrides'])}) with `llm.max_steps={meta['steps']}`; {meta['n_items']} items, "
              f"{meta['n_users']} users evaluated per seed on each split. Cells: mean over seeds "
              "[95 % t-interval]. Select on valid; test is reported once per configuration.", ""]
+    if isinstance(meta.get("sasrec"), dict):
+        chosen = "; ".join(f"seed {s}: {t['epochs']} epochs ({t['wall_s']:.0f} s)" for s, t in meta["sasrec"].items())
+        tried = sorted({int(e) for t in meta["sasrec"].values() for e in t["per_epochs"]})
+        lines += [f"SASRec: `cf.epochs` chosen per seed on validation NDCG@10 from {tried}: {chosen}.", ""]
     for split in ("valid", "test"):
         lines += [f"## {split}", "", "| variant | seeds | " + " | ".join(Q.METRICS) + " |",
                   "|---|---|" + "---|" * len(Q.METRICS)]
@@ -245,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="dynamic", help="results file stem: <results-dir>/<out>-<dataset>-<steps>")
     p.add_argument("--eval-users", default=None, help="users evaluated per split instead of the preset's "
                    "eval.max_users: a number, or 'all'; only the eval stage reruns (the LLM runs are reused)")
+    p.add_argument("--sasrec-epochs", nargs="+", type=int, default=None,
+                   help="compare with SASRec trained for each of these cf.epochs, the count chosen per seed on "
+                        "validation NDCG@10 (more SASRec training for a same-wall comparison), instead of the "
+                        "preset's SASRec")
     p.add_argument("--runs-dir", type=Path, default=Q.REPO / "runs")
     p.add_argument("--results-dir", type=Path, default=Q.REPO / "results")
     p.add_argument("--data-root", type=Path, default=Q.REPO.parent / "shared" / "data",
@@ -262,19 +317,27 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.eval_users == "all" or (args.eval_users.isdigit() and int(args.eval_users) > 0)):
             p.error(f"--eval-users must be a positive number or 'all', got {args.eval_users!r}")
         extra = (f"eval.max_users={'null' if args.eval_users == 'all' else args.eval_users}",)
+    if args.sasrec_epochs is not None and min(args.sasrec_epochs) < 1:
+        p.error(f"--sasrec-epochs must be positive, got {args.sasrec_epochs}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    t0, records = time.time(), []
+    t0, records, tuned = time.time(), [], {}
     stem = args.results_dir / f"{args.out}-{args.dataset}-{args.steps}"
     for seed in args.seeds:                          # seed-major: a partial table after each seed has every variant
         for v in args.variants:
             log.info("=== %s seed %d %s (%d steps) ===", args.dataset, seed, v, args.steps)
             records.append(run_variant(args.dataset, seed, v, args.steps, preset=args.preset,
                                        runs_dir=args.runs_dir, data_root=args.data_root, extra=extra))
+        if args.sasrec_epochs:
+            tuned[seed] = sasrec_budget(args.dataset, seed, args.sasrec_epochs, preset=args.preset,
+                                        runs_dir=args.runs_dir, data_root=args.data_root, extra=extra)
+            records = [use_sasrec(r, tuned[r["seed"]]) if r["seed"] == seed else r for r in records]
         meta = {"dataset": args.dataset, "steps": args.steps, "preset": args.preset, "date": time.strftime("%Y-%m-%d"),
                 "machine": Q._machine(), "overrides": [*Q.PRESETS[args.preset].overrides(args.dataset), *extra],
                 "command": "python bench/dynamic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "n_items": records[0]["n_items"], "n_users": records[0]["n_users_evaluated"],
-                "reference": args.reference, "wall_s": round(time.time() - t0, 1)}
+                "reference": args.reference, "wall_s": round(time.time() - t0, 1),
+                "sasrec": ({str(s): {k: t[k] for k in ("epochs", "wall_s", "per_epochs")} for s, t in tuned.items()}
+                           if tuned else "the preset's cf stage")}
         summary = summarise(records, args.variants, reference=args.reference)
         slim = [{k: v for k, v in r.items() if k != "losses"} for r in records]
         atomic_write_bytes(stem.with_suffix(".json"), json.dumps(

@@ -208,3 +208,19 @@ def test_dynamic_bench_refuses_a_bad_eval_user_count_before_any_work(dyn, bad, c
         dyn.main(["--eval-users", bad, "--seeds", "0", "--variants", "static", "--runs-dir", str(tmp_path)])
     assert e.value.code == 2 and "--eval-users" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_dynamic_bench_compares_with_the_tuned_sasrec_on_the_same_users(dyn):
+    """``--sasrec-epochs``: the SASRec chosen on validation replaces the preset's in every comparison, and a
+    SASRec run that ranked other users is refused."""
+    rec = {**_dyn_record("static", 0, [3.0] * 5, [], [1, 0, 3]), "users": [4, 7, 9]}
+    better = {m: 0.3 for m in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")}
+    on_valid = {m: 0.2 for m in better}
+    tuned = {"epochs": 50, "users": np.array([4, 7, 9]), "test": better, "valid": on_valid, "ranks": [2, 2, 2]}
+    out = dyn.use_sasrec(rec, tuned)
+    assert out["sasrec_ranks"] == [2, 2, 2] and out["sasrec_test"] is better and out["sasrec_epochs"] == 50
+    assert rec["sasrec_ranks"] == [1, 1, 1] and "sasrec_epochs" not in rec          # the input is not modified
+    row = dyn.summarise([out], ["static"], n_resamples=200)["static"]
+    assert row["sasrec_test"]["NDCG@10"] == pytest.approx(0.3) and row["vs_SASRec"]["diff"] < 0
+    with pytest.raises(RuntimeError, match="other users"):
+        dyn.use_sasrec(rec, {**tuned, "users": np.array([4, 7, 8])})
