@@ -227,7 +227,8 @@ def summarise(records: list[dict], variants: list[str], n_resamples: int = 1000,
 
 def render(summary: dict, meta: dict) -> str:
     ref = meta.get("reference", "static")
-    title = "Dynamic indexing variants" if ref == "static" else f"Component ablation (reference: {ref})"
+    title = (f"Component ablation (reference: {ref})" if set(summary) & set(ABLATIONS)
+             else f"Dynamic indexing variants (reference: {ref})")
     lines = [f"# {title}: {meta['dataset']}, {meta['steps']} LLM steps", "",
              f"Measured {meta['date']} on {meta['machine']}; `{meta['command']}`. Preset `{meta['preset']}` "
              f"({', '.join(meta['overrides'])}) with `llm.max_steps={meta['steps']}`; {meta['n_items']} items, "
