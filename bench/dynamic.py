@@ -38,10 +38,15 @@ from ttds_ray.config import TaskWeights  # noqa: E402
 
 log = logging.getLogger("dynamic")
 
+_STRONG_GUIDANCE = ["dynamic.guide_samples=2048", "dynamic.tokenizer_epochs=5", "dynamic.gamma_kl=1.0",
+                    "dynamic.gamma_nce=1.0"]
 #: Variants as overrides of the TTDS config of the quality preset.
 VARIANTS = {
     "static": ["dynamic.static_index=true"],
     "fresh": [],                                                   # the default re-indexing
+    # DESIGN §1.4's title init of the semantic-ID rows, whatever the config's llm.sid_init
+    "static-title": ["dynamic.static_index=true", "llm.sid_init=title"],
+    "fresh-title": ["llm.sid_init=title"],
     "sticky": ["dynamic.reindex=sticky"],
     "sticky-m0.2": ["dynamic.reindex=sticky", "dynamic.switch_margin=0.2"],
     "sticky-m0.5": ["dynamic.reindex=sticky", "dynamic.switch_margin=0.5"],
@@ -57,6 +62,10 @@ VARIANTS = {
     "fresh-cb": ["llm.sid_init=codebook"],
     "sticky-m0.2-early1-cb": ["dynamic.reindex=sticky", "dynamic.switch_margin=0.2", "dynamic.rounds=1",
                               "dynamic.final_freeze=0.67", "llm.sid_init=codebook"],
+    # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights
+    "fresh-cb-g10": ["llm.sid_init=codebook", *_STRONG_GUIDANCE],
+    "sticky-m0.2-early1-cb-g10": ["dynamic.reindex=sticky", "dynamic.switch_margin=0.2", "dynamic.rounds=1",
+                                  "dynamic.final_freeze=0.67", "llm.sid_init=codebook", *_STRONG_GUIDANCE],
 }
 #: The component ablation of issue 13: the default TTDS config ('fresh', the full method) with one part off;
 #: 'static' is the dynamic-off row. Run with ``--out ablation --reference fresh``.
@@ -297,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="dynamic", help="results file stem: <results-dir>/<out>-<dataset>-<steps>")
     p.add_argument("--eval-users", default=None, help="users evaluated per split instead of the preset's "
                    "eval.max_users: a number, or 'all'; only the eval stage reruns (the LLM runs are reused)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every run after the preset's and the variant's (e.g. "
+                        "llm.sid_init=title to rerun a study measured before that default changed)")
     p.add_argument("--sasrec-epochs", nargs="+", type=int, default=None,
                    help="compare with SASRec trained for each of these cf.epochs, the count chosen per seed on "
                         "validation NDCG@10 (more SASRec training for a same-wall comparison), instead of the "
@@ -318,6 +330,17 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.eval_users == "all" or (args.eval_users.isdigit() and int(args.eval_users) > 0)):
             p.error(f"--eval-users must be a positive number or 'all', got {args.eval_users!r}")
         extra = (f"eval.max_users={'null' if args.eval_users == 'all' else args.eval_users}",)
+    bad = [kv for kv in args.set if "=" not in kv or not kv.split("=", 1)[0]]
+    if bad:
+        p.error(f"--set takes KEY=VALUE, got {bad}")
+    extra = (*extra, *args.set)
+    if args.set:                                     # a wrong key or value is an error before any run
+        from ttds_ray.config import load_config
+        from ttds_ray.errors import ConfigError
+        try:
+            load_config(Q.REPO / Q.DATASETS[args.dataset].config, list(extra))
+        except ConfigError as e:                     # its message names the key
+            p.error(f"--set: {e}")
     if args.sasrec_epochs is not None and min(args.sasrec_epochs) < 1:
         p.error(f"--sasrec-epochs must be positive, got {args.sasrec_epochs}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

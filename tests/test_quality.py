@@ -224,3 +224,12 @@ def test_dynamic_bench_compares_with_the_tuned_sasrec_on_the_same_users(dyn):
     assert row["sasrec_test"]["NDCG@10"] == pytest.approx(0.3) and row["vs_SASRec"]["diff"] < 0
     with pytest.raises(RuntimeError, match="other users"):
         dyn.use_sasrec(rec, {**tuned, "users": np.array([4, 7, 8])})
+
+
+@pytest.mark.parametrize("bad, says", [("llm.sid_init", "KEY=VALUE"), ("llm.no_such_key=1", "no_such_key"),
+                                       ("llm.sid_init=random", "sid_init")])
+def test_dynamic_bench_set_is_checked_before_any_work(dyn, bad, says, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        dyn.main(["--set", bad, "--seeds", "0", "--variants", "static", "--runs-dir", str(tmp_path)])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
