@@ -173,7 +173,7 @@ def test_a_saved_config_reads_back_the_same_strings(tmp_path, name):
     assert load_config(run.root / Files.CONFIG).name == name
 
 
-def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_keeps_the_old_stage_hash(tmp_path):
+def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_old_stage_hash(tmp_path):
     p = _write(tmp_path, "data: {path: x}\n")
     with pytest.raises(ConfigError, match="dynamic.switch_margin"):
         load_config(p, ["dynamic.switch_margin=0.1"])
@@ -185,8 +185,11 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_keeps_the_old_stage_h
     assert sticky.stage_hash("llm") != base.stage_hash("llm") and sticky.stage_hash("tokenizer") == base.stage_hash("tokenizer")
     d = base.to_dict()
     d["dynamic"] = {k: v for k, v in d["dynamic"].items() if k not in ("reindex", "switch_margin", "max_changed")}
+    d["llm"] = {k: v for k, v in d["llm"].items() if k != "sid_init"}
     keys = ["seed", "data", "embeddings", "cf", "tokenizer", "llm", "tasks", "dynamic"]
     if d["embeddings"]["text_encoder"] != "llm":
         d["embeddings"] = {k: v for k, v in d["embeddings"].items() if not k.startswith("llm_")}
     legacy = hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
     assert base.stage_hash("llm") == legacy                        # runs made before the new keys are still reused
+    cb = load_config(p, ["llm.sid_init=codebook"])
+    assert cb.stage_hash("llm") != base.stage_hash("llm") and cb.stage_hash("tokenizer") == base.stage_hash("tokenizer")

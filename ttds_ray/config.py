@@ -475,6 +475,8 @@ class TTDSConfig(_Section):
             d["embeddings"] = {k: v for k, v in d["embeddings"].items() if not k.startswith("llm_")}
         if d["dynamic"]["reindex"] == "fresh":          # runs from before sticky re-indexing keep their hash
             d["dynamic"] = {k: v for k, v in d["dynamic"].items() if k not in ("reindex", "switch_margin", "max_changed")}
+        if d["llm"]["sid_init"] == "title":             # ... and runs from before llm.sid_init
+            d["llm"] = {k: v for k, v in d["llm"].items() if k != "sid_init"}
         keys = ["seed"] + [k for s in STAGE_SECTIONS[:STAGE_SECTIONS_ORDER.index(stage) + 1] for k in s]
         return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
 
