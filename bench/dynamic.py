@@ -11,6 +11,10 @@ and the variant's overrides, and is scored on the validation split (selection) a
 (reported once), on the same seeded users (``eval.max_users`` of the preset). Everything runs in this
 process on ``pipeline.LocalBackend``; a rerun reuses finished stages.
 
+``--eval-users N|all`` evaluates more users than the preset (only the eval stage reruns); ``--sasrec-epochs E ...``
+compares with SASRec trained for each epoch count, the count chosen per seed on validation (issue 13's
+same-wall-budget comparator); ``--set KEY=VALUE ...`` overrides every run's config (checked before any work).
+
 The second form is the component ablation (``ABLATIONS``: the full method with one part off, each against
 the full method). Writes ``<results-dir>/<out>-<dataset>-<steps>.json`` and ``.md`` (``--out``, default
 ``dynamic``): per variant HR@1/5/10, NDCG@5/10 on valid and test as mean over seeds with a 95 % t-interval,
