@@ -107,6 +107,18 @@ def excess_loss(rec: dict, static: dict, window: int = WINDOW) -> list[float]:
             if s + window <= min(len(a), len(b))]
 
 
+def quality_run(dataset: str, seed: int, *, preset: str, runs_dir: Path, data_root: Path):
+    """``(config file, common overrides, config of bench/quality.py's TTDS run)`` of a dataset and seed: the run
+    whose data, embeddings, SASRec and tokenizer stages every variant and SASRec-budget run reuses."""
+    from ttds_ray.config import load_config
+
+    ds, pre = Q.DATASETS[dataset], Q.PRESETS[preset]
+    common = [f"seed={seed}", f"data.path={ds.data_path(data_root)}", *pre.overrides(dataset)]
+    base = load_config(Q.REPO / ds.config, [*common, f"output_dir={runs_dir / f'quality-{preset}'}",
+                                            f"name={dataset}-s{seed}-ttds"])
+    return Q.REPO / ds.config, common, base
+
+
 def run_variant(dataset: str, seed: int, variant: str, steps: int, *, preset: str, runs_dir: Path,
                 data_root: Path, extra: tuple[str, ...] = ()) -> dict:
     """Train and score one variant; returns metrics on valid and test, per-user test ranks, churn, losses.
@@ -116,13 +128,10 @@ def run_variant(dataset: str, seed: int, variant: str, steps: int, *, preset: st
     from ttds_ray.config import load_config
     from ttds_ray.evaluate import evaluate_split
 
-    ds, pre = Q.DATASETS[dataset], Q.PRESETS[preset]
-    common = [f"seed={seed}", f"data.path={ds.data_path(data_root)}", *pre.overrides(dataset)]
-    base_cfg = load_config(Q.REPO / ds.config, [*common, f"output_dir={runs_dir / f'quality-{preset}'}",
-                                                f"name={dataset}-s{seed}-ttds"])
+    config_file, common, base_cfg = quality_run(dataset, seed, preset=preset, runs_dir=runs_dir, data_root=data_root)
     backend = pipeline.LocalBackend()
     pipeline.run(base_cfg, backend, stop_after="tokenizer")          # reused when bench/quality.py built it
-    cfg = load_config(Q.REPO / ds.config, [*common, f"output_dir={runs_dir / 'dynamic'}",
+    cfg = load_config(config_file, [*common, f"output_dir={runs_dir / 'dynamic'}",
                                            f"name={dataset}-s{seed}-{variant}-{steps}", f"llm.max_steps={steps}",
                                            *VARIANTS[variant], *extra])
     pipeline.run(cfg, backend, reuse_from=base_cfg.run_dir)
@@ -168,14 +177,11 @@ def sasrec_budget(dataset: str, seed: int, epochs: list[int], *, preset: str, ru
     from ttds_ray.artifacts import RunDir
     from ttds_ray.config import load_config
 
-    ds, pre = Q.DATASETS[dataset], Q.PRESETS[preset]
-    common = [f"seed={seed}", f"data.path={ds.data_path(data_root)}", *pre.overrides(dataset), *extra]
-    base = load_config(Q.REPO / ds.config, [*common, f"output_dir={runs_dir / f'quality-{preset}'}",
-                                            f"name={dataset}-s{seed}-ttds"])
+    config_file, common, base = quality_run(dataset, seed, preset=preset, runs_dir=runs_dir, data_root=data_root)
     tried = []
     for e in epochs:
-        cfg = load_config(Q.REPO / ds.config, [*common, f"output_dir={runs_dir / 'sasrec-budget'}",
-                                               f"name={dataset}-s{seed}-cf{e}", f"cf.epochs={e}"])
+        cfg = load_config(config_file, [*common, *extra, f"output_dir={runs_dir / 'sasrec-budget'}",
+                                        f"name={dataset}-s{seed}-cf{e}", f"cf.epochs={e}"])
         pipeline.run(cfg, pipeline.LocalBackend(), stop_after="cf", reuse_from=base.run_dir)
         run = RunDir(cfg.run_dir)
         ranks = {split: baselines.score_baseline_ranks(cfg, run, split) for split in ("valid", "test")}
