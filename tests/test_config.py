@@ -179,12 +179,16 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
         load_config(p, ["dynamic.switch_margin=0.1"])
     with pytest.raises(ConfigError, match="dynamic.max_changed"):
         load_config(p, ["dynamic.max_changed=0.5"])
+    for key in ("dynamic.accept_contexts=4", "dynamic.accept_margin=0.1"):      # the likelihood gate's keys
+        with pytest.raises(ConfigError, match=key.split("=")[0]):
+            load_config(p, [key])
     base = load_config(p)
     sticky = load_config(p, ["dynamic.reindex=sticky", "dynamic.switch_margin=0.1"])
     assert sticky.dynamic.switch_margin == 0.1
     assert sticky.stage_hash("llm") != base.stage_hash("llm") and sticky.stage_hash("tokenizer") == base.stage_hash("tokenizer")
     d = base.to_dict()
-    d["dynamic"] = {k: v for k, v in d["dynamic"].items() if k not in ("reindex", "switch_margin", "max_changed")}
+    d["dynamic"] = {k: v for k, v in d["dynamic"].items() if k not in ("reindex", "switch_margin", "max_changed",
+                                                                      "accept", "accept_contexts", "accept_margin")}
     d["llm"] = {k: v for k, v in d["llm"].items() if k != "sid_init"}
     keys = ["seed", "data", "embeddings", "cf", "tokenizer", "llm", "tasks", "dynamic"]
     if d["embeddings"]["text_encoder"] != "llm":
@@ -193,3 +197,5 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
     assert base.stage_hash("llm") == legacy                        # runs made before the new keys are still reused
     cb = load_config(p, ["llm.sid_init=codebook"])
     assert cb.stage_hash("llm") != base.stage_hash("llm") and cb.stage_hash("tokenizer") == base.stage_hash("tokenizer")
+    gated = load_config(p, ["dynamic.accept=llm", "dynamic.accept_margin=0.1"])
+    assert gated.stage_hash("llm") != base.stage_hash("llm") and gated.stage_hash("tokenizer") == base.stage_hash("tokenizer")

@@ -314,14 +314,24 @@ class DynamicConfig(_Section):
                                  "code's squared residual distance < (1 - margin) x the old code's.")
     max_changed: float = Field(1.0, gt=0, le=1, description="reindex=sticky: cap on the share of items whose "
                                "ID changes in one round.")
+    accept: Literal["all", "llm"] = Field(
+        "all", description="Which of the round's proposed moves are made: 'all' = every item whose ID the "
+        "re-index changed; 'llm' = only items whose new ID the frozen LLM finds more likely than the old one, by "
+        "dynamic.accept_margin nats, averaged over dynamic.accept_contexts training contexts where the item is "
+        "the next item (docs/DESIGN-NOTES.md, 'Likelihood-gated re-indexing').")
+    accept_contexts: int = Field(8, ge=1, le=1000, description="accept=llm: training contexts (history -> "
+                                 "this item) scored per moving item.")
+    accept_margin: float = Field(0.0, ge=0, description="accept=llm: a move is made only if the mean log-"
+                                 "likelihood gain of the new ID over the old one exceeds this (nats).")
 
     @model_validator(mode="after")
     def _check_reindex(self) -> "DynamicConfig":
-        if self.reindex == "fresh":
-            for key, default in (("switch_margin", 0.0), ("max_changed", 1.0)):
-                if getattr(self, key) != default:
-                    raise ValueError(f"dynamic.{key} applies to dynamic.reindex=sticky only; set "
-                                     f"dynamic.reindex=sticky or leave dynamic.{key} at {default}")
+        for switch, on, keys in (("reindex", "sticky", (("switch_margin", 0.0), ("max_changed", 1.0))),
+                                 ("accept", "llm", (("accept_contexts", 8), ("accept_margin", 0.0)))):
+            for key, default in keys:
+                if getattr(self, switch) != on and getattr(self, key) != default:
+                    raise ValueError(f"dynamic.{key} applies to dynamic.{switch}={on} only; set "
+                                     f"dynamic.{switch}={on} or leave dynamic.{key} at {default}")
         return self
 
     @property
@@ -475,6 +485,8 @@ class TTDSConfig(_Section):
             d["embeddings"] = {k: v for k, v in d["embeddings"].items() if not k.startswith("llm_")}
         if d["dynamic"]["reindex"] == "fresh":          # runs from before sticky re-indexing keep their hash
             d["dynamic"] = {k: v for k, v in d["dynamic"].items() if k not in ("reindex", "switch_margin", "max_changed")}
+        if d["dynamic"]["accept"] == "all":             # ... and runs from before the likelihood gate
+            d["dynamic"] = {k: v for k, v in d["dynamic"].items() if not k.startswith("accept")}
         if d["llm"]["sid_init"] == "title":             # ... and runs from before llm.sid_init
             d["llm"] = {k: v for k, v in d["llm"].items() if k != "sid_init"}
         keys = ["seed"] + [k for s in STAGE_SECTIONS[:STAGE_SECTIONS_ORDER.index(stage) + 1] for k in s]

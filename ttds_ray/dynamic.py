@@ -6,12 +6,14 @@ and level-1 item-token distribution at the position that predicts the target's f
 (2) the item tower is refined with its own loss plus the two recommender-guided terms
 (towers.refine_item_tower); (3) items are re-indexed (unique IDs as in §1.3, or with a switching cost
 and a cap when ``dynamic.reindex=sticky``: towers.sticky_item_sids) and the number of items whose ID
-changed is counted. The LLM segments between rounds are trained by the caller.
+changed is counted; with ``dynamic.accept=llm`` (4) only the moves the frozen LLM itself finds more likely are
+made (:func:`likelihood_gate`). The LLM segments between rounds are trained by the caller.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -59,6 +61,139 @@ def guidance_prompts(train_seqs: list[list[int]], n: int, *, max_history: int, s
     return pick.astype(np.int64), hist, np.asarray(tgt, dtype=np.int64)
 
 
+def target_contexts(train_seqs: list[list[int]], items: np.ndarray, per_item: int, *, max_history: int, seed: int
+                    ) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """Up to ``per_item`` training contexts of each item: (user, position j >= 1) with the item at j, drawn
+    uniformly without replacement (seeded) from all its occurrences in the training split.
+
+    Args:
+        train_seqs: U lists of training item_idx (chronological).
+        items: int ``(n,)`` item_idx to find contexts for.
+
+    Returns:
+        ``(item_pos (R,), user_rows (R,), histories (R lists, the <= max_history items before the target))``:
+        ``item_pos`` indexes ``items``; items never seen after a first interaction get no row.
+
+    Raises:
+        ValueError: ``per_item`` or ``max_history`` < 1.
+    """
+    if per_item < 1 or max_history < 1:
+        raise ValueError(f"per_item and max_history must be >= 1; got {per_item}, {max_history}")
+    where = {int(i): k for k, i in enumerate(np.asarray(items).tolist())}
+    occ: list[list[tuple[int, int]]] = [[] for _ in where]
+    for u, s in enumerate(train_seqs):
+        for j in range(1, len(s)):
+            k = where.get(int(s[j]))
+            if k is not None:
+                occ[k].append((u, j))
+    rng = np.random.default_rng(seed)
+    pos, users, hist = [], [], []
+    for k, o in enumerate(occ):
+        for t in (rng.choice(len(o), size=per_item, replace=False) if len(o) > per_item else range(len(o))):
+            u, j = o[int(t)]
+            pos.append(k)
+            users.append(u)
+            hist.append(list(train_seqs[u][max(0, j - max_history):j]))
+    return np.asarray(pos, dtype=np.int64), np.asarray(users, dtype=np.int64), hist
+
+
+def accept_moves(old: np.ndarray, proposed: np.ndarray, accepted: np.ndarray) -> tuple[np.ndarray, int]:
+    """Apply only the accepted moves of a re-index and keep the ID table unique.
+
+    An accepted item takes its proposed ID, every other item keeps its old one. A proposed ID can still be held
+    by an item whose own move was not accepted (IDs swap and chain in a fresh re-index); such an accepted item
+    is reverted too, repeatedly, until the table is unique (it terminates: each pass reverts at least one item,
+    and with no accepted move the table is ``old``).
+
+    Args:
+        old / proposed: int ``(N, L)`` unique ID tables before and after the round.
+        accepted: bool ``(N,)``; rows where ``old == proposed`` are moves of nothing and may be either.
+
+    Returns:
+        ``(codes (N, L) unique, reverted)``: ``reverted`` = accepted movers put back to their old ID.
+
+    Raises:
+        ValueError: shapes differ or either table repeats an ID.
+    """
+    old, proposed = np.asarray(old, dtype=np.int64), np.asarray(proposed, dtype=np.int64)
+    if old.shape != proposed.shape or old.ndim != 2 or np.shape(accepted) != (len(old),):
+        raise ValueError(f"old {old.shape}, proposed {proposed.shape} and accepted {np.shape(accepted)} do not match")
+    for name, t in (("old", old), ("proposed", proposed)):
+        if len(np.unique(t, axis=0)) != len(t):
+            raise ValueError(f"the {name} ID table repeats a semantic ID")
+    live = np.asarray(accepted, dtype=bool) & (old != proposed).any(1)
+    codes, reverted = np.where(live[:, None], proposed, old), 0
+    while True:
+        _, inv, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+        clash = live & (counts[inv.reshape(-1)] > 1)
+        if not clash.any():
+            return codes, reverted
+        codes[clash], live[clash] = old[clash], False
+        reverted += int(clash.sum())
+
+
+@dataclass
+class GateInputs:
+    """What the likelihood gate (``dynamic.accept=llm``) reads from the LLM stage.
+
+    Attributes:
+        train_seqs: U lists of training item_idx (the contexts are drawn from them only).
+        render: ``(histories, user_rows) -> prompts``: seqrec prompts with the index as it is before the round
+            (``tasks.build_eval_prompts``), each ending right before the target's first ID token.
+        item_token_ids: int64 ``(L, K)`` vocab id of item token (level l, code k).
+        sid_ids: the SID softmax's vocab ids (``llm.loss_vocab=sid``), or None for the full vocabulary.
+        max_history: items of history per context (``data.max_history``).
+    """
+    train_seqs: list[list[int]]
+    render: Callable[[list[list[int]], np.ndarray], list[list[int]]]
+    item_token_ids: torch.Tensor
+    sid_ids: torch.Tensor | None
+    max_history: int
+
+
+def likelihood_gate(model: nn.Module, old: np.ndarray, proposed: np.ndarray, gate: GateInputs, *, pad_id: int,
+                    contexts: int, margin: float, seed: int) -> tuple[np.ndarray, dict]:
+    """Keep a proposed move only where the frozen LLM already prefers the new ID (docs/DESIGN-NOTES.md,
+    'Likelihood-gated re-indexing'; issue 13: "an item moves only when the objective improves by a margin").
+
+    For each item whose ID the round would change, ``contexts`` of its training contexts (history -> item) are
+    scored teacher-forced under the old and the new ID (:func:`ttds_ray.llm.code_logprobs`); the item moves when
+    the mean gain ``log p(new | h) - log p(old | h)`` exceeds ``margin`` nats, so a round does not raise the LLM's
+    loss on the moved items' targets (their appearances inside histories are not scored). Items without a
+    training context keep their ID. Conflicts are resolved by :func:`accept_moves`.
+
+    Args:
+        old / proposed: int ``(N, L)`` unique ID tables before the round and as the re-index proposes.
+
+    Returns:
+        ``(codes (N, L), stats)``; stats: ``proposed`` (items the re-index would move), ``scored`` (of those, with a
+        context), ``accepted`` (gain > margin), ``reverted`` (accepted but put back by a conflict), ``gain_mean``
+        / ``gain_accepted_mean`` (nats per context), ``gate_wall_s``.
+    """
+    t0 = time.time()
+    movers = np.flatnonzero((old != proposed).any(1))
+    pos, users, hist = target_contexts(gate.train_seqs, movers, contexts, max_history=gate.max_history, seed=seed)
+    gain = np.full(len(movers), np.nan)
+    if len(pos):
+        prompts = gate.render(hist, users)
+        ids = gate.item_token_ids.numpy()
+        lv = np.arange(ids.shape[0])[None, :]
+        lp = [llm.code_logprobs(model, prompts, ids[lv, t[movers[pos]]], pad_id, sid_ids=gate.sid_ids).numpy()
+              for t in (old, proposed)]
+        n = np.bincount(pos, minlength=len(movers))
+        seen = n > 0
+        gain[seen] = np.bincount(pos, weights=lp[1] - lp[0], minlength=len(movers))[seen] / n[seen]
+    accepted = np.zeros(len(old), dtype=bool)
+    accepted[movers] = np.nan_to_num(gain, nan=-np.inf) > margin
+    codes, reverted = accept_moves(old, proposed, accepted)
+    finite = gain[np.isfinite(gain)]
+    ok = gain[np.nan_to_num(gain, nan=-np.inf) > margin]
+    return codes, {"proposed": int(len(movers)), "scored": int(len(finite)), "accepted": int(accepted.sum()),
+                   "reverted": reverted, "gain_mean": float(finite.mean()) if len(finite) else None,
+                   "gain_accepted_mean": float(ok.mean()) if len(ok) else None,
+                   "gate_wall_s": round(time.time() - t0, 1)}
+
+
 @dataclass
 class RoundResult:
     """Outcome of one re-indexing round."""
@@ -70,7 +205,7 @@ class RoundResult:
 def run_round(model: nn.Module, tower: towers.Tower, table: towers.SIDTable, *, prompts: list[list[int]],
               targets: np.ndarray, pad_id: int, level1_token_ids: torch.Tensor, item_s: np.ndarray,
               item_c: np.ndarray, tok_cfg: TokenizerConfig, dyn_cfg: DynamicConfig, seed: int,
-              item_names: list[str] | None = None) -> RoundResult:
+              item_names: list[str] | None = None, gate: GateInputs | None = None) -> RoundResult:
     """One tokenizer step + re-index with the LLM frozen (DESIGN §1.6 steps 1–2).
 
     Args:
@@ -80,14 +215,18 @@ def run_round(model: nn.Module, tower: towers.Tower, table: towers.SIDTable, *, 
         targets: int64 ``(M,)`` item_idx of the targets.
         level1_token_ids: int64 ``(K,)`` vocab ids of ``<i1_k>``.
         item_s / item_c: float32 ``(N, D_s)`` / ``(N, D_c)`` tower inputs.
+        gate: required when ``dyn_cfg.accept == 'llm'`` (:func:`likelihood_gate`).
 
     Returns:
         The refined tower, the new unique ID table, and stats: ``changed`` (items whose ID changed),
-        collision counts, guided terms, wall seconds.
+        collision counts, guided terms, wall seconds, and the gate's stats under ``gate``.
 
     Raises:
         CollisionError: re-indexing cannot give unique IDs (names the prefix).
+        ValueError: ``dyn_cfg.accept == 'llm'`` without ``gate``.
     """
+    if dyn_cfg.accept == "llm" and gate is None:
+        raise ValueError("dynamic.accept=llm needs the gate's inputs (run_round(..., gate=GateInputs(...)))")
     t0 = time.time()
     was_training = model.training
     hidden, p1 = llm.llm_guidance(model, prompts, pad_id, level1_token_ids)
@@ -103,10 +242,16 @@ def run_round(model: nn.Module, tower: towers.Tower, table: towers.SIDTable, *, 
                                                    margin=dyn_cfg.switch_margin, max_changed=dyn_cfg.max_changed)
     else:
         new_table, stats = towers.export_item_sids(new_tower, item_s, item_c, tok_cfg, item_names=item_names)
+    gate_stats = None
+    if dyn_cfg.accept == "llm":
+        codes, gate_stats = likelihood_gate(model, table.codes, new_table.codes, gate, pad_id=pad_id,
+                                            contexts=dyn_cfg.accept_contexts, margin=dyn_cfg.accept_margin, seed=seed)
+        new_table = towers.SIDTable(codes, new_table.codebook_size)
     stats = {"changed": towers.count_changed(table.codes, new_table.codes),
              "changed_per_level": (table.codes != new_table.codes).sum(0).tolist(), "n_items": len(new_table.codes),
              "guide_examples": len(prompts), "terms": terms, "guide_wall_s": round(t_guide, 1),
              "wall_s": round(time.time() - t0, 1),
              **{k: stats[k] for k in ("collisions_greedy", "collisions_sinkhorn", "collisions_final", "wanted",
-                                      "capped", "kept_full_prefix") if k in stats}}
+                                      "capped", "kept_full_prefix") if k in stats},
+             **({"gate": gate_stats} if gate_stats else {})}
     return RoundResult(new_tower, new_table, stats)

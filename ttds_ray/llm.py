@@ -549,6 +549,64 @@ def llm_guidance(model: nn.Module, prompts: list[list[int]], pad_id: int, level1
     return torch.cat(hidden)[inverse], torch.cat(probs)[inverse]
 
 
+@torch.no_grad()
+def code_logprobs(model: nn.Module, prompts: list[list[int]], codes: np.ndarray, pad_id: int, *,
+                  sid_ids: torch.Tensor | None = None, batch_size: int = 64) -> torch.Tensor:
+    """log p(semantic ID | prompt) under the frozen LM, teacher-forced: the sum over the ID's L tokens of the
+    log-probability the training loss uses (:func:`lm_loss`: the softmax over ``sid_ids`` when given, i.e.
+    ``llm.loss_vocab=sid``, else over the full vocabulary). Used by the likelihood gate of a re-indexing
+    round (``dynamic.accept=llm``, docs/DESIGN-NOTES.md).
+
+    Args:
+        prompts: M lists of vocab ids, each ending right before the ID's first token.
+        codes: int64 ``(M, L)`` vocab ids of each prompt's ID tokens.
+        sid_ids: int64 ``(S,)`` vocab ids the SID softmax runs over; every id of ``codes`` must be among them.
+
+    Returns:
+        float32 ``(M,)`` log-probabilities (nats, <= 0), on the CPU; eval mode, the model's mode restored.
+        Independent of ``batch_size`` up to float rounding (left padding, positions from the mask).
+
+    Raises:
+        ValueError: ``codes`` is not ``(M, L)`` with L >= 1, an empty prompt, ``batch_size`` < 1, or a code id
+            outside ``sid_ids``.
+    """
+    from .tasks import collate  # tasks imports this module
+
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.ndim != 2 or len(codes) != len(prompts) or codes.shape[1] < 1:
+        raise ValueError(f"codes must be (M, L) with M = {len(prompts)} prompts and L >= 1; got {codes.shape}")
+    if batch_size < 1 or any(len(p) == 0 for p in prompts):
+        raise ValueError("code_logprobs: batch_size must be >= 1 and every prompt must hold a token")
+    device = next(model.parameters()).device
+    n_levels = codes.shape[1]
+    col = None
+    if sid_ids is not None:
+        sid_ids = torch.as_tensor(sid_ids, dtype=torch.long, device=device)
+        lookup = {int(v): i for i, v in enumerate(sid_ids.tolist())}
+        if not set(np.unique(codes).tolist()) <= set(lookup):
+            raise ValueError("code_logprobs: a code token is not among sid_ids")
+        col = torch.as_tensor(np.vectorize(lookup.__getitem__, otypes=[np.int64])(codes))   # (M, L)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = torch.zeros(len(prompts))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            chunk = [{"input_ids": list(prompts[i]) + codes[i].tolist()} for i in rows]
+            b = collate(chunk, pad_id, max(len(c["input_ids"]) for c in chunk))
+            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+            h = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                    use_cache=False).last_hidden_state[:, -n_levels - 1:-1]   # (b, L, D)
+            flat = h.reshape(-1, h.shape[-1])
+            logp = _head_logits(model, flat, sid_ids).float().log_softmax(-1)               # (b·L, S or V)
+            tgt = (col[rows] if col is not None else torch.as_tensor(codes[rows])).reshape(-1).to(device)
+            out[torch.as_tensor(rows)] = logp.gather(1, tgt[:, None]).view(len(rows), n_levels).sum(1).cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
 def save_llm(model: nn.Module, tok, out_dir: Path, meta: dict) -> None:
     """Save the LoRA adapter (safetensors, no full embedding copy) or, for ``full``, the merged model,
     plus the tokenizer and ``llm_meta.json``. ``model`` is not modified."""

@@ -454,13 +454,21 @@ class LLMRecipe:
         cfg, r = self.cfg, len(self.rounds)
         users, hist, tgt = dynamic.guidance_prompts(self.train_seqs, cfg.dynamic.guide_samples,
                                                     max_history=cfg.data.max_history, seed=cfg.seed + 1000 + r)
-        prompts = tasks.build_eval_prompts(hist, self.item_tok, self.user_tok[users], self.pieces, cfg.tasks,
-                                           max_history=cfg.data.max_history, max_length=cfg.llm.max_length)
+        def render(histories: list[list[int]], user_rows: np.ndarray) -> list[list[int]]:
+            return tasks.build_eval_prompts(histories, self.item_tok, self.user_tok[user_rows], self.pieces,
+                                            cfg.tasks, max_history=cfg.data.max_history, max_length=cfg.llm.max_length)
+
+        prompts = render(hist, users)
+        gate = None
+        if cfg.dynamic.accept == "llm":
+            gate = dynamic.GateInputs(self.train_seqs, render, self.vocab.item_token_ids,
+                                      self.vocab.item_token_ids.flatten() if cfg.llm.loss_vocab == "sid" else None,
+                                      cfg.data.max_history)
         res = dynamic.run_round(self.base, self.tower, SIDTable(self.item_codes, self.item_t.codebook_size),
                                 prompts=prompts, targets=tgt, pad_id=self.tok.pad_token_id,
                                 level1_token_ids=self.vocab.item_token_ids[0], item_s=self.x["item_s"],
                                 item_c=self.x["item_c"], tok_cfg=cfg.tokenizer, dyn_cfg=cfg.dynamic,
-                                seed=cfg.seed + r, item_names=self.item_names)
+                                seed=cfg.seed + r, item_names=self.item_names, gate=gate)
         self.tower, self.item_codes = res.tower, broadcast_from_rank0(res.table.codes)
         self.item_tok = self.vocab.item_tokens(self.item_codes)
         stats = {"round": r + 1, "step": self.step, "attempt": len(self.resumed_at), **res.stats}
