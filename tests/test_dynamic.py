@@ -54,3 +54,37 @@ def test_reuse_links_matching_stages_and_stops_at_the_first_difference(tmp_path)
     other_data = config_from_dict({**base.to_dict(), "data": {"path": "y"}})
     with pytest.raises(Exception, match="nothing can be shared"):
         reuse_stages(other_data, src.root, RunDir(tmp_path / "dst3"))
+
+
+def test_target_contexts_are_the_training_prefixes_before_each_item_capped_per_item():
+    from ttds_ray.dynamic import target_contexts
+
+    seqs = [[0, 1, 2, 1], [1, 3], [2, 1, 4], [5]]
+    pos, users, hist = target_contexts(seqs, np.array([1, 5, 4]), 2, max_history=2, seed=0)
+    items = np.array([1, 5, 4])[pos]
+    assert sorted(items.tolist()) == [1, 1, 4]             # item 1 has 3 contexts (capped to 2); 5 is only ever first
+    for i, u, h in zip(items, users, hist):
+        s = seqs[u]
+        j = next(j for j in range(1, len(s)) if s[j] == i and s[max(0, j - 2):j] == h)
+        assert s[j] == i and len(h) >= 1                    # the history is what came right before the item
+    again = target_contexts(seqs, np.array([1, 5, 4]), 2, max_history=2, seed=0)
+    assert again[1].tolist() == users.tolist() and again[2] == hist
+    with pytest.raises(ValueError, match="per_item"):
+        target_contexts(seqs, np.array([1]), 0, max_history=2, seed=0)
+
+
+def test_accept_moves_applies_accepted_moves_and_reverts_those_that_would_share_an_id():
+    from ttds_ray.dynamic import accept_moves
+
+    old = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
+    proposed = np.array([[0, 1], [0, 0], [2, 0], [1, 1]])   # items 0 and 1 swap, item 2 moves to a free ID
+    codes, reverted = accept_moves(old, proposed, np.array([True, True, True, False]))
+    assert codes.tolist() == proposed.tolist() and reverted == 0
+    codes, reverted = accept_moves(old, proposed, np.array([True, False, True, True]))
+    assert codes.tolist() == [[0, 0], [0, 1], [2, 0], [1, 1]] and reverted == 1    # 0 would take 1's kept ID
+    chain = np.array([[0, 1], [1, 0], [2, 0], [1, 1]])      # 0 -> 1's ID, 1 -> 2's ID, 2 -> free
+    codes, reverted = accept_moves(old, chain, np.array([True, True, False, False]))
+    assert codes.tolist() == old.tolist() and reverted == 2  # 2 stays, so 1 cannot move, so 0 cannot either
+    assert len(np.unique(codes, axis=0)) == len(codes)
+    with pytest.raises(ValueError, match="repeats"):
+        accept_moves(old, np.array([[0, 0], [0, 0], [1, 0], [1, 1]]), np.ones(4, dtype=bool))

@@ -386,3 +386,66 @@ def test_encode_texts_llm_is_mask_aware_mean_pooling(tiny_lm_dir):
     np.testing.assert_allclose(llm.encode_texts_llm(str(path), [""])[0], by_hand([tok.eos_token_id]), atol=1e-5)
     with pytest.raises(ValueError, match="randomly initialised"):
         llm.encode_texts_llm("tiny", texts)
+
+
+# ---------------------------------------------------------------- likelihood of a semantic ID (dynamic.accept=llm)
+
+
+@pytest.mark.parametrize("kind", ["tiny-sid", "tiny-full", "gpt2"])
+def test_code_logprobs_is_the_training_loss_of_the_id_tokens_at_any_batch_size(tok_and_vocab, kind):
+    tok, vocab, base = tok_and_vocab
+    rng = np.random.default_rng(2)
+    if kind == "gpt2":                                       # absolute positions: left padding must not shift them
+        model, pad, sid = _gpt2(), 0, None
+        ids = torch.arange(200, 200 + LEVELS * K).view(LEVELS, K)
+        prompts = [rng.integers(1, 200, size=int(n)).tolist() for n in rng.integers(1, 15, size=6)]
+    else:
+        cfg = _cfg("full")
+        model, pad, ids = _model(cfg, base, tok, vocab), tok.pad_token_id, vocab.item_token_ids
+        opt, sched = llm.make_optimizer(model, cfg, 10)
+        llm.train_step(model, opt, sched, _batch(vocab))
+        sid = ids.flatten() if kind == "tiny-sid" else None
+        prompts = [rng.integers(100, 5000, size=int(n)).tolist() for n in rng.integers(1, 15, size=6)]
+    codes = ids.numpy()[np.arange(LEVELS)[None, :], rng.integers(0, K, size=(6, LEVELS))]     # (M, L) vocab ids
+    model.train()
+    runs = [llm.code_logprobs(model, prompts, codes, pad, sid_ids=sid, batch_size=bs) for bs in (1, 4, 64)]
+    assert model.training and runs[0].shape == (6,) and bool((runs[0] < 0).all())
+    for r in runs[1:]:
+        torch.testing.assert_close(r, runs[0], atol=1e-5, rtol=0)
+    model.eval()
+    for p, c, got in zip(prompts, codes.tolist(), runs[0]):   # one unpadded row through the training loss
+        b = collate([{"input_ids": p + c, "labels": [-100] * len(p) + c}], pad, 64)
+        with torch.no_grad():
+            want = -LEVELS * float(llm.lm_loss(model, b, sid_ids=sid))
+        assert float(got) == pytest.approx(want, abs=1e-4)
+    with pytest.raises(ValueError, match="codes must be"):
+        llm.code_logprobs(model, prompts, codes[:3], pad, sid_ids=sid)
+    if sid is not None:
+        with pytest.raises(ValueError, match="not among sid_ids"):
+            llm.code_logprobs(model, prompts, np.full((6, LEVELS), 5), pad, sid_ids=sid)
+
+
+def test_likelihood_gate_moves_an_item_only_to_an_id_the_llm_prefers(tok_and_vocab):
+    from ttds_ray.dynamic import GateInputs, likelihood_gate
+
+    tok, vocab, base = tok_and_vocab
+    cfg = _cfg("full")
+    model = _model(cfg, base, tok, vocab)
+    # items 0 and 1 each follow one context; the LM learns context 0 -> ID A and context 1 -> ID B
+    seqs = [[2, 0], [3, 1], [2, 0]]
+    render = lambda hist, users: [[400 + 7 * h for h in hs] for hs in hist]      # noqa: E731
+    A, B, U0, U1 = [0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 3, 3]
+    tok_of = lambda c: vocab.item_token_ids[torch.arange(LEVELS), torch.as_tensor(c)].tolist()  # noqa: E731
+    rows = [{"input_ids": render([[2]], None)[0] + tok_of(A), "labels": [-100] + tok_of(A)},
+            {"input_ids": render([[3]], None)[0] + tok_of(B), "labels": [-100] + tok_of(B)}]
+    opt, sched = llm.make_optimizer(model, cfg, 40)
+    for _ in range(40):
+        llm.train_step(model, opt, sched, collate(rows, tok.pad_token_id, 16), sid_ids=vocab.item_token_ids.flatten())
+    gate = GateInputs(seqs, render, vocab.item_token_ids, vocab.item_token_ids.flatten(), max_history=5)
+    old = np.array([A, U1, [4, 4, 4], [5, 5, 5]])           # item 0 holds its learnt ID, item 1 an unlearnt one
+    proposed = np.array([U0, B, [4, 4, 4], [6, 6, 6]])      # the round proposes the reverse; item 3 has no context
+    codes, st = likelihood_gate(model, old, proposed, gate, pad_id=tok.pad_token_id, contexts=4, margin=0.0, seed=0)
+    assert codes.tolist() == [A, B, [4, 4, 4], [5, 5, 5]]   # item 1 moves to B, item 0 keeps A, item 3 stays
+    assert st["proposed"] == 3 and st["scored"] == 2 and st["accepted"] == 1 and st["gain_accepted_mean"] > 0
+    codes, st = likelihood_gate(model, old, proposed, gate, pad_id=tok.pad_token_id, contexts=4, margin=1e6, seed=0)
+    assert codes.tolist() == old.tolist() and st["accepted"] == 0           # a margin no move clears
