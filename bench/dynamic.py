@@ -69,6 +69,8 @@ VARIANTS = {
     # likelihood-gated rounds: a proposed move is made only where the frozen LLM prefers the new ID (dynamic.accept=llm)
     "fresh-cb-llm": ["llm.sid_init=codebook", "dynamic.accept=llm"],
     "fresh-cb-llm-r4": ["llm.sid_init=codebook", "dynamic.accept=llm", "dynamic.rounds=4"],
+    # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
+    "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights
     "fresh-cb-g10": ["llm.sid_init=codebook", *_STRONG_GUIDANCE],
     "sticky-m0.2-early1-cb-g10": ["dynamic.reindex=sticky", "dynamic.switch_margin=0.2", "dynamic.rounds=1",

@@ -425,27 +425,48 @@ def test_code_logprobs_is_the_training_loss_of_the_id_tokens_at_any_batch_size(t
             llm.code_logprobs(model, prompts, np.full((6, LEVELS), 5), pad, sid_ids=sid)
 
 
-def test_likelihood_gate_moves_an_item_only_to_an_id_the_llm_prefers(tok_and_vocab):
-    from ttds_ray.dynamic import GateInputs, likelihood_gate
+def _learnt_contexts(tok_and_vocab):
+    """A tiny LM trained on two contexts: item 0 follows context [2] and gets ID A, item 1 follows [3] and gets B."""
+    from ttds_ray.dynamic import GateInputs
 
     tok, vocab, base = tok_and_vocab
     cfg = _cfg("full")
     model = _model(cfg, base, tok, vocab)
-    # items 0 and 1 each follow one context; the LM learns context 0 -> ID A and context 1 -> ID B
     seqs = [[2, 0], [3, 1], [2, 0]]
     render = lambda hist, users: [[400 + 7 * h for h in hs] for hs in hist]      # noqa: E731
-    A, B, U0, U1 = [0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 3, 3]
+    A, B = [0, 0, 0], [1, 1, 1]
     tok_of = lambda c: vocab.item_token_ids[torch.arange(LEVELS), torch.as_tensor(c)].tolist()  # noqa: E731
     rows = [{"input_ids": render([[2]], None)[0] + tok_of(A), "labels": [-100] + tok_of(A)},
             {"input_ids": render([[3]], None)[0] + tok_of(B), "labels": [-100] + tok_of(B)}]
     opt, sched = llm.make_optimizer(model, cfg, 40)
     for _ in range(40):
         llm.train_step(model, opt, sched, collate(rows, tok.pad_token_id, 16), sid_ids=vocab.item_token_ids.flatten())
-    gate = GateInputs(seqs, render, vocab.item_token_ids, vocab.item_token_ids.flatten(), max_history=5)
+    return model, GateInputs(seqs, render, vocab.item_token_ids, vocab.item_token_ids.flatten(), max_history=5), A, B
+
+
+def test_likelihood_gate_moves_an_item_only_to_an_id_the_llm_prefers(tok_and_vocab):
+    from ttds_ray.dynamic import likelihood_gate
+
+    model, gate, A, B = _learnt_contexts(tok_and_vocab)
+    pad, U0, U1 = tok_and_vocab[0].pad_token_id, [2, 2, 2], [3, 3, 3]
     old = np.array([A, U1, [4, 4, 4], [5, 5, 5]])           # item 0 holds its learnt ID, item 1 an unlearnt one
     proposed = np.array([U0, B, [4, 4, 4], [6, 6, 6]])      # the round proposes the reverse; item 3 has no context
-    codes, st = likelihood_gate(model, old, proposed, gate, pad_id=tok.pad_token_id, contexts=4, margin=0.0, seed=0)
+    codes, st = likelihood_gate(model, old, proposed, gate, pad_id=pad, contexts=4, margin=0.0, seed=0)
     assert codes.tolist() == [A, B, [4, 4, 4], [5, 5, 5]]   # item 1 moves to B, item 0 keeps A, item 3 stays
     assert st["proposed"] == 3 and st["scored"] == 2 and st["accepted"] == 1 and st["gain_accepted_mean"] > 0
-    codes, st = likelihood_gate(model, old, proposed, gate, pad_id=tok.pad_token_id, contexts=4, margin=1e6, seed=0)
+    codes, st = likelihood_gate(model, old, proposed, gate, pad_id=pad, contexts=4, margin=1e6, seed=0)
     assert codes.tolist() == old.tolist() and st["accepted"] == 0           # a margin no move clears
+
+
+def test_llm_item_ids_propose_what_the_llm_learnt_and_keep_the_table_unique(tok_and_vocab):
+    from ttds_ray.dynamic import llm_item_ids
+
+    model, gate, A, B = _learnt_contexts(tok_and_vocab)
+    pad = tok_and_vocab[0].pad_token_id
+    old = np.array([[2, 2, 2], [3, 3, 3], [4, 4, 4], [5, 5, 5]])
+    proposed, st = llm_item_ids(model, old, gate, pad_id=pad, contexts=4, seed=0)
+    assert proposed.tolist() == [A, B, [4, 4, 4], [5, 5, 5]] and st["scored"] == 2   # items 2, 3: no context
+    held = np.array([[2, 2, 2], [3, 3, 3], A, [5, 5, 5]])    # item 2 holds A: item 0 takes its next-best last code
+    proposed, _ = llm_item_ids(model, held, gate, pad_id=pad, contexts=4, seed=0)
+    assert proposed[0, :2].tolist() == A[:2] and proposed[0].tolist() != A and proposed[1].tolist() == B
+    assert len(np.unique(proposed, axis=0)) == len(proposed)

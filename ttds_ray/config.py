@@ -304,12 +304,14 @@ class DynamicConfig(_Section):
                             "token dist); 0 = off.")
     gamma_nce: float = Field(0.1, ge=0, description="Weight of InfoNCE(proj(LLM hidden), target latent); 0 = off.")
     tau: float = Field(0.1, gt=0, description="Temperature of the guided InfoNCE.")
-    reindex: Literal["fresh", "sticky"] = Field(
+    reindex: Literal["fresh", "sticky", "llm"] = Field(
         "fresh", description="How a round assigns IDs: 'fresh' = greedy RQ codes of the refined tower + the "
         "export's per-prefix Sinkhorn (every item may move); 'sticky' = an item keeps its code at a level unless "
         "the refined tower's residual is closer to another code by dynamic.switch_margin, at most "
         "dynamic.max_changed of the items move (largest quantisation gain first), and unchanged IDs never move "
-        "to resolve a collision (docs/DESIGN-NOTES.md, 'Sticky re-indexing').")
+        "to resolve a collision (docs/DESIGN-NOTES.md, 'Sticky re-indexing'); 'llm' = each item's ID is the one "
+        "the frozen LLM finds most likely over its training contexts, level by level (needs dynamic.accept=llm; "
+        "docs/DESIGN-NOTES.md, 'Likelihood-gated re-indexing').")
     switch_margin: float = Field(0.0, ge=0, lt=1, description="reindex=sticky: a code changes only if the new "
                                  "code's squared residual distance < (1 - margin) x the old code's.")
     max_changed: float = Field(1.0, gt=0, le=1, description="reindex=sticky: cap on the share of items whose "
@@ -332,6 +334,8 @@ class DynamicConfig(_Section):
                 if getattr(self, switch) != on and getattr(self, key) != default:
                     raise ValueError(f"dynamic.{key} applies to dynamic.{switch}={on} only; set "
                                      f"dynamic.{switch}={on} or leave dynamic.{key} at {default}")
+        if self.reindex == "llm" and self.accept != "llm":
+            raise ValueError("dynamic.reindex=llm proposes IDs by the LLM's likelihood and needs dynamic.accept=llm")
         return self
 
     @property

@@ -194,6 +194,64 @@ def likelihood_gate(model: nn.Module, old: np.ndarray, proposed: np.ndarray, gat
                    "gate_wall_s": round(time.time() - t0, 1)}
 
 
+@torch.no_grad()
+def llm_item_ids(model: nn.Module, old: np.ndarray, gate: GateInputs, *, pad_id: int, contexts: int, seed: int
+                 ) -> tuple[np.ndarray, dict]:
+    """IDs proposed by the frozen LLM itself (``dynamic.reindex=llm``, docs/DESIGN-NOTES.md, 'Likelihood-gated
+    re-indexing'): for every item with a training context, level by level, the code with the highest mean
+    log-probability over up to ``contexts`` of its contexts given the codes chosen above it (greedy, one LM pass
+    per level and context, the softmax over that level's K tokens). At the last level only IDs no other item holds
+    are allowed (every old ID stays reserved for its item this round), taken in item order, so the table stays
+    unique; an item without a free last-level code under its chosen prefix, or without a context, keeps its ID.
+
+    Args:
+        old: int ``(N, L)`` unique ID table before the round.
+
+    Returns:
+        ``(proposed (N, L) unique, stats)``; stats: ``scored`` (items with a context), ``kept_full_prefix``,
+        ``propose_wall_s``. :func:`likelihood_gate` then keeps only the moves that raise the exact likelihood.
+    """
+    t0 = time.time()
+    old = np.asarray(old, dtype=np.int64)
+    n, n_levels = old.shape
+    ids = torch.as_tensor(gate.item_token_ids)                               # (L, K)
+    pos, users, hist = target_contexts(gate.train_seqs, np.arange(n), contexts, max_history=gate.max_history,
+                                       seed=seed)
+    proposed = old.copy()
+    if not len(pos):
+        return proposed, {"scored": 0, "kept_full_prefix": 0, "propose_wall_s": round(time.time() - t0, 1)}
+    prompts = gate.render(hist, users)
+    items = np.unique(pos)
+    count = np.bincount(pos, minlength=n)[items]                            # contexts per scored item
+    chosen = np.zeros((n, n_levels), dtype=np.int64)
+    for lvl in range(n_levels):
+        prefix = ids[torch.arange(lvl)[None, :], torch.as_tensor(chosen[pos, :lvl])].tolist() if lvl else None
+        ext = [p + prefix[r] for r, p in enumerate(prompts)] if lvl else prompts
+        _, probs = llm.llm_guidance(model, ext, pad_id, ids[lvl])          # (R, K)
+        logp = probs.clamp_min(1e-30).log().numpy()
+        mean = np.stack([np.bincount(pos, weights=logp[:, k], minlength=n) for k in range(logp.shape[1])], 1)
+        mean = mean[items] / count[:, None]                                 # (n_scored, K)
+        if lvl < n_levels - 1:
+            chosen[items, lvl] = mean.argmax(1)
+            continue
+        taken = {tuple(r) for r in old.tolist()}
+        kept_full = 0
+        for row, i in enumerate(items.tolist()):
+            pre = tuple(int(x) for x in chosen[i, :-1])
+            own = tuple(int(x) for x in old[i])
+            pick = next((int(k) for k in np.argsort(-mean[row], kind="stable")
+                         if pre + (int(k),) not in taken or pre + (int(k),) == own), None)
+            if pick is None:
+                kept_full += 1
+                continue
+            proposed[i] = [*pre, pick]
+            if tuple(proposed[i].tolist()) != own:
+                taken.add(tuple(int(x) for x in proposed[i]))
+    assert len(np.unique(proposed, axis=0)) == n, "LLM-proposed IDs are not unique"
+    return proposed, {"scored": int(len(items)), "kept_full_prefix": kept_full,
+                      "propose_wall_s": round(time.time() - t0, 1)}
+
+
 @dataclass
 class RoundResult:
     """Outcome of one re-indexing round."""
@@ -237,7 +295,11 @@ def run_round(model: nn.Module, tower: towers.Tower, table: towers.SIDTable, *, 
     new_tower, _, terms = towers.refine_item_tower(
         tower, tok_cfg, item_s, item_c, guide, epochs=dyn_cfg.tokenizer_epochs, lr=dyn_cfg.tokenizer_lr,
         gamma_kl=dyn_cfg.gamma_kl, gamma_nce=dyn_cfg.gamma_nce, tau=dyn_cfg.tau, seed=seed)
-    if dyn_cfg.reindex == "sticky":
+    if dyn_cfg.reindex == "llm":
+        codes, propose_stats = llm_item_ids(model, table.codes, gate, pad_id=pad_id, contexts=dyn_cfg.accept_contexts,
+                                            seed=seed + 7919)
+        new_table, stats = towers.SIDTable(codes, table.codebook_size), propose_stats
+    elif dyn_cfg.reindex == "sticky":
         new_table, stats = towers.sticky_item_sids(new_tower, item_s, item_c, table.codes,
                                                    margin=dyn_cfg.switch_margin, max_changed=dyn_cfg.max_changed)
     else:
@@ -252,6 +314,6 @@ def run_round(model: nn.Module, tower: towers.Tower, table: towers.SIDTable, *, 
              "guide_examples": len(prompts), "terms": terms, "guide_wall_s": round(t_guide, 1),
              "wall_s": round(time.time() - t0, 1),
              **{k: stats[k] for k in ("collisions_greedy", "collisions_sinkhorn", "collisions_final", "wanted",
-                                      "capped", "kept_full_prefix") if k in stats},
+                                      "capped", "kept_full_prefix", "propose_wall_s") if k in stats},
              **({"gate": gate_stats} if gate_stats else {})}
     return RoundResult(new_tower, new_table, stats)
