@@ -470,3 +470,43 @@ def test_llm_item_ids_propose_what_the_llm_learnt_and_keep_the_table_unique(tok_
     proposed, _ = llm_item_ids(model, held, gate, pad_id=pad, contexts=4, seed=0)
     assert proposed[0, :2].tolist() == A[:2] and proposed[0].tolist() != A and proposed[1].tolist() == B
     assert len(np.unique(proposed, axis=0)) == len(proposed)
+
+
+# ---------------------------------------------------------------- sample packing (llm.pack)
+
+
+@pytest.mark.parametrize("kind,attn,loss_vocab", [("tiny", "sdpa", "sid"), ("tiny", "sdpa", "full"),
+                                                   ("tiny", "eager", "sid"), ("gpt2", "sdpa", "sid")])
+def test_a_packed_batch_has_the_padded_batchs_loss_and_gradient_in_fewer_rows(tok_and_vocab, kind, attn, loss_vocab):
+    from ttds_ray.tasks import pack
+
+    tok, vocab, base = tok_and_vocab
+    if kind == "gpt2":                   # absolute positions: a segment's positions must restart at 0
+        model, pad, ids, lo, hi = _gpt2(), 0, torch.arange(200, 200 + LEVELS * K).view(LEVELS, K), 1, 200
+    else:
+        model, pad, ids, lo, hi = _model(_cfg("full"), base, tok, vocab), tok.pad_token_id, vocab.item_token_ids, 100, 5000
+    model.config._attn_implementation = attn
+    model.eval()                                         # no dropout (GPT-2's config has some); gradients still flow
+    rng = np.random.default_rng(3)
+    sid = ids.flatten() if loss_vocab == "sid" else None
+    samples = []
+    for n in (3, 9, 4, 12, 2, 7, 5, 11):
+        resp = ids[:, rng.integers(0, K)].tolist()
+        prompt = rng.integers(lo, hi, size=n).tolist()
+        samples.append({"input_ids": prompt + resp, "labels": [-100] * n + resp})
+    packed, padded = pack(samples, pad, 64), collate(samples, pad, 64)
+    assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1] == 15
+    assert len(packed["input_ids"]) < len(samples)                             # 8 samples in fewer rows
+    assert sorted(packed["input_ids"][packed["input_ids"] != pad].tolist()) == \
+        sorted(t for s_ in samples for t in s_["input_ids"])                 # every token once, none lost
+    grads = []
+    for b in (padded, packed):
+        model.zero_grad()
+        loss = llm.lm_loss(model, b, sid_ids=sid)
+        loss.backward()
+        grads.append((float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert grads[1][0] == pytest.approx(grads[0][0], abs=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="empty sample"):
+        pack([{"input_ids": [], "labels": []}], tok.pad_token_id, 64)

@@ -279,6 +279,10 @@ class LLMConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(20, ge=0, description="Optimiser steps of linear learning-rate warm-up.")
     max_length: int = Field(256, ge=16, description="Tokens per training sequence (truncated from the left).")
+    pack: bool = Field(False, description="Pack each training batch's samples into fewer rows (block-diagonal "
+                       "attention, positions restarting per sample; tasks.pack) instead of padding every sample to "
+                       "the longest: the same loss and gradient up to float rounding, less compute. Needs sdpa or "
+                       "eager attention. Not part of the stage hash (docs/DESIGN-NOTES.md, 'Sample packing').")
     sid_init: Literal["title", "codebook"] = Field(
         "title", description="Initial rows of the new semantic-ID tokens: 'title' = mean title embedding of the "
         "items (users: of their histories) carrying the code (DESIGN §1.4); 'codebook' = the tower's code vector "
@@ -491,8 +495,8 @@ class TTDSConfig(_Section):
             d["dynamic"] = {k: v for k, v in d["dynamic"].items() if k not in ("reindex", "switch_margin", "max_changed")}
         if d["dynamic"]["accept"] == "all":             # ... and runs from before the likelihood gate
             d["dynamic"] = {k: v for k, v in d["dynamic"].items() if not k.startswith("accept")}
-        if d["llm"]["sid_init"] == "title":             # ... and runs from before llm.sid_init
-            d["llm"] = {k: v for k, v in d["llm"].items() if k != "sid_init"}
+        drop = {"pack"} | ({"sid_init"} if d["llm"]["sid_init"] == "title" else set())   # packing: same maths;
+        d["llm"] = {k: v for k, v in d["llm"].items() if k not in drop}                 # title: runs before sid_init
         keys = ["seed"] + [k for s in STAGE_SECTIONS[:STAGE_SECTIONS_ORDER.index(stage) + 1] for k in s]
         return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
 

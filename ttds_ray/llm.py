@@ -422,6 +422,32 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+PACKED_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+"""HF attention implementations that take a custom 4D mask as-is (a packed batch's block mask needs one)."""
+
+
+def model_attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` in the form the model's attention takes: a 2D padding mask as it is; a bool 4D mask
+    (``(B, 1, T, T)``, True = attend; ``tasks.pack``) as is for sdpa, as an additive float mask for eager.
+
+    Raises:
+        ValueError: a 4D mask for a model whose attention implementation is not in
+            :data:`PACKED_ATTENTION_IMPLEMENTATIONS` (e.g. flash attention: set ``llm.pack=false``).
+    """
+    if mask.dim() != 4:
+        return mask
+    cfg = getattr(model, "config", None)
+    attn = getattr(cfg, "_attn_implementation", None) or "eager"
+    if attn not in PACKED_ATTENTION_IMPLEMENTATIONS:
+        names = ", ".join(PACKED_ATTENTION_IMPLEMENTATIONS)
+        raise ValueError(f"a packed batch needs the model's attention to take a 4D mask ({names}); this model "
+                         f"uses {attn!r}: set llm.pack=false")
+    if attn == "sdpa":
+        return mask
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 def lm_loss(model: nn.Module, batch: dict, *, sid_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token NLL on labelled (response) positions only.
 
@@ -434,7 +460,8 @@ def lm_loss(model: nn.Module, batch: dict, *, sid_ids: torch.Tensor | None = Non
 
     Args:
         batch: ``input_ids``, ``attention_mask``, ``labels`` int64 ``(B, T)``; labels -100 = no loss.
-            Label t is predicted from position t-1 (HF convention).
+            Label t is predicted from position t-1 (HF convention). A packed batch (``tasks.pack``) has a bool
+            ``(B, 1, T, T)`` mask and ``position_ids`` ``(B, T)``.
         sid_ids: int64 ``(S,)`` vocab ids of the semantic-ID tokens, or None for the full softmax
             everywhere.
 
@@ -444,8 +471,9 @@ def lm_loss(model: nn.Module, batch: dict, *, sid_ids: torch.Tensor | None = Non
     Raises:
         ValueError: ``sid_ids`` given and the batch has no labelled position.
     """
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    pos = position_ids_from_mask(mask)
+    ids, labels = batch["input_ids"], batch["labels"]
+    mask = model_attention_mask(model, batch["attention_mask"])
+    pos = batch["position_ids"] if "position_ids" in batch else position_ids_from_mask(mask)
     tgt = labels[:, 1:]                                          # (B, T-1)
     if sid_ids is None:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1]  # (B, T-1, V)

@@ -517,8 +517,9 @@ class LLMRecipe:
     def train_step(self, rows: list[dict]) -> float:
         """One optimiser step on ``rows`` rendered with the current item index; the batch goes to the
         model's device inside ``llm.train_step``. Returns the LM loss (nats/token)."""
-        b = tasks.collate(tasks.render_batch(rows, self.item_tok, self.user_tok), self.tok.pad_token_id,
-                          self.cfg.llm.max_length)
+        to_batch = tasks.pack if self.cfg.llm.pack else tasks.collate
+        b = to_batch(tasks.render_batch(rows, self.item_tok, self.user_tok), self.tok.pad_token_id,
+                     self.cfg.llm.max_length)
         loss = llm.train_step(self.model, self.opt, self.sched, b, aux_loss=self._aux_loss())
         self.losses.append(loss)
         self.step += 1

@@ -571,6 +571,61 @@ def build_eval_prompts(histories: list[list[int]], item_tokens: np.ndarray, user
     return out
 
 
+def pack(samples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Pack rendered samples into fewer rows of one padded width (``llm.pack``, docs/DESIGN-NOTES.md, 'Sample
+    packing'): the same tokens and labels as :func:`collate`, without most of its padding.
+
+    Each sample (truncated to its last ``max_length`` tokens, as :func:`collate` does) goes whole into the first
+    row with room, longest first (first-fit decreasing), so no row is wider than the longest sample. A row holds
+    several samples back to back; the 4D mask lets each token see only the earlier tokens of its own sample and
+    the position ids restart at 0 for each sample, so every token's hidden state, and so the loss and its
+    gradient, equal those of the padded batch (up to float rounding). The label of a sample's first token is
+    -100, as there it has no prediction from inside its sample.
+
+    Args:
+        samples: ``{"input_ids", "labels"}`` lists (:func:`render_batch`).
+
+    Returns:
+        int64 ``input_ids``, ``labels``, ``position_ids`` ``(R, T)`` and bool ``attention_mask`` ``(R, 1, T, T)``
+        (True = attend; HF's 4D mask form). A padding slot attends to itself only, so no softmax row is empty.
+
+    Raises:
+        ValueError: no samples, or an empty sample.
+    """
+    if not samples or any(len(x["input_ids"]) == 0 for x in samples):
+        raise ValueError("pack: needs at least one sample and no empty sample")
+    ids = [list(x["input_ids"])[-max_length:] for x in samples]
+    labels = [list(x["labels"])[-max_length:] for x in samples]
+    width = max(len(x) for x in ids)
+    rows: list[list[int]] = []                  # sample indices per row
+    room: list[int] = []
+    for i in sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i)):
+        r = next((r for r, free in enumerate(room) if free >= len(ids[i])), None)
+        if r is None:
+            rows.append([]), room.append(width)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= len(ids[i])
+    n = len(rows)
+    out = {"input_ids": torch.full((n, width), pad_id, dtype=torch.long),
+           "labels": torch.full((n, width), -100, dtype=torch.long),
+           "position_ids": torch.zeros((n, width), dtype=torch.long)}
+    segment = torch.full((n, width), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            k = len(ids[i])
+            out["input_ids"][r, at:at + k] = torch.tensor(ids[i])
+            out["labels"][r, at + 1:at + k] = torch.tensor(labels[i][1:])
+            out["position_ids"][r, at:at + k] = torch.arange(k)
+            segment[r, at:at + k] = i
+            at += k
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    out["attention_mask"] = ((same & causal) | torch.eye(width, dtype=torch.bool)).unsqueeze(1)
+    return out
+
+
 def collate(samples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
     """Left-pad samples into int64 ``(B, T)`` ``input_ids``, ``attention_mask``, ``labels``.
 
