@@ -189,7 +189,7 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
     d = base.to_dict()
     d["dynamic"] = {k: v for k, v in d["dynamic"].items() if k not in ("reindex", "switch_margin", "max_changed",
                                                                       "accept", "accept_contexts", "accept_margin")}
-    d["llm"] = {k: v for k, v in d["llm"].items() if k != "sid_init"}
+    d["llm"] = {k: v for k, v in d["llm"].items() if k not in ("sid_init", "pack")}
     keys = ["seed", "data", "embeddings", "cf", "tokenizer", "llm", "tasks", "dynamic"]
     if d["embeddings"]["text_encoder"] != "llm":
         d["embeddings"] = {k: v for k, v in d["embeddings"].items() if not k.startswith("llm_")}
@@ -197,5 +197,6 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
     assert base.stage_hash("llm") == legacy                        # runs made before the new keys are still reused
     cb = load_config(p, ["llm.sid_init=codebook"])
     assert cb.stage_hash("llm") != base.stage_hash("llm") and cb.stage_hash("tokenizer") == base.stage_hash("tokenizer")
+    assert load_config(p, ["llm.pack=true"]).stage_hash("llm") == base.stage_hash("llm")   # same maths, same stage
     gated = load_config(p, ["dynamic.accept=llm", "dynamic.accept_margin=0.1"])
     assert gated.stage_hash("llm") != base.stage_hash("llm") and gated.stage_hash("tokenizer") == base.stage_hash("tokenizer")
