@@ -510,3 +510,17 @@ def test_a_packed_batch_has_the_padded_batchs_loss_and_gradient_in_fewer_rows(to
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="empty sample"):
         pack([{"input_ids": [], "labels": []}], tok.pad_token_id, 64)
+
+
+def test_packing_is_refused_before_training_for_attention_without_4d_masks(tok_and_vocab):
+    from ttds_ray.errors import ConfigError
+
+    tok, vocab, base = tok_and_vocab
+    model = _model(_cfg("full"), base, tok, vocab)
+    llm.check_packing(model, _cfg("full", pack=True))                  # sdpa: fine
+    model.config._attn_implementation = "flash_attention_2"
+    llm.check_packing(model, _cfg("full", pack=False))                 # not packing: fine
+    with pytest.raises(ConfigError, match="llm.pack=true .*flash_attention_2.*llm.pack=false"):
+        llm.check_packing(model, _cfg("full", pack=True))
+    with pytest.raises(ValueError, match="4D mask"):                  # and lm_loss refuses a packed batch
+        llm.model_attention_mask(model, torch.ones(1, 1, 3, 3, dtype=torch.bool))

@@ -279,7 +279,7 @@ class LLMConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(20, ge=0, description="Optimiser steps of linear learning-rate warm-up.")
     max_length: int = Field(256, ge=16, description="Tokens per training sequence (truncated from the left).")
-    pack: bool = Field(False, description="Pack each training batch's samples into fewer rows (block-diagonal "
+    pack: bool = Field(True, description="Pack each training batch's samples into fewer rows (block-diagonal "
                        "attention, positions restarting per sample; tasks.pack) instead of padding every sample to "
                        "the longest: the same loss and gradient up to float rounding, less compute. Needs sdpa or "
                        "eager attention. Not part of the stage hash (docs/DESIGN-NOTES.md, 'Sample packing').")

