@@ -98,3 +98,23 @@ def test_llm_recipe_refuses_a_checkpoint_of_another_model(local_run):
     files[recipes.TRAINABLE] = recipes.state_bytes({"not.a.parameter": torch.zeros(1)})
     with pytest.raises(ArtifactError, match="trainable parameters"):
         rec.load_state_dict(files)
+
+
+@pytest.mark.parametrize("reindex", ["fresh", "llm"])
+def test_llm_recipe_runs_a_likelihood_gated_round(local_run, reindex):
+    """dynamic.accept=llm wired through the recipe: the round reports the gate, makes only accepted moves, and
+    the item index stays unique (reindex=llm: the IDs the LLM proposes, gated)."""
+    from ttds_ray.config import config_from_dict
+
+    cfg, run, _ = local_run
+    d = cfg.to_dict()
+    d["dynamic"].update(accept="llm", reindex=reindex, accept_contexts=2)
+    rec = _llm_recipe(config_from_dict(d), run, [])
+    before = rec.item_codes.copy()
+    torch.set_num_threads(1)
+    rec.fit()
+    (r,) = rec.rounds
+    g = r["gate"]
+    assert g["proposed"] >= g["scored"] > 0 and g["accepted"] > 0         # the gate had moves to judge and g["accepted"] - g["reverted"] == r["changed"] <= g["proposed"]
+    assert r["changed"] == int((rec.item_codes != before).any(1).sum())
+    assert len(np.unique(rec.item_codes, axis=0)) == len(rec.item_codes)
