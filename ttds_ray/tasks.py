@@ -602,7 +602,8 @@ def pack(samples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.T
     for i in sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i)):
         r = next((r for r, free in enumerate(room) if free >= len(ids[i])), None)
         if r is None:
-            rows.append([]), room.append(width)
+            rows.append([])
+            room.append(width)
             r = len(rows) - 1
         rows[r].append(i)
         room[r] -= len(ids[i])
