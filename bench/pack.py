@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -97,5 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.getcwd())
     main()
