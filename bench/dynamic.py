@@ -44,6 +44,9 @@ log = logging.getLogger("dynamic")
 
 _STRONG_GUIDANCE = ["dynamic.guide_samples=2048", "dynamic.tokenizer_epochs=5", "dynamic.gamma_kl=1.0",
                     "dynamic.gamma_nce=1.0"]
+#: Applied before every variant's overrides, so that a variant means the same whatever a config's own choice is
+#: (configs/scientific_tiny.yaml gates its rounds, ``dynamic.accept: llm``; the variants name the gate when they use it).
+VARIANT_BASE = ["dynamic.accept=all"]
 #: Variants as overrides of the TTDS config of the quality preset.
 VARIANTS = {
     "static": ["dynamic.static_index=true"],
@@ -138,7 +141,7 @@ def run_variant(dataset: str, seed: int, variant: str, steps: int, *, preset: st
     pipeline.run(base_cfg, backend, stop_after="tokenizer")          # reused when bench/quality.py built it
     cfg = load_config(config_file, [*common, f"output_dir={runs_dir / 'dynamic'}",
                                            f"name={dataset}-s{seed}-{variant}-{steps}", f"llm.max_steps={steps}",
-                                           *VARIANTS[variant], *extra])
+                                           *VARIANT_BASE, *VARIANTS[variant], *extra])
     pipeline.run(cfg, backend, reuse_from=base_cfg.run_dir)
     run = RunDir(cfg.run_dir)
     test = read_json(run.require("eval") / Files.METRICS)

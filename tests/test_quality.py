@@ -193,7 +193,7 @@ def test_every_bench_variant_is_a_valid_config(dyn):
     for cfg_file in ("configs/quickstart.yaml", "configs/scientific_tiny.yaml"):
         base = load_config(REPO / cfg_file, [])
         for name, overrides in dyn.VARIANTS.items():
-            cfg = load_config(REPO / cfg_file, overrides)
+            cfg = load_config(REPO / cfg_file, [*dyn.VARIANT_BASE, *overrides])
             if name in dyn.ABLATIONS:
                 assert cfg.to_dict() != base.to_dict(), name
     q = load_config(REPO / "configs/quickstart.yaml", dyn.VARIANTS["no-co_interaction"])
