@@ -458,10 +458,6 @@ def _level_logprobs(logits: Tensor, token_ids: Tensor) -> Tensor:
     return logits[:, token_ids] - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
-TREE_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
-"""HF attention implementations that take a custom 4D mask as-is (the 'sid' path's tree attention needs one)."""
-
-
 class _StepScorer:
     """One LM call of a decoding step, and the log-probs of one level's K SID tokens, normalised over the rows
     the training loss normalised over (:func:`ttds_ray.llm.lm_loss`, config ``llm.loss_vocab``).
@@ -473,7 +469,7 @@ class _StepScorer:
       (copied once per call, :func:`ttds_ray.llm.head_rows`), log-softmax over those M * K rows: the softmax
       ``lm_loss`` trains SID labels with. The beams share their prompt's KV cache (``tree``: see
       :func:`_tree_mask`). Models without a separate decoder, a linear head, or an attention implementation
-      that takes a 4D mask (:data:`TREE_ATTENTION_IMPLEMENTATIONS`) get the same numbers the slow way: full
+      that takes a 4D mask (:data:`ttds_ray.llm.MASK_4D_ATTENTION_IMPLEMENTATIONS`) get the same numbers the slow way: full
       logits indexed at those rows, per-beam cache copies.
 
     Args:
@@ -496,11 +492,11 @@ class _StepScorer:
 
             decoder = model.get_decoder()
             attn = getattr(getattr(decoder, "config", None), "_attn_implementation", None)
-            if decoder is not None and decoder is not model and attn in TREE_ATTENTION_IMPLEMENTATIONS:
+            if decoder is not None and decoder is not model and attn in llm.MASK_4D_ATTENTION_IMPLEMENTATIONS:
                 self.head = llm.head_rows(model, self.sid_rows)
                 self.decoder = decoder if self.head is not None else None
         self.tree = self.decoder is not None
-        self.bool_mask = self.tree and attn == "sdpa"   # sdpa takes a bool mask; eager adds a float one
+        self.attn = attn
 
     def forward(self, **inputs) -> tuple[Tensor, object]:
         """Runs the model on `inputs` (input_ids, attention_mask, position_ids, cache). Returns `(state, cache)`:
@@ -524,10 +520,9 @@ class _StepScorer:
 
     def tree_mask(self, prompt_mask: Tensor, seen: Tensor, dtype: torch.dtype) -> Tensor:
         """The 4D attention mask of one tree step (:func:`_tree_mask`) in the form the attention takes."""
-        mask = _tree_mask(prompt_mask, seen)
-        if self.bool_mask:
-            return mask
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        from .llm import mask_4d_for
+
+        return mask_4d_for(self.attn, _tree_mask(prompt_mask, seen), dtype)
 
 
 def _tree_mask(prompt_mask: Tensor, seen: Tensor) -> Tensor:

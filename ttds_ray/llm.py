@@ -422,8 +422,17 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-PACKED_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
-"""HF attention implementations that take a custom 4D mask as-is (a packed batch's block mask needs one)."""
+MASK_4D_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+"""HF attention implementations that take a custom 4D mask as-is (a packed batch's block mask and decoding's
+tree mask need one)."""
+
+
+def mask_4d_for(attn: str, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool 4D mask (True = attend) in the form attention implementation ``attn`` takes: as is for sdpa, as an
+    additive ``dtype`` mask (0 or the dtype's minimum) for eager."""
+    if attn == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def attention_implementation(model: nn.Module) -> str:
@@ -438,8 +447,8 @@ def check_packing(model: nn.Module, cfg: LLMConfig) -> None:
         ConfigError: naming ``llm.pack``, the backbone and its attention implementation.
     """
     attn = attention_implementation(model)
-    if cfg.pack and attn not in PACKED_ATTENTION_IMPLEMENTATIONS:
-        raise ConfigError(f"llm.pack=true needs attention that takes a 4D mask ({', '.join(PACKED_ATTENTION_IMPLEMENTATIONS)});"
+    if cfg.pack and attn not in MASK_4D_ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"llm.pack=true needs attention that takes a 4D mask ({', '.join(MASK_4D_ATTENTION_IMPLEMENTATIONS)});"
                           f" llm.backbone={cfg.backbone!r} runs {attn!r}: set llm.pack=false")
 
 
@@ -449,19 +458,16 @@ def model_attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
 
     Raises:
         ValueError: a 4D mask for a model whose attention implementation is not in
-            :data:`PACKED_ATTENTION_IMPLEMENTATIONS` (e.g. flash attention: set ``llm.pack=false``).
+            :data:`MASK_4D_ATTENTION_IMPLEMENTATIONS` (e.g. flash attention: set ``llm.pack=false``).
     """
     if mask.dim() != 4:
         return mask
     attn = attention_implementation(model)
-    if attn not in PACKED_ATTENTION_IMPLEMENTATIONS:
-        names = ", ".join(PACKED_ATTENTION_IMPLEMENTATIONS)
+    if attn not in MASK_4D_ATTENTION_IMPLEMENTATIONS:
+        names = ", ".join(MASK_4D_ATTENTION_IMPLEMENTATIONS)
         raise ValueError(f"a packed batch needs the model's attention to take a 4D mask ({names}); this model "
                          f"uses {attn!r}: set llm.pack=false")
-    if attn == "sdpa":
-        return mask
-    dtype = next(model.parameters()).dtype
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask_4d_for(attn, mask, next(model.parameters()).dtype)
 
 
 def lm_loss(model: nn.Module, batch: dict, *, sid_ids: torch.Tensor | None = None) -> torch.Tensor:
