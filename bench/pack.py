@@ -43,6 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--steps and --threads must be >= 1 and --warmup >= 0")
+    if not (args.run / "config.yaml").is_file():
+        parser.error(f"--run {args.run} is not a run directory (no config.yaml); pass one with a finished tokenizer stage")
     torch.set_num_threads(args.threads)
     run = RunDir(args.run)
     cfg = load_config(run.root / "config.yaml")
