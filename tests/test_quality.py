@@ -233,3 +233,37 @@ def test_dynamic_bench_set_is_checked_before_any_work(dyn, bad, says, capsys, tm
         dyn.main(["--set", bad, "--seeds", "0", "--variants", "static", "--runs-dir", str(tmp_path)])
     assert e.value.code == 2 and says in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def vs(q):
+    """bench/versus.py (imports bench/quality.py as ``quality``)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_versus", REPO / "bench" / "versus.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_versus_compares_per_seed_on_the_same_users(vs):
+    """TTDS minus SASRec per seed, its mean over seeds and the bootstrap; other users are refused."""
+    users = np.array([3, 5, 8])
+    ttds = {0: (users, np.array([1, 0, 2])), 1: (users, np.array([1, 1, 0]))}
+    other = {0: (users, np.array([0, 0, 2])), 1: (users, np.array([2, 1, 11]))}
+    out = vs.compare(ttds, other, ["HR@10", "NDCG@10"], n_resamples=200)
+    assert out["HR@10"]["per_seed"][0] == pytest.approx([2 / 3, 1 / 3])
+    assert out["HR@10"]["per_seed"][1] == pytest.approx([2 / 3, 2 / 3])
+    assert out["HR@10"]["diff"] == pytest.approx((1 / 3 + 0) / 2) == out["HR@10"]["bootstrap"]["diff"]
+    gain = (1 - 1 / np.log2(3)) / 3                                   # seed 1: rank 2 -> 1 for one user of three
+    assert out["NDCG@10"]["per_seed"][1][0] - out["NDCG@10"]["per_seed"][1][1] == pytest.approx(gain)
+    with pytest.raises(ValueError, match="different test users"):
+        vs.compare(ttds, {**other, 1: (np.array([3, 5, 9]), other[1][1])}, ["HR@10"])
+    with pytest.raises(ValueError, match="same seeds"):
+        vs.compare(ttds, {0: other[0]}, ["HR@10"])
+
+
+def test_versus_refuses_a_results_file_without_a_sasrec_selection(vs, tmp_path):
+    path = tmp_path / "dynamic-x-600.json"
+    path.write_text(json.dumps({"meta": {"dataset": "x"}, "records": []}))
+    with pytest.raises(ValueError, match="--sasrec-epochs"):
+        vs.sasrec_from(path)
