@@ -10,7 +10,9 @@ models start from the same weights and see the same batches; the loss of the two
 up to float rounding at the first step, then drifting apart by rounding only).
 
 Reported: tokens per batch (real and as computed: rows x width), padding share, rows per batch, median and mean
-ms per step of each form, the speed-up, and /proc/loadavg before and after (this machine is shared).
+ms per step of each form, the speed-up, and /proc/loadavg before and after (this machine is shared). With
+``--profile N``, N more packed steps run under ``torch.profiler`` and the ops with the most self CPU time per step
+are reported too (where a step's time goes: matmuls, attention, the loss softmax, the optimiser).
 """
 from __future__ import annotations
 
@@ -33,16 +35,34 @@ def _loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+def profile_ops(step, batches: list, top: int = 15) -> dict:
+    """Run ``step(b)`` for every batch under ``torch.profiler`` (CPU); returns the ``top`` ops by self CPU time as
+    ``{"ops": [{"op", "self_ms_per_step", "share", "calls_per_step"}], "self_ms_per_step": total}`` (ms per step,
+    share of all ops' self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for b in batches:
+            step(b)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    n = len(batches)
+    return {"self_ms_per_step": total / 1e3 / n,
+            "ops": [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / n,
+                     "share": e.self_cpu_time_total / total, "calls_per_step": e.count / n} for e in events[:top]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a run directory with finished tokenizer stage")
     parser.add_argument("--steps", type=int, default=40, help="timed steps of each form")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each form first")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the cpu-fast preset uses 1)")
+    parser.add_argument("--profile", type=int, default=0, help="packed steps to profile after the timing (0 = none)")
     parser.add_argument("--out", type=Path, help="write the measurement as JSON here")
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error("--steps and --threads must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.profile < 0:
+        parser.error("--steps and --threads must be >= 1, --warmup and --profile >= 0")
     if not (args.run / "config.yaml").is_file():
         parser.error(f"--run {args.run} is not a run directory (no config.yaml); pass one with a finished tokenizer stage")
     torch.set_num_threads(args.threads)
@@ -57,8 +77,8 @@ def main() -> None:
     spe, _, _ = pipeline.llm_budget(len(samples), cfg)
     batches = recipes.epoch_batches(len(samples), spe, cfg.llm.batch_size, cfg.seed, 0)
     n = args.warmup + args.steps
-    if len(batches) < n:
-        parser.error(f"the run's epoch has {len(batches)} batches; lower --steps/--warmup to at most that")
+    if len(batches) < n + args.profile:
+        parser.error(f"the run's epoch has {len(batches)} batches; lower --steps/--warmup/--profile to at most that")
     sid = vocab.item_token_ids.flatten() if cfg.llm.loss_vocab == "sid" else None
     opts = {k: llm.make_optimizer(m, cfg.llm, n) for k, m in models.items()}
     forms = {"padded": tasks.collate, "packed": tasks.pack}
@@ -91,6 +111,11 @@ def main() -> None:
                   "width": float(np.mean([w for _, w in shape[k]])), "computed_tokens_per_batch": computed,
                   "padding_share": 1.0 - out["real_tokens_per_batch"] / computed}
     out["speedup_median"] = out["padded"]["ms_per_step_median"] / out["packed"]["ms_per_step_median"]
+    if args.profile:
+        batches_p = [tasks.pack(tasks.render_batch([samples[j] for j in idx], item_tok, user_tok), tok.pad_token_id,
+                                cfg.llm.max_length) for idx in batches[n:n + args.profile]]
+        out["profile"] = profile_ops(lambda b: llm.train_step(models["packed"], *opts["packed"], b, sid_ids=sid),
+                                     batches_p)
     print(json.dumps(out, indent=1))
     if args.out:
         write_json(args.out, out)

@@ -267,3 +267,17 @@ def test_versus_refuses_a_results_file_without_a_sasrec_selection(vs, tmp_path):
     path.write_text(json.dumps({"meta": {"dataset": "x"}, "records": []}))
     with pytest.raises(ValueError, match="--sasrec-epochs"):
         vs.sasrec_from(path)
+
+
+def test_pack_bench_profile_names_where_a_step_spends_its_time():
+    """bench/pack.py --profile: the op that does the work tops the table, per step, with its share of the time."""
+    import torch
+    spec = importlib.util.spec_from_file_location("bench_pack", REPO / "bench" / "pack.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = torch.randn(256, 256)
+    out = mod.profile_ops(lambda b: [a @ b for _ in range(4)], [torch.randn(256, 256) for _ in range(3)], top=5)
+    top = out["ops"][0]
+    assert top["op"] == "aten::mm" and top["calls_per_step"] == pytest.approx(4)
+    assert 0.5 < top["share"] <= 1 and top["self_ms_per_step"] <= out["self_ms_per_step"]
+    assert len(out["ops"]) <= 5 and sum(o["share"] for o in out["ops"]) <= 1 + 1e-9
