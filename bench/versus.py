@@ -96,17 +96,31 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if "{seed}" not in args.runs:
         p.error("--runs must contain {seed}")
+    for m in args.metrics:
+        try:
+            Q.per_user([], m)
+        except ValueError as e:
+            p.error(f"--metrics: {e}")
+    if not args.sasrec.is_file():
+        p.error(f"--sasrec {args.sasrec} does not exist")
     from ttds_ray import baselines
     from ttds_ray.artifacts import RunDir
+    from ttds_ray.errors import ArtifactError, StageMissing
 
-    sasrec, sasrec_meta = sasrec_from(args.sasrec)
+    try:
+        sasrec, sasrec_meta = sasrec_from(args.sasrec)
+    except ValueError as e:
+        p.error(str(e))
     missing = [s for s in args.seeds if s not in sasrec]
     if missing:
         p.error(f"{args.sasrec} holds no SASRec for seeds {missing}")
     ttds, walls = {}, {}
     for s in args.seeds:
         run = RunDir(Path(args.runs.format(seed=s)))
-        ttds[s] = baselines.ttds_ranks(run)
+        try:
+            ttds[s] = baselines.ttds_ranks(run)
+        except (StageMissing, ArtifactError) as e:
+            p.error(f"--runs, seed {s}: {e}")
         walls[s] = {"ttds_llm_s": run.manifest("llm").get("wall_s"),
                     "sasrec_epochs": sasrec_meta[str(s)]["epochs"], "sasrec_s": sasrec_meta[str(s)]["wall_s"]}
     result = compare(ttds, {s: sasrec[s] for s in args.seeds}, args.metrics)

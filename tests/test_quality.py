@@ -281,3 +281,16 @@ def test_pack_bench_profile_names_where_a_step_spends_its_time():
     assert top["op"] == "aten::mm" and top["calls_per_step"] == pytest.approx(4)
     assert 0.5 < top["share"] <= 1 and top["self_ms_per_step"] <= out["self_ms_per_step"]
     assert len(out["ops"]) <= 5 and sum(o["share"] for o in out["ops"]) <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("args, says", [(["--metrics", "MRR"], "--metrics"), (["--sasrec", "missing.json"], "--sasrec"),
+                                        (["--runs", "runs/x"], "{seed}")])
+def test_versus_refuses_bad_arguments_before_any_work(vs, args, says, capsys, tmp_path):
+    base = {"--runs": str(tmp_path / "r{seed}"), "--sasrec": str(tmp_path / "s.json"), "--out": str(tmp_path / "o.json")}
+    (tmp_path / "s.json").write_text(json.dumps({"meta": {"sasrec": {}}, "records": []}))
+    base.update(dict(zip(args[::2], args[1::2])))
+    argv = [x for kv in base.items() for x in kv] + ["--seeds", "0"] + (args if args[0] not in base else [])
+    with pytest.raises(SystemExit) as e:
+        vs.main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
