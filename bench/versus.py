@@ -1,7 +1,10 @@
-"""TTDS runs against the validation-selected SASRec of a ``bench/dynamic.py --sasrec-epochs`` results file.
+"""TTDS runs against the validation-selected SASRec of a ``bench/dynamic.py --sasrec-epochs`` results file, or
+against another set of TTDS runs.
 
     python bench/versus.py --runs 'runs/qs-cb-s{seed}' --seeds 0 1 2 3 4 \
         --sasrec results/sasrec-budget-ml100k-600.json --out results/versus-quickstart-ml100k.json
+    python bench/versus.py --runs 'runs/probe/beauty-s{seed}-static-cb-w256-2400' --seeds 0 1 2 \
+        --against 'runs/dynamic/beauty-s{seed}-static-cb-2400'
 
 Issue 13's goal 2 compares TTDS trained with a config's own budget (e.g. the quickstart's 3,096 LLM steps,
 ``jobs/train.py``) with SASRec given as much training as helps it (``cf.epochs`` chosen per seed on validation by
@@ -9,6 +12,8 @@ Issue 13's goal 2 compares TTDS trained with a config's own budget (e.g. the qui
 ``eval/rankings.parquet`` against the file's per-user SASRec ranks); the script checks it. Prints, and writes with
 ``--out`` (JSON + markdown), per seed the test metric of each, the mean difference with a 95 % t-interval over seeds,
 the paired bootstrap over users (stratified by seed; ``bench/quality.py``), and each side's stage wall.
+``--against`` compares two sets of TTDS runs the same way (e.g. a probe against its reference variant): both must
+have evaluated the same test users per seed (same data, seed and ``eval.max_users``).
 """
 from __future__ import annotations
 
@@ -72,8 +77,9 @@ def sasrec_from(path: Path) -> tuple[dict[int, tuple], dict]:
     return ranks, doc["meta"]["sasrec"]
 
 
-def render(result: dict, walls: dict, command: str) -> str:
-    lines = [f"`{command}`", "", "| metric | seed | TTDS | SASRec | TTDS − SASRec |", "|---|---|---|---|---|"]
+def render(result: dict, walls: dict, command: str, names: tuple[str, str] = ("TTDS", "SASRec")) -> str:
+    a_, b_ = names
+    lines = [f"`{command}`", "", f"| metric | seed | {a_} | {b_} | {a_} − {b_} |", "|---|---|---|---|---|"]
     for m, r in result.items():
         for s, (a, b) in r["per_seed"].items():
             lines.append(f"| {m} | {s} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
@@ -81,55 +87,79 @@ def render(result: dict, walls: dict, command: str) -> str:
         t = "–" if r["low"] is None else f"[{r['low']:+.4f}, {r['high']:+.4f}]"
         lines.append(f"| {m} | mean | | | {r['diff']:+.4f} {t} over seeds; bootstrap over users "
                      f"[{bs['low']:+.4f}, {bs['high']:+.4f}], P(Δ≤0) {bs['p_le_0']:.3f} |")
-    lines += ["", "| seed | TTDS llm stage s | SASRec epochs | SASRec cf stage s |", "|---|---|---|---|"]
-    lines += [f"| {s} | {w['ttds_llm_s']} | {w['sasrec_epochs']} | {w['sasrec_s']} |" for s, w in walls.items()]
+    if all("sasrec_s" in w for w in walls.values()):
+        lines += ["", "| seed | TTDS llm stage s | SASRec epochs | SASRec cf stage s |", "|---|---|---|---|"]
+        lines += [f"| {s} | {w['ttds_llm_s']} | {w['sasrec_epochs']} | {w['sasrec_s']} |" for s, w in walls.items()]
+    else:
+        lines += ["", f"| seed | {a_} llm stage s | {b_} llm stage s |", "|---|---|---|"]
+        lines += [f"| {s} | {w['ttds_llm_s']} | {w['against_llm_s']} |" for s, w in walls.items()]
     return "\n".join(lines) + "\n"
+
+
+def _runs(p: argparse.ArgumentParser, flag: str, pattern: str, seeds: list[int]) -> tuple[dict, dict]:
+    """``({seed: (users, ranks)}, {seed: llm stage wall s})`` of the run directories ``pattern`` names; a missing
+    or unfinished run is a usage error naming ``flag`` and the seed."""
+    from ttds_ray import baselines
+    from ttds_ray.artifacts import RunDir
+    from ttds_ray.errors import ArtifactError, StageMissing
+
+    ranks, walls = {}, {}
+    for s in seeds:
+        run = RunDir(Path(pattern.format(seed=s)))
+        try:
+            ranks[s] = baselines.ttds_ranks(run)
+            walls[s] = run.manifest("llm").get("wall_s")
+        except (StageMissing, ArtifactError) as e:
+            p.error(f"{flag}, seed {s}: {e}")
+    return ranks, walls
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", required=True, help="run directory pattern with {seed}, e.g. 'runs/qs-cb-s{seed}'")
     p.add_argument("--seeds", nargs="+", type=int, required=True)
-    p.add_argument("--sasrec", type=Path, required=True, help="results JSON of bench/dynamic.py --sasrec-epochs")
+    other = p.add_mutually_exclusive_group(required=True)
+    other.add_argument("--sasrec", type=Path, help="results JSON of bench/dynamic.py --sasrec-epochs")
+    other.add_argument("--against", help="another run directory pattern with {seed}: TTDS runs to compare with")
     p.add_argument("--metrics", nargs="+", default=["NDCG@10", "HR@10"])
     p.add_argument("--out", type=Path, default=None, help="write this JSON and a .md beside it")
     args = p.parse_args(argv)
-    if "{seed}" not in args.runs:
-        p.error("--runs must contain {seed}")
+    for flag, pattern in (("--runs", args.runs), ("--against", args.against)):
+        if pattern is not None and "{seed}" not in pattern:
+            p.error(f"{flag} must contain {{seed}}")
     for m in args.metrics:
         try:
             Q.per_user([], m)
         except ValueError as e:
             p.error(f"--metrics: {e}")
-    if not args.sasrec.is_file():
+    if args.sasrec is not None and not args.sasrec.is_file():
         p.error(f"--sasrec {args.sasrec} does not exist")
-    from ttds_ray import baselines
-    from ttds_ray.artifacts import RunDir
-    from ttds_ray.errors import ArtifactError, StageMissing
-
+    ttds, ttds_walls = _runs(p, "--runs", args.runs, args.seeds)
+    if args.sasrec is not None:
+        try:
+            other, sasrec_meta = sasrec_from(args.sasrec)
+        except ValueError as e:
+            p.error(str(e))
+        missing = [s for s in args.seeds if s not in other]
+        if missing:
+            p.error(f"{args.sasrec} holds no SASRec for seeds {missing}")
+        walls = {s: {"ttds_llm_s": ttds_walls[s], "sasrec_epochs": sasrec_meta[str(s)]["epochs"],
+                     "sasrec_s": sasrec_meta[str(s)]["wall_s"]} for s in args.seeds}
+        names = ("TTDS", "SASRec")
+    else:
+        other, other_walls = _runs(p, "--against", args.against, args.seeds)
+        walls = {s: {"ttds_llm_s": ttds_walls[s], "against_llm_s": other_walls[s]} for s in args.seeds}
+        names = ("runs", "against")
     try:
-        sasrec, sasrec_meta = sasrec_from(args.sasrec)
+        result = compare(ttds, {s: other[s] for s in args.seeds}, args.metrics)
     except ValueError as e:
         p.error(str(e))
-    missing = [s for s in args.seeds if s not in sasrec]
-    if missing:
-        p.error(f"{args.sasrec} holds no SASRec for seeds {missing}")
-    ttds, walls = {}, {}
-    for s in args.seeds:
-        run = RunDir(Path(args.runs.format(seed=s)))
-        try:
-            ttds[s] = baselines.ttds_ranks(run)
-        except (StageMissing, ArtifactError) as e:
-            p.error(f"--runs, seed {s}: {e}")
-        walls[s] = {"ttds_llm_s": run.manifest("llm").get("wall_s"),
-                    "sasrec_epochs": sasrec_meta[str(s)]["epochs"], "sasrec_s": sasrec_meta[str(s)]["wall_s"]}
-    result = compare(ttds, {s: sasrec[s] for s in args.seeds}, args.metrics)
     command = "python bench/versus.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    text = render(result, walls, command)
+    text = render(result, walls, command, names)
     print(text)
     if args.out:
-        write_json(args.out, {"command": command, "runs": args.runs, "sasrec": str(args.sasrec),
-                              "result": result, "walls": walls})
+        write_json(args.out, {"command": command, "runs": args.runs, "sasrec": args.sasrec and str(args.sasrec),
+                              "against": args.against, "result": result, "walls": walls})
         atomic_write_bytes(args.out.with_suffix(".md"), text.encode())
     return 0
 

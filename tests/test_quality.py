@@ -269,6 +269,40 @@ def test_versus_refuses_a_results_file_without_a_sasrec_selection(vs, tmp_path):
         vs.sasrec_from(path)
 
 
+def _fake_run(root, users, targets, ranked, wall):
+    """A run directory with just the llm and eval stages bench/versus.py reads (rankings.parquet, llm wall)."""
+    import pandas as pd
+    from ttds_ray.artifacts import Files, RunDir
+    run = RunDir(root)
+    with run.write_stage("llm", config_hash="x", numbers={}):
+        pass
+    with run.write_stage("eval", config_hash="x") as (d, _):
+        pd.DataFrame({"user_idx": users, "target": targets, "ranked": ranked}).to_parquet(d / Files.RANKINGS)
+    man = root / "llm" / Files.MANIFEST
+    man.write_text(json.dumps({**json.loads(man.read_text()), "wall_s": wall}))
+
+
+def test_versus_against_compares_two_sets_of_runs_on_the_same_users(vs, tmp_path, capsys):
+    """--against: per seed, run A minus run B from their eval rankings; other users are a usage error."""
+    users, targets = [0, 1, 2, 3], [7, 8, 9, 6]
+    for s in (0, 1):
+        _fake_run(tmp_path / f"a{s}", users, targets, [[7, 1], [2, 8], [5, 4], [6]], 10.0 + s)     # HR@10 3/4
+        _fake_run(tmp_path / f"b{s}", users, targets, [[1, 7], [3, 4], [5, 4], [1]], 20.0 + s)     # HR@10 1/4
+    out = tmp_path / "o.json"
+    assert vs.main(["--runs", str(tmp_path / "a{seed}"), "--against", str(tmp_path / "b{seed}"), "--seeds", "0", "1",
+                    "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["result"]["HR@10"]["diff"] == pytest.approx(0.5)
+    ndcg_a, ndcg_b = (1 + 1 / np.log2(3) + 1) / 4, (1 / np.log2(3)) / 4
+    assert doc["result"]["NDCG@10"]["per_seed"]["1"] == pytest.approx([ndcg_a, ndcg_b])
+    assert doc["walls"]["1"] == {"ttds_llm_s": 11.0, "against_llm_s": 21.0}
+    assert "| HR@10 | 0 | 0.7500 | 0.2500 | +0.5000 |" in capsys.readouterr().out
+    _fake_run(tmp_path / "c0", [0, 1, 2, 4], targets, [[7], [8], [9], [6]], 1.0)
+    with pytest.raises(SystemExit) as e:
+        vs.main(["--runs", str(tmp_path / "a{seed}"), "--against", str(tmp_path / "c{seed}"), "--seeds", "0"])
+    assert e.value.code == 2 and "different test users" in capsys.readouterr().err
+
+
 def test_pack_bench_profile_names_where_a_step_spends_its_time():
     """bench/pack.py --profile: the op that does the work tops the table, per step, with its share of the time."""
     import torch
@@ -284,11 +318,14 @@ def test_pack_bench_profile_names_where_a_step_spends_its_time():
 
 
 @pytest.mark.parametrize("args, says", [(["--metrics", "MRR"], "--metrics"), (["--sasrec", "missing.json"], "--sasrec"),
-                                        (["--runs", "runs/x"], "{seed}")])
+                                        (["--runs", "runs/x"], "{seed}"), (["--against", "runs/y{seed}"], "--against"),
+                                        (["--against", "runs/y"], "--against")])
 def test_versus_refuses_bad_arguments_before_any_work(vs, args, says, capsys, tmp_path):
     base = {"--runs": str(tmp_path / "r{seed}"), "--sasrec": str(tmp_path / "s.json"), "--out": str(tmp_path / "o.json")}
     (tmp_path / "s.json").write_text(json.dumps({"meta": {"sasrec": {}}, "records": []}))
     base.update(dict(zip(args[::2], args[1::2])))
+    if args == ["--against", "runs/y"]:
+        del base["--sasrec"]                              # alone, but without {seed}
     argv = [x for kv in base.items() for x in kv] + ["--seeds", "0"] + (args if args[0] not in base else [])
     with pytest.raises(SystemExit) as e:
         vs.main(argv)
