@@ -88,3 +88,19 @@ def test_accept_moves_applies_accepted_moves_and_reverts_those_that_would_share_
     assert len(np.unique(codes, axis=0)) == len(codes)
     with pytest.raises(ValueError, match="repeats"):
         accept_moves(old, np.array([[0, 0], [0, 0], [1, 0], [1, 1]]), np.ones(4, dtype=bool))
+
+
+def test_drift_bench_counts_the_churn_of_an_unguided_refinement(tiny_run):
+    """bench/drift.py: no learning step, no churn; a real step moves items, counted per level as the export sees it."""
+    import importlib.util
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("bench_drift", REPO / "bench" / "drift.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg, run, _ = tiny_run
+    still = mod.unguided_churn(run, epochs=1, lr=0.0)
+    assert still["reexport_changed"] == 0 and still["changed"] == 0 and still["changed_per_level"] == [0] * 3
+    moved = mod.unguided_churn(run, epochs=2, lr=1e-3)
+    assert 0 < moved["changed"] <= moved["n_items"] and max(moved["changed_per_level"]) <= moved["changed"]
+    assert sum(moved["changed_per_level"]) >= moved["changed"] and (moved["epochs"], moved["lr"]) == (2, 1e-3)
+    assert 0 < moved["guided_items"] <= min(moved["n_items"], cfg.dynamic.guide_samples)
