@@ -72,6 +72,10 @@ VARIANTS = {
     # likelihood-gated rounds: a proposed move is made only where the frozen LLM prefers the new ID (dynamic.accept=llm)
     "fresh-cb-llm": ["llm.sid_init=codebook", "dynamic.accept=llm"],
     "fresh-cb-llm-r4": ["llm.sid_init=codebook", "dynamic.accept=llm", "dynamic.rounds=4"],
+    # only the items the round's guidance prompts target may move (dynamic.accept=guided); 2,048 prompts cover
+    # most of a small catalogue (bench/drift.py: the other moves are the tower's own drift)
+    "fresh-cb-guided": ["llm.sid_init=codebook", "dynamic.accept=guided"],
+    "fresh-cb-guided-2048": ["llm.sid_init=codebook", "dynamic.accept=guided", "dynamic.guide_samples=2048"],
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights

@@ -100,6 +100,29 @@ def test_llm_recipe_refuses_a_checkpoint_of_another_model(local_run):
         rec.load_state_dict(files)
 
 
+def test_llm_recipe_round_with_guided_only_moves_moves_only_guidance_targets(local_run):
+    """dynamic.accept=guided: a round changes the ID of no item that none of its guidance prompts targets."""
+    from ttds_ray import dynamic
+    from ttds_ray.config import config_from_dict
+
+    cfg, run, _ = local_run
+    d = cfg.to_dict()
+    d["dynamic"].update(accept="guided", tokenizer_lr=0.01)
+    cfg = config_from_dict(d)
+    rec = _llm_recipe(cfg, run, [])
+    before = rec.item_codes.copy()
+    torch.set_num_threads(1)
+    rec.fit()
+    (r,) = rec.rounds
+    _, _, targets = dynamic.guidance_prompts(rec.train_seqs, cfg.dynamic.guide_samples,
+                                             max_history=cfg.data.max_history, seed=cfg.seed + 1000)
+    moved = np.flatnonzero((rec.item_codes != before).any(1))
+    g = r["guided"]
+    assert g["proposed"] > g["proposed_guided"] > 0 and g["guided_items"] == len(np.unique(targets))
+    assert len(moved) == r["changed"] == g["proposed_guided"] - g["reverted"] and set(moved) <= set(targets.tolist())
+    assert len(np.unique(rec.item_codes, axis=0)) == len(rec.item_codes)
+
+
 @pytest.mark.parametrize("reindex", ["fresh", "llm"])
 def test_llm_recipe_runs_a_likelihood_gated_round(local_run, reindex):
     """dynamic.accept=llm wired through the recipe: the round reports the gate, makes only accepted moves, and

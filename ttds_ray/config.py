@@ -320,11 +320,13 @@ class DynamicConfig(_Section):
                                  "code's squared residual distance < (1 - margin) x the old code's.")
     max_changed: float = Field(1.0, gt=0, le=1, description="reindex=sticky: cap on the share of items whose "
                                "ID changes in one round.")
-    accept: Literal["all", "llm"] = Field(
+    accept: Literal["all", "llm", "guided"] = Field(
         "all", description="Which of the round's proposed moves are made: 'all' = every item whose ID the "
         "re-index changed; 'llm' = only items whose new ID the frozen LLM finds more likely than the old one, by "
         "dynamic.accept_margin nats, averaged over dynamic.accept_contexts training contexts where the item is "
-        "the next item (docs/DESIGN-NOTES.md, 'Likelihood-gated re-indexing').")
+        "the next item (docs/DESIGN-NOTES.md, 'Likelihood-gated re-indexing'); 'guided' = only items that are the "
+        "target of one of the round's dynamic.guide_samples guidance prompts (research: the other moves are the "
+        "tower's drift; docs/DESIGN-NOTES.md, 'Guided-only moves').")
     accept_contexts: int = Field(8, ge=1, le=1000, description="accept=llm: training contexts (history -> "
                                  "this item) scored per moving item.")
     accept_margin: float = Field(0.0, ge=0, description="accept=llm: a move is made only if the mean log-"

@@ -273,11 +273,13 @@ def run_round(model: nn.Module, tower: towers.Tower, table: towers.SIDTable, *, 
         targets: int64 ``(M,)`` item_idx of the targets.
         level1_token_ids: int64 ``(K,)`` vocab ids of ``<i1_k>``.
         item_s / item_c: float32 ``(N, D_s)`` / ``(N, D_c)`` tower inputs.
-        gate: required when ``dyn_cfg.accept == 'llm'`` (:func:`likelihood_gate`).
+        gate: required when ``dyn_cfg.accept == 'llm'`` (:func:`likelihood_gate`). With ``dyn_cfg.accept ==
+            'guided'`` only items among ``targets`` may change ID (:func:`accept_moves`).
 
     Returns:
         The refined tower, the new unique ID table, and stats: ``changed`` (items whose ID changed),
-        collision counts, guided terms, wall seconds, and the gate's stats under ``gate``.
+        collision counts, guided terms, wall seconds, and the gate's stats under ``gate`` (``accept='llm'``) or
+        ``guided`` (``accept='guided'``: guided items, proposed moves, proposed moves of guided items, reverted).
 
     Raises:
         CollisionError: re-indexing cannot give unique IDs (names the prefix).
@@ -304,10 +306,19 @@ def run_round(model: nn.Module, tower: towers.Tower, table: towers.SIDTable, *, 
                                                    margin=dyn_cfg.switch_margin, max_changed=dyn_cfg.max_changed)
     else:
         new_table, stats = towers.export_item_sids(new_tower, item_s, item_c, tok_cfg, item_names=item_names)
-    gate_stats = None
+    gate_stats = guided_stats = None
     if dyn_cfg.accept == "llm":
         codes, gate_stats = likelihood_gate(model, table.codes, new_table.codes, gate, pad_id=pad_id,
                                             contexts=dyn_cfg.accept_contexts, margin=dyn_cfg.accept_margin, seed=seed)
+        new_table = towers.SIDTable(codes, new_table.codebook_size)
+    elif dyn_cfg.accept == "guided":
+        guided = np.zeros(len(table.codes), dtype=bool)
+        guided[np.asarray(targets, dtype=np.int64)] = True
+        codes, reverted = accept_moves(table.codes, new_table.codes, guided)
+        guided_stats = {"guided_items": int(guided.sum()),
+                        "proposed": towers.count_changed(table.codes, new_table.codes),
+                        "proposed_guided": int((guided & (table.codes != new_table.codes).any(1)).sum()),
+                        "reverted": reverted}
         new_table = towers.SIDTable(codes, new_table.codebook_size)
     stats = {"changed": towers.count_changed(table.codes, new_table.codes),
              "changed_per_level": (table.codes != new_table.codes).sum(0).tolist(), "n_items": len(new_table.codes),
@@ -315,5 +326,5 @@ def run_round(model: nn.Module, tower: towers.Tower, table: towers.SIDTable, *, 
              "wall_s": round(time.time() - t0, 1),
              **{k: stats[k] for k in ("collisions_greedy", "collisions_sinkhorn", "collisions_final", "wanted",
                                       "capped", "kept_full_prefix", "propose_wall_s") if k in stats},
-             **({"gate": gate_stats} if gate_stats else {})}
+             **({"gate": gate_stats} if gate_stats else {}), **({"guided": guided_stats} if guided_stats else {})}
     return RoundResult(new_tower, new_table, stats)
