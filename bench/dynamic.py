@@ -335,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="compare with SASRec trained for each of these cf.epochs, the count chosen per seed on "
                         "validation NDCG@10 (more SASRec training for a same-wall comparison), instead of the "
                         "preset's SASRec")
-    p.add_argument("--runs-dir", type=Path, default=Q.REPO / "runs")
+    p.add_argument("--runs-dir", type=Path, default=Q.REPO / "runs",
+                   help="parent folder: variant runs go to RUNS_DIR/dynamic, the shared stages to "
+                        "RUNS_DIR/quality-<preset>, SASRec budgets to RUNS_DIR/sasrec-budget")
     p.add_argument("--results-dir", type=Path, default=Q.REPO / "results")
     p.add_argument("--data-root", type=Path, default=Q.REPO.parent / "shared" / "data",
                    help="folder holding amazon_scientific_lcrec, amazon_beauty_p5 (as bench/quality.py; ml100k "
