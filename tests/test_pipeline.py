@@ -107,7 +107,7 @@ def test_llm_recipe_round_with_guided_only_moves_moves_only_guidance_targets(loc
 
     cfg, run, _ = local_run
     d = cfg.to_dict()
-    d["dynamic"].update(accept="guided", tokenizer_lr=0.01)
+    d["dynamic"].update(accept="guided", tokenizer_lr=1e-3, guide_samples=64)   # 0.01 can overflow a prefix
     cfg = config_from_dict(d)
     rec = _llm_recipe(cfg, run, [])
     before = rec.item_codes.copy()
