@@ -112,7 +112,9 @@ class Preset:
 
 
 # one torch thread: on 2 cores shared with other jobs, 2 threads per process took 2.1-3.0 s per LLM step, 1 thread 0.43-0.75 s
-_CPU_COMMON = ("eval.max_users=300", "ray.num_workers=1", "ray.torch_threads=1")
+# the tiny backbone at d=128 whatever a config's own width (configs/beauty_tiny.yaml, which Yelp shares, uses 256), so
+# the cpu-fast tables of docs/RESULTS.md stay reproducible and comparable across datasets
+_CPU_COMMON = ("eval.max_users=300", "ray.num_workers=1", "ray.torch_threads=1", "llm.tiny_hidden=128")
 _CPU_DYNAMIC = ("dynamic.guide_samples=256", "dynamic.tokenizer_epochs=2")
 PRESETS = {
     "smoke": Preset(
