@@ -72,8 +72,8 @@ VARIANTS = {
     # likelihood-gated rounds: a proposed move is made only where the frozen LLM prefers the new ID (dynamic.accept=llm)
     "fresh-cb-llm": ["llm.sid_init=codebook", "dynamic.accept=llm"],
     "fresh-cb-llm-r4": ["llm.sid_init=codebook", "dynamic.accept=llm", "dynamic.rounds=4"],
-    # only the items the round's guidance prompts target may move (dynamic.accept=guided); 2,048 prompts cover
-    # most of a small catalogue (bench/drift.py: the other moves are the tower's own drift)
+    # only the items the round's guidance prompts target may move (dynamic.accept=guided); 2,048 prompts target
+    # about half of MovieLens-100K's items (bench/drift.py: the other moves are the tower's own drift)
     "fresh-cb-guided": ["llm.sid_init=codebook", "dynamic.accept=guided"],
     "fresh-cb-guided-2048": ["llm.sid_init=codebook", "dynamic.accept=guided", "dynamic.guide_samples=2048"],
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
