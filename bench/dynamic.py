@@ -90,6 +90,7 @@ ABLATIONS = {
     "no-user-sid": ["tasks.use_user_sid=false"],        # user IDs out of every prompt, and the tasks that need them
     **{f"no-{g}-grain": [f"tokenizer.alpha_{g}=0"] for g in ("inst", "dist", "code")},      # DM-VAE grains
     **{f"no-{t}": [f"tasks.weights.{t}=0"] for t in _TASKS_OFF},
+    "no-aux-tasks": [f"tasks.weights.{t}=0" for t in _TASKS_OFF],   # seqrec alone: do the seven help together?
 }
 VARIANTS.update(ABLATIONS)
 WINDOW = 20          # steps either side of a round for the loss jump

@@ -199,7 +199,9 @@ def test_every_bench_variant_is_a_valid_config(dyn):
     q = load_config(REPO / "configs/quickstart.yaml", dyn.VARIANTS["no-co_interaction"])
     assert q.tasks.weights.co_interaction == 0 and q.tasks.weights.item2id > 0
     assert load_config(REPO / "configs/quickstart.yaml", dyn.VARIANTS["no-dist-grain"]).tokenizer.alpha_dist == 0
-    assert set(dyn.ABLATIONS) <= set(dyn.VARIANTS) and len(dyn.ABLATIONS) == 11
+    seqrec_only = load_config(REPO / "configs/quickstart.yaml", dyn.VARIANTS["no-aux-tasks"]).tasks.weights
+    assert seqrec_only.seqrec > 0 and all(w == 0 for t, w in seqrec_only.model_dump().items() if t != "seqrec")
+    assert set(dyn.ABLATIONS) <= set(dyn.VARIANTS) and len(dyn.ABLATIONS) == 12
 
 
 @pytest.mark.parametrize("bad", ["0", "-3", "some", "1.5"])
