@@ -76,6 +76,9 @@ VARIANTS = {
     # about half of MovieLens-100K's items (bench/drift.py: the other moves are the tower's own drift)
     "fresh-cb-guided": ["llm.sid_init=codebook", "dynamic.accept=guided"],
     "fresh-cb-guided-2048": ["llm.sid_init=codebook", "dynamic.accept=guided", "dynamic.guide_samples=2048"],
+    # without the DM-VAE's distribution grain (tokenizer.alpha_dist=0), which the ablation's validation rows favour
+    "static-cb-no-dist": ["dynamic.static_index=true", "llm.sid_init=codebook", "tokenizer.alpha_dist=0"],
+    "fresh-cb-llm-no-dist": ["llm.sid_init=codebook", "dynamic.accept=llm", "tokenizer.alpha_dist=0"],
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights
