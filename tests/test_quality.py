@@ -190,10 +190,11 @@ def test_every_bench_variant_is_a_valid_config(dyn):
     an hour of runs), and each ablation switches off what its name says."""
     from ttds_ray.config import load_config
 
-    for cfg_file in ("configs/quickstart.yaml", "configs/scientific_tiny.yaml"):
-        base = load_config(REPO / cfg_file, [])
+    for cfg_file, dataset in (("configs/quickstart.yaml", "ml100k"), ("configs/scientific_tiny.yaml", "scientific")):
+        preset = list(dyn.Q.PRESETS["cpu-fast"].overrides(dataset))       # what bench/dynamic.py applies first
+        base = load_config(REPO / cfg_file, preset)
         for name, overrides in dyn.VARIANTS.items():
-            cfg = load_config(REPO / cfg_file, [*dyn.VARIANT_BASE, *overrides])
+            cfg = load_config(REPO / cfg_file, [*preset, *dyn.VARIANT_BASE, *overrides])
             if name in dyn.ABLATIONS:
                 assert cfg.to_dict() != base.to_dict(), name
     q = load_config(REPO / "configs/quickstart.yaml", dyn.VARIANTS["no-co_interaction"])
