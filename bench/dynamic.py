@@ -81,6 +81,9 @@ VARIANTS = {
     "fresh-cb-llm-no-dist": ["llm.sid_init=codebook", "dynamic.accept=llm", "tokenizer.alpha_dist=0"],
     "static-cb-no-dist-w256": ["dynamic.static_index=true", "llm.sid_init=codebook", "tokenizer.alpha_dist=0",
                                "llm.tiny_hidden=256"],                 # ... with the tiny LLM twice as wide
+    # the gated rounds of configs/scientific_tiny.yaml (grain off, d=256)
+    "fresh-cb-llm-no-dist-w256": ["llm.sid_init=codebook", "dynamic.accept=llm", "tokenizer.alpha_dist=0",
+                                  "llm.tiny_hidden=256"],
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights
