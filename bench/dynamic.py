@@ -84,6 +84,9 @@ VARIANTS = {
     # the gated rounds of configs/scientific_tiny.yaml (grain off, d=256)
     "fresh-cb-llm-no-dist-w256": ["llm.sid_init=codebook", "dynamic.accept=llm", "tokenizer.alpha_dist=0",
                                   "llm.tiny_hidden=256"],
+    # the LLM's peak learning rate (llm.lr, default 1e-3) on the static index: issue 13's "lr schedule" direction
+    **{f"static-cb-lr{lr}": ["dynamic.static_index=true", "llm.sid_init=codebook", f"llm.lr={lr}"]
+       for lr in ("5e-4", "2e-3", "4e-3")},
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights
