@@ -161,3 +161,33 @@ def test_a_loaded_run_decodes_with_the_softmax_it_was_trained_with(tiny_run):
                            loss_vocab="sid")
     np.testing.assert_array_equal(items, explicit.item_idx.numpy())
     np.testing.assert_allclose(scores, explicit.scores.numpy(), atol=1e-5, rtol=0)
+
+
+def test_a_run_with_popularity_correction_ranks_by_log_p_minus_beta_log_train_counts(tiny_run):
+    """eval.popularity_correction = beta: the Recommender's trie carries the training-split counts + 1 as its item
+    prior, and an exhaustive search (W = N) returns every item with score log p - beta * log q, i.e. the plain
+    search's scores shifted item by item (valid and test targets never enter q)."""
+    from ttds_ray import data
+    from ttds_ray.evaluate import eval_histories
+    from ttds_ray.recommender import Recommender
+
+    cfg, run, _ = tiny_run
+    plain = Recommender(cfg, run)
+    corrected = Recommender(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"popularity_correction": 0.5})}),
+                            run)
+    assert plain.trie.node_log_prior is None
+    counts = data.train_item_counts(plain.splits, plain.n_items)
+    np.testing.assert_array_equal(corrected.trie.item_prior, counts + 1.0)
+    rows = np.arange(min(4, len(plain.splits)))
+    hist = eval_histories(plain.splits, rows, "test", cfg.data.max_history)
+    user_codes = plain.user_table.codes[plain.splits.user_idx[rows]]
+    n = plain.n_items
+    items, scores = plain.rank(hist, user_codes, n_beams=n)
+    c_items, c_scores = corrected.rank(hist, user_codes, n_beams=n)
+    log_q = np.log((counts + 1.0) / (counts + 1.0).sum())
+    for r in range(len(rows)):
+        by_item = dict(zip(items[r].tolist(), scores[r].tolist()))
+        assert sorted(by_item) == sorted(c_items[r].tolist()) == list(range(n))
+        expected = np.array([by_item[i] - 0.5 * log_q[i] for i in c_items[r]])
+        np.testing.assert_allclose(c_scores[r], expected, atol=2e-4, rtol=0)
+    assert not np.array_equal(items, c_items)

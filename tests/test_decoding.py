@@ -613,3 +613,96 @@ def test_loss_vocab_comes_from_the_model_attribute_and_unknown_values_are_refuse
     assert torch.equal(tagged.scores, sid.scores) and torch.equal(overridden.scores, full.scores)
     with pytest.raises(ValueError, match="loss_vocab must be one of"):
         beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=5, loss_vocab="SID")
+
+
+# ----------------------------------------------------------------------------- popularity-corrected decoding
+
+def prefix_log_prior(codes: np.ndarray, weights: np.ndarray) -> dict[tuple, float]:
+    """log q(last code | prefix) for every prefix of the catalogue, counted the slow way (dicts of sums)."""
+    mass: dict[tuple, float] = {(): float(weights.sum())}
+    for row, w in zip(codes.tolist(), weights.tolist()):
+        for d in range(1, len(row) + 1):
+            mass[tuple(row[:d])] = mass.get(tuple(row[:d]), 0.0) + w
+    return {p: float(np.log(m / mass[p[:-1]])) for p, m in mass.items() if p}
+
+
+def test_node_log_prior_sums_to_the_item_log_prior_along_every_path_also_after_add_items():
+    codes = random_codes(60, seed=31)
+    weights = np.random.default_rng(0).integers(0, 50, size=50) + 1.0
+    trie = SIDTrie(codes[:50], LEVEL_TOKEN_IDS)
+    trie.set_item_prior(weights)
+    trie.add_items(codes[50:])                      # unseen items: the smallest weight of the catalogue
+    full = np.concatenate([weights, np.full(10, weights.min())])
+    slow = prefix_log_prior(codes, full)
+    nlp = trie.node_log_prior.numpy()
+    path = trie.item_path.numpy()
+    for i, row in enumerate(codes.tolist()):
+        for d in range(N_LEVELS):
+            assert nlp[path[i, d]] == pytest.approx(slow[tuple(row[:d + 1])], abs=1e-5)
+    np.testing.assert_allclose(nlp[path].sum(1), np.log(full / full.sum()), atol=1e-5)
+    assert nlp[trie.root] == 0.0
+
+
+def test_exhaustive_corrected_search_ranks_by_log_p_minus_beta_log_q(tiny_llama):
+    codes = random_codes(12, seed=2)
+    weights = np.arange(12, dtype=np.float64) ** 2 + 1.0          # a strong popularity skew
+    trie = SIDTrie(codes, LEVEL_TOKEN_IDS)
+    trie.set_item_prior(weights)
+    input_ids, attention_mask = random_prompts([6, 4], seed=5)
+    plain = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=16)
+    result = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=16, prior_beta=0.5)
+    log_q = torch.from_numpy(np.log(weights / weights.sum())).float()
+    for row in range(2):
+        prompt = input_ids[row][attention_mask[row].bool()]
+        expected = brute_force_scores(tiny_llama, prompt, codes) - 0.5 * log_q
+        order = torch.argsort(expected, descending=True)
+        assert result.item_idx[row].tolist() == order.tolist()
+        torch.testing.assert_close(result.scores[row], expected[order], atol=1e-4, rtol=0)
+    assert plain.item_idx.tolist() != result.item_idx.tolist()      # the prior changed the order
+
+
+def test_narrow_corrected_search_equals_a_brute_force_decoder_with_the_prefix_prior(tiny_llama):
+    """W = 6 of 60 items: the correction is applied level by level (the beams keep the corrected best prefixes),
+    the same as an uncached brute-force beam search that adds -beta * log q(code | prefix) at every level."""
+    codes = random_codes(60, seed=21)
+    weights = np.random.default_rng(1).pareto(1.0, size=60) * 10 + 1.0
+    trie = SIDTrie(codes, LEVEL_TOKEN_IDS)
+    trie.set_item_prior(weights)
+    slow = prefix_log_prior(codes, weights)
+    beta = 0.7
+    input_ids, attention_mask = random_prompts([5, 9, 3, 7], seed=13)
+    res = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=6, prior_beta=beta)
+    allowed = valid_children(codes)
+    item_of = {tuple(row): i for i, row in enumerate(codes.tolist())}
+    for row in range(4):
+        prompt = input_ids[row][attention_mask[row].bool()]
+        beams = [((), 0.0)]
+        for level in range(N_LEVELS):
+            cands = []
+            for prefix, score in beams:
+                seq = torch.cat([prompt, LEVEL_TOKEN_IDS[torch.arange(level), list(prefix)]])
+                with torch.no_grad():
+                    logp = tiny_llama(input_ids=seq[None]).logits[0, -1].float().log_softmax(-1)[LEVEL_TOKEN_IDS[level]]
+                cands += [(prefix + (k,), score + float(logp[k]) - beta * slow[prefix + (k,)])
+                          for k in sorted(allowed.get(prefix, ()))]
+            beams = sorted(cands, key=lambda c: -c[1])[:6]
+        assert res.item_idx[row].tolist() == [item_of[p] for p, _ in beams]
+        torch.testing.assert_close(res.scores[row], torch.tensor([s for _, s in beams]), atol=1e-4, rtol=0)
+
+
+def test_prior_correction_refuses_bad_input(tiny_llama):
+    trie = SIDTrie(random_codes(12, seed=2), LEVEL_TOKEN_IDS)
+    input_ids, attention_mask = random_prompts([4], seed=5)
+    with pytest.raises(ValueError, match="needs an item prior"):
+        beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=4, prior_beta=0.3)
+    with pytest.raises(ValueError, match="prior_beta must be >= 0"):
+        beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=4, prior_beta=-0.1)
+    with pytest.raises(ValueError, match="shape"):
+        trie.set_item_prior(np.ones(11))
+    for bad in (np.zeros(12), np.full(12, np.nan), -np.ones(12)):
+        with pytest.raises(ValueError, match="finite and > 0"):
+            trie.set_item_prior(bad)
+    assert trie.node_log_prior is None                              # nothing half-set
+    trie.set_item_prior(np.ones(12))
+    trie.set_item_prior(None)
+    assert trie.node_log_prior is None and trie.item_prior is None

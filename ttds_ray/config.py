@@ -392,6 +392,10 @@ class EvalConfig(_Section):
     batch_size: int = Field(32, ge=1, description="Users per beam-search batch.")
     exclude_seen: bool = Field(False, description="Drop the user's history items from rankings (reported "
                                "under its own name; off = LETTER/LC-Rec protocol).")
+    popularity_correction: float = Field(0.0, ge=0.0, le=1.0, description="beta: beam search ranks by "
+                                         "log p(item | history) - beta * log q(item), q = training-split "
+                                         "interaction counts + 1 (0 = plain log-probs, the method as published; "
+                                         "docs/DESIGN-NOTES.md 'Popularity-corrected decoding').")
 
     @field_validator("ks", mode="before")
     @classmethod

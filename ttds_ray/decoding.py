@@ -79,6 +79,9 @@ class SIDTrie:
         n_leaves: int64 `(n_nodes,)`, items under each node (n_leaves[root] = N).
         dense_children: M + 1 entries, one per parent depth: int64 `(nodes at that depth, K)` child id or
             -1 where the depth is small enough (see `dense_max_entries`), else None (always None at depth M).
+        item_prior: float64 numpy `(N,)` or None: the item prior weights of :meth:`set_item_prior`.
+        node_log_prior: float32 `(n_nodes,)` or None: log q(node's code | its prefix) under that prior
+            (0 at the root), so the values along an item's path sum to log q(item).
     """
 
     root: int = 0
@@ -116,6 +119,8 @@ class SIDTrie:
         self.codebook_size = int(codebook_size)    # K
         self.dense_max_entries = int(dense_max_entries)
         self.codes = np.zeros((0, self.n_levels), dtype=np.int64)
+        self.item_prior: np.ndarray | None = None
+        self.node_log_prior: Tensor | None = None
         self._rebuild(self._check_codes(codes, what="codes", first_item_idx=0))
 
     @property
@@ -149,7 +154,48 @@ class SIDTrie:
         for name in self._TENSORS:
             setattr(self, name, getattr(self, name).to(device))
         self.dense_children = [None if t is None else t.to(device) for t in self.dense_children]
+        if self.node_log_prior is not None:
+            self.node_log_prior = self.node_log_prior.to(device)
         return self
+
+    def set_item_prior(self, weights: np.ndarray | None) -> None:
+        """Sets the item prior q(i) = weights[i] / sum(weights) that ``beam_search(prior_beta=)`` divides out.
+
+        Stores :attr:`node_log_prior`: for every node, log Q(node) - log Q(parent), Q(node) = the prior mass of
+        the items below it. Along an item's path these sum to log q(item), so adding -beta * node_log_prior at
+        every level of a beam search ranks by log p(item | prompt) - beta * log q(item) exactly, level by level
+        (the prefix masses are the marginals of q; docs/DESIGN-NOTES.md, *Popularity-corrected decoding*).
+        Items added later by :meth:`add_items` get the smallest weight of the catalogue (an unseen item).
+
+        Args:
+            weights: float `(N,)`, finite and > 0 (e.g. training interaction counts + 1); None clears the prior.
+
+        Raises:
+            ValueError: wrong shape, or a weight that is not finite and > 0.
+        """
+        if weights is None:
+            self.item_prior, self.node_log_prior = None, None
+            return
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (self.n_items,):
+            raise ValueError(f"item prior weights must have shape (N={self.n_items},), got {w.shape}")
+        if w.size and not (np.isfinite(w).all() and (w > 0).all()):
+            raise ValueError("item prior weights must be finite and > 0 (add a smoothing count to unseen items)")
+        self.item_prior = w
+        self._set_node_log_prior()
+
+    def _set_node_log_prior(self) -> None:
+        path = self.item_path.cpu().numpy()                                  # (N, M)
+        mass = np.zeros(self.n_nodes, dtype=np.float64)
+        mass[self.root] = self.item_prior.sum()
+        parent = np.zeros(self.n_nodes, dtype=np.int64)                      # root's parent: itself
+        for level in range(self.n_levels):
+            mass += np.bincount(path[:, level], weights=self.item_prior, minlength=self.n_nodes)
+            if level:
+                parent[path[:, level]] = path[:, level - 1]
+        with np.errstate(divide="ignore", invalid="ignore"):                 # the root of an empty trie
+            log_prior = np.nan_to_num(np.log(mass) - np.log(mass[parent]))
+        self.node_log_prior = torch.from_numpy(log_prior.astype(np.float32)).to(self.device)
 
     def root_nodes(self, batch_size: int) -> Tensor:
         """Returns int64 `(batch_size,)` filled with the root node id, on the trie's device."""
@@ -273,6 +319,10 @@ class SIDTrie:
         first = self.n_items
         new_codes = self._check_codes(new_codes, what="new_codes", first_item_idx=first)
         self._rebuild(np.concatenate([self.codes, new_codes], axis=0))
+        if self.item_prior is not None:
+            fill = self.item_prior.min(initial=1.0)
+            self.item_prior = np.concatenate([self.item_prior, np.full(len(new_codes), fill)])
+            self._set_node_log_prior()
         return np.arange(first, self.n_items, dtype=np.int64)
 
     def _check_codes(self, codes: np.ndarray, *, what: str, first_item_idx: int) -> np.ndarray:
@@ -564,7 +614,8 @@ def resolve_loss_vocab(model: torch.nn.Module, loss_vocab: str | None) -> str:
 
 @torch.inference_mode()
 def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attention_mask: Tensor, *,
-                n_beams: int = 20, exclude: list | None = None, loss_vocab: str | None = None) -> BeamResult:
+                n_beams: int = 20, exclude: list | None = None, loss_vocab: str | None = None,
+                prior_beta: float = 0.0) -> BeamResult:
     """Trie-constrained beam search over SID tokens; every result is an existing, distinct item.
 
     One forward over the prompts fills the KV cache, then each of the M - 1 first levels feeds one token per
@@ -600,16 +651,25 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
             W distinct allowed items come back whenever there are W; otherwise the row is padded with -1.
         loss_vocab: 'full' or 'sid' (see Scoring); None = the model's ``ttds_loss_vocab`` attribute, which
             :func:`ttds_ray.llm.load_llm` sets from the run's config, else 'full'.
+        prior_beta: popularity correction beta >= 0 (``eval.popularity_correction``): rank by
+            log p(item | prompt) - beta * log q(item), q the trie's item prior (:meth:`SIDTrie.set_item_prior`),
+            applied at every level through the prefix marginals, so the beams keep the corrected best prefixes.
+            The returned scores are the corrected ones. 0 = plain log-probs (no prior needed).
 
     Returns:
         BeamResult with `item_idx` int64 `(B, W')` sorted by score descending and `scores`
         float32 `(B, W')`, W' = min(W, n_items).
 
     Raises:
-        ValueError: if n_beams < 1, shapes differ, a prompt is empty or right-padded, or `loss_vocab` is unknown.
+        ValueError: if n_beams < 1, shapes differ, a prompt is empty or right-padded, `loss_vocab` is unknown,
+            or prior_beta is negative, or > 0 on a trie without an item prior.
     """
     if n_beams < 1:
         raise ValueError(f"n_beams must be >= 1, got {n_beams}")
+    if not prior_beta >= 0:
+        raise ValueError(f"prior_beta must be >= 0, got {prior_beta}")
+    if prior_beta and trie.node_log_prior is None:
+        raise ValueError("prior_beta > 0 needs an item prior on the trie (SIDTrie.set_item_prior)")
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and attention_mask must both be (B, T), got {tuple(input_ids.shape)} and "
                          f"{tuple(attention_mask.shape)}")
@@ -656,6 +716,8 @@ def beam_search(model: torch.nn.Module, trie: SIDTrie, input_ids: Tensor, attent
                 # the one trie lookup of the step; with exclude, only prefixes that still lead to an allowed item
                 child = trie.children_of(nodes, level, excluded).to(device)  # (B, width, K) node, -1 = not allowed
                 allowed = child >= 0  # (B, width, K)
+                if prior_beta:  # - beta * log q(code | prefix): the corrected score of every child
+                    logp = logp - prior_beta * trie.node_log_prior.to(device)[child.clamp(min=0)]
                 cand = (scores.unsqueeze(-1) + logp).masked_fill(~allowed, float("-inf"))  # (B, width, K)
             with record("decode.select"):
                 new_width = min(n_beams, width * n_codes)

@@ -61,6 +61,7 @@ class TTDSRanker:
     pad_id: int
     n_beams: int
     max_length: int = 1024
+    prior_beta: float = 0.0       # eval.popularity_correction (decoding.beam_search)
 
     @torch.inference_mode()
     def rank_with_scores(self, prompts: list[list[int]], batch_size: int, progress: bool = False,
@@ -74,7 +75,7 @@ class TTDSRanker:
             batch = collate([{"input_ids": p} for p in prompts[start:start + batch_size]], self.pad_id,
                             self.max_length)
             res = beam_search(self.model, self.trie, batch["input_ids"], batch["attention_mask"],
-                              n_beams=self.n_beams,
+                              n_beams=self.n_beams, prior_beta=self.prior_beta,
                               exclude=None if exclude is None else exclude[start:start + batch_size])
             idx_out.append(res.item_idx.cpu().numpy())
             sc_out.append(res.scores.float().cpu().numpy())

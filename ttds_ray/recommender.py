@@ -102,7 +102,7 @@ class Recommender:
         self.vocab: SIDVocab = sid_vocab_from_tokenizer(self.tok, self.item_table.n_levels,
                                                         self.item_table.codebook_size, self.user_table.n_levels,
                                                         self.user_table.codebook_size)
-        self.trie = SIDTrie(self.item_table.codes, self.vocab.item_token_ids).to(self.device)
+        self.trie = self._base_trie()
         self.item_tokens = self.vocab.item_tokens(self.item_table.codes)        # (N, L) token ids
         self.user_tokens = self.vocab.user_tokens(self.user_table.codes)        # (U, L_u) token ids
         self.pieces = tasks.PromptPieces.build(self.tok)
@@ -121,6 +121,14 @@ class Recommender:
         self.added: list[AddedItem] = []
         self._stamp = None
         self.sync()
+
+    def _base_trie(self) -> SIDTrie:
+        """The trained catalogue's trie; with ``eval.popularity_correction`` > 0 it carries the item prior
+        (training-split interaction counts + 1; cold-start items added later get the prior of an unseen item)."""
+        trie = SIDTrie(self.item_table.codes, self.vocab.item_token_ids)
+        if self.cfg.eval.popularity_correction:
+            trie.set_item_prior(data.train_item_counts(self.splits, len(self.item_table.codes)) + 1.0)
+        return trie.to(self.device)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu",
@@ -264,7 +272,8 @@ class Recommender:
             prompts = tasks.build_eval_prompts([np.asarray(h)[-mh:].tolist() for h in histories], self.item_tokens,
                                                user_tok, self.pieces, self.cfg.tasks, max_history=mh,
                                                max_length=self.cfg.llm.max_length)
-            ranker = TTDSRanker(self.model, self.trie, self.tok.pad_token_id, n_beams, self.cfg.llm.max_length)
+            ranker = TTDSRanker(self.model, self.trie, self.tok.pad_token_id, n_beams, self.cfg.llm.max_length,
+                                prior_beta=self.cfg.eval.popularity_correction)
             return ranker.rank_with_scores(prompts, batch_size or self.cfg.eval.batch_size, progress=progress,
                                            exclude=exclude)
 
@@ -407,7 +416,7 @@ class Recommender:
             self._item_row.pop(a.item_id, None)
         del self.item_ids[n:], self.titles[n:], self._item_sid[n:]
         self.item_tokens = self.item_tokens[:n]
-        self.trie = SIDTrie(self.item_table.codes, self.vocab.item_token_ids).to(self.device)
+        self.trie = self._base_trie()
         self.added = []
 
     def sync(self) -> None:
