@@ -104,3 +104,31 @@ def test_drift_bench_counts_the_churn_of_an_unguided_refinement(tiny_run):
     assert 0 < moved["changed"] <= moved["n_items"] and max(moved["changed_per_level"]) <= moved["changed"]
     assert sum(moved["changed_per_level"]) >= moved["changed"] and (moved["epochs"], moved["lr"]) == (2, 1e-3)
     assert 0 < moved["guided_items"] <= min(moved["n_items"], cfg.dynamic.guide_samples)
+
+
+def test_tail_bench_pools_the_eval_stage_and_its_buckets_add_up(tiny_run):
+    """bench/tail.py on the tiny run: the pooled HR@10 / NDCG@10 of TTDS and SASRec are the eval stage's, the
+    popularity buckets partition the users, a full-ID prefix hit is a hit, and beta = 0 re-evaluates to the same
+    test metrics."""
+    import importlib.util
+
+    from conftest import REPO
+    from ttds_ray.artifacts import Files, read_json
+    spec = importlib.util.spec_from_file_location("bench_tail", REPO / "bench" / "tail.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg, run, _ = tiny_run
+    metrics = read_json(run.require("eval") / Files.METRICS)["models"]
+    rec = mod.run_tail(run)
+    summary = mod.summarise([rec, rec])                        # pooling two copies changes no rate
+    assert summary["users"] == 2 * metrics["TTDS"]["n_users"]
+    for ours, key in (("ttds", "TTDS"), ("sasrec", "SASRec")):
+        assert summary["all"][f"{ours}_hr10"] == pytest.approx(metrics[key]["HR@10"])
+        assert summary["all"][f"{ours}_ndcg10"] == pytest.approx(metrics[key]["NDCG@10"])
+    assert sum(b["users"] for b in summary["buckets"]) == summary["users"]
+    for b in [*summary["buckets"], summary["all"]]:
+        assert b["prefix_hit"][-1] == pytest.approx(b["ttds_hr10"])          # unique IDs: full prefix = the item
+        assert all(x >= y for x, y in zip(b["prefix_hit"], b["prefix_hit"][1:]))
+    assert "| all |" in mod.render(summary)
+    [row] = mod.beta_sweep(run, [0.0], users=cfg.eval.max_users)
+    assert row["test"]["NDCG@10"] == pytest.approx(metrics["TTDS"]["NDCG@10"])
