@@ -46,7 +46,7 @@ def unguided_churn(run: RunDir, *, epochs: int | None = None, lr: float | None =
     cfg = load_config(run.root / Files.CONFIG)
     epochs = cfg.dynamic.tokenizer_epochs if epochs is None else epochs
     lr = cfg.dynamic.tokenizer_lr if lr is None else lr
-    x = recipes.tower_inputs(run)
+    x = recipes.tower_inputs(run, cfg.tokenizer)
     table, _ = recipes.load_sid_tables(run)
     tower = towers.load_tower(run.require("tokenizer") / Files.tower("item"))
     prepared, splits = recipes.load_splits(run)

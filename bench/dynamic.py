@@ -87,6 +87,9 @@ VARIANTS = {
     # the LLM's peak learning rate (llm.lr, default 1e-3) on the static index: issue 13's "lr schedule" direction
     **{f"static-cb-lr{lr}": ["dynamic.static_index=true", "llm.sid_init=codebook", f"llm.lr={lr}"]
        for lr in ("5e-4", "2e-3", "4e-3")},
+    # the items' SASRec inputs to the towers without their popularity direction (tokenizer.cf_erase_popularity)
+    "static-cb-erase": ["dynamic.static_index=true", "llm.sid_init=codebook", "tokenizer.cf_erase_popularity=true"],
+    "fresh-cb-llm-erase": ["llm.sid_init=codebook", "dynamic.accept=llm", "tokenizer.cf_erase_popularity=true"],
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights

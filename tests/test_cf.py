@@ -114,3 +114,32 @@ def test_embeddings_load_rejects_wrong_dtype(tmp_path):
     np.save(tmp_path / "cf_users.npy", np.zeros((2, 4), np.float64))
     with pytest.raises(ValueError, match="cf_users.npy"):
         CFEmbeddings.load(tmp_path)
+
+
+def test_erase_popularity_leaves_no_linear_read_out_of_log_count():
+    """An embedding with popularity planted along a random direction (plus its norm): after the erasure every
+    direction has zero covariance with log(1 + count), the rest of the space is untouched, zero stays zero."""
+    from ttds_ray.cf import erase_popularity
+
+    rng = np.random.default_rng(0)
+    counts = rng.zipf(1.8, size=500).clip(max=5000) - 1
+    y = np.log1p(counts)
+    u = rng.normal(size=16)
+    u /= np.linalg.norm(u)
+    emb = rng.normal(size=(500, 16)) + np.outer(y, u) * 2.0
+    emb[7] = 0.0
+    before = np.linalg.lstsq(np.c_[emb, np.ones(500)], y, rcond=None)[0]
+    assert np.corrcoef(np.c_[emb, np.ones(500)] @ before, y)[0, 1] > 0.8        # popularity is readable
+    out = erase_popularity(emb, counts)
+    assert out.dtype == np.float32 and out.shape == emb.shape
+    cov = ((out - out.mean(0)) * (y - y.mean())[:, None]).mean(0)
+    assert np.abs(cov).max() < 1e-5                                             # no direction co-varies
+    assert np.abs(out[7]).max() == 0.0
+    v = ((emb - emb.mean(0)) * (y - y.mean())[:, None]).mean(0)
+    v /= np.linalg.norm(v)
+    np.testing.assert_allclose(out + np.outer(emb @ v, v), emb, atol=1e-5)     # only that direction went
+    np.testing.assert_array_equal(erase_popularity(emb, np.full(500, 3)), emb.astype(np.float32))
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        erase_popularity(emb, counts - 10)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        erase_popularity(emb, counts[:10])

@@ -132,3 +132,28 @@ def test_tail_bench_pools_the_eval_stage_and_its_buckets_add_up(tiny_run):
     assert "| all |" in mod.render(summary)
     [row] = mod.beta_sweep(run, [0.0], users=cfg.eval.max_users)
     assert row["test"]["NDCG@10"] == pytest.approx(metrics["TTDS"]["NDCG@10"])
+
+
+def test_erased_cf_inputs_reach_every_reader_of_the_item_tower_and_retrain_the_tokenizer(tiny_run):
+    """tokenizer.cf_erase_popularity: tower_inputs (tokenizer stage, re-index rounds, bench/drift.py) and the
+    Recommender's cold-start path read the same erased item inputs, computed from training-split counts; users'
+    inputs are untouched; the flag is part of the tokenizer stage's hash (a reused run retrains its towers)."""
+    from ttds_ray import recipes
+    from ttds_ray.cf import erase_popularity
+    from ttds_ray.data import train_item_counts
+    from ttds_ray.recommender import Recommender
+
+    cfg, run, _ = tiny_run
+    on = cfg.tokenizer.model_copy(update={"cf_erase_popularity": True})
+    cfg_on = cfg.model_copy(update={"tokenizer": on})
+    off_x, on_x = recipes.tower_inputs(run, cfg.tokenizer), recipes.tower_inputs(run, on)
+    _, splits = recipes.load_splits(run)
+    counts = train_item_counts(splits, len(off_x["item_c"]))
+    np.testing.assert_array_equal(on_x["item_c"], erase_popularity(off_x["item_c"], counts))
+    assert not np.allclose(on_x["item_c"], off_x["item_c"])
+    for key in ("item_s", "user_s", "user_c"):
+        np.testing.assert_array_equal(on_x[key], off_x[key])
+    assert cfg_on.stage_hash("tokenizer") != cfg.stage_hash("tokenizer")
+    assert cfg_on.stage_hash("cf") == cfg.stage_hash("cf")
+    _, cf_items = Recommender(cfg_on, run)._load_item_tower()
+    np.testing.assert_array_equal(cf_items, on_x["item_c"])

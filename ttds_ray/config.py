@@ -236,6 +236,9 @@ class TokenizerConfig(_Section):
     user: TowerConfig = Field(TowerConfig(n_levels=2, codebook_size=64), description="User tower: user "
                               "semantic IDs (default 2 levels x 64 codes); keys not given keep these values.")
     epochs: int = Field(200, ge=1, description="Passes over the entities of a tower.")
+    cf_erase_popularity: bool = Field(False, description="Remove from the items' collaborative (SASRec) inputs the "
+                                      "direction that co-varies with log(1 + training count) (cf.erase_popularity; "
+                                      "docs/DESIGN-NOTES.md 'Popularity-free collaborative inputs').")
     batch_size: int = Field(512, ge=2, description="Entities per tower step (capped at their number).")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the towers.")
     beta_commit: float = Field(0.25, ge=0, description="Commitment weight β (DESIGN §1.3).")

@@ -195,7 +195,7 @@ def stage_tokenizer(cfg: TTDSConfig, run: RunDir, backend: Backend) -> None:
     prepared, _ = recipes.load_splits(run)
     files, _ = backend.fit(cfg, run, "tokenizer", num_workers=1)
     history = json.loads(files[Files.TOWER_HISTORY])
-    x = recipes.tower_inputs(run)
+    x = recipes.tower_inputs(run, cfg.tokenizer)
     with run.write_stage("tokenizer", config_hash=cfg.stage_hash("tokenizer")) as (d, numbers):
         for name in ("item", "user"):
             atomic_write_bytes(d / Files.tower(name), files[Files.tower(name)])

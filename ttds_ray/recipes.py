@@ -25,7 +25,8 @@ import torch
 
 from . import cf, data, dynamic, embeddings, llm, tasks, towers
 from .artifacts import Files, RunDir
-from .config import TTDSConfig
+from .config import TokenizerConfig, TTDSConfig
+from .data import Splits
 from .errors import ArtifactError
 from .sids import SIDTable
 
@@ -147,14 +148,25 @@ def load_splits(run: RunDir) -> tuple[data.Prepared, data.Splits]:
     return prepared, data.split_leave_one_out(prepared.sequences)
 
 
-def tower_inputs(run: RunDir) -> dict[str, np.ndarray]:
+def tower_inputs(run: RunDir, tok_cfg: TokenizerConfig) -> dict[str, np.ndarray]:
     """Item and user (semantic, collaborative) inputs of the towers, float32 ``(N, D)`` each; the user side
-    from the training history only (DESIGN §1.2)."""
+    from the training history only (DESIGN §1.2). With ``tok_cfg.cf_erase_popularity`` the items' collaborative
+    inputs are :func:`item_cf_inputs`'s (popularity direction erased with training-split counts)."""
     prepared, splits = load_splits(run)
     item_s = embeddings.load_npy(run.require("embeddings") / Files.ITEM_TEXT, rows=len(prepared.items))
     cfe = cf.CFEmbeddings.load(run.require("cf"))
     user_s = towers.user_semantic_embeddings(item_s, [s.tolist() for s in splits.train_items])
-    return {"item_s": item_s, "item_c": cfe.items, "user_s": user_s, "user_c": cfe.users}
+    return {"item_s": item_s, "item_c": item_cf_inputs(cfe.items, splits, tok_cfg), "user_s": user_s,
+            "user_c": cfe.users}
+
+
+def item_cf_inputs(items: np.ndarray, splits: Splits, tok_cfg: TokenizerConfig) -> np.ndarray:
+    """The item tower's collaborative input from SASRec's item embeddings ``(N, D_c)``: as they are, or with the
+    popularity direction erased (``tokenizer.cf_erase_popularity``, :func:`cf.erase_popularity` with the
+    training-split counts). Every consumer of the item tower (tokenizer stage, re-index rounds, cold start) uses it."""
+    if not tok_cfg.cf_erase_popularity:
+        return items
+    return cf.erase_popularity(items, data.train_item_counts(splits, len(items)))
 
 
 def load_sid_tables(run: RunDir) -> tuple[SIDTable, SIDTable]:
@@ -310,7 +322,7 @@ class TokenizerRecipe:
 
     def __init__(self, cfg: TTDSConfig, run: RunDir, env: WorkerEnv):
         self.cfg, self.env = cfg, env
-        self.x = tower_inputs(run)
+        self.x = tower_inputs(run, cfg.tokenizer)
 
     def fit(self) -> None:
         cfg, files, history = self.cfg, {}, {}
@@ -381,7 +393,7 @@ class LLMRecipe:
         self.reindex_at = dynamic.reindex_steps(total_steps, cfg.dynamic)
         self.tower, self.x = None, None
         if self.reindex_at:
-            self.x = tower_inputs(run)
+            self.x = tower_inputs(run, cfg.tokenizer)
             self.tower = towers.load_tower(run.require("tokenizer") / Files.ITEM_TOWER)
         self.title_vecs = (llm.title_vectors(self.base, self.tok, prepared.items["title"].tolist())
                            if cfg.llm.alpha_tok > 0 else None)

@@ -23,7 +23,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from . import cf, data, embeddings, llm, tasks, towers
+from . import cf, data, embeddings, llm, recipes, tasks, towers
 from .artifacts import Files, RunDir
 from .catalogue import AddedItem, ColdStartStore
 from .config import TTDSConfig, load_config
@@ -384,7 +384,9 @@ class Recommender:
         if self._item_tower is None:
             llm_tower = self.run.require("llm") / Files.ITEM_TOWER     # refined by the dynamic rounds
             path = llm_tower if llm_tower.is_file() else self.run.require("tokenizer") / Files.ITEM_TOWER
-            self._item_tower = (towers.load_tower(path), cf.CFEmbeddings.load(self.run.require("cf")).items)
+            cf_items = recipes.item_cf_inputs(cf.CFEmbeddings.load(self.run.require("cf")).items, self.splits,
+                                              self.cfg.tokenizer)              # as the tower was trained on
+            self._item_tower = (towers.load_tower(path), cf_items)
         return self._item_tower
 
     def _apply(self, items: list[AddedItem]) -> None:
