@@ -9,7 +9,9 @@ From finished runs (the eval stage's test rankings, the run's SASRec; runs poole
 - **prefix hits**: the share of users whose TTDS top-10 holds an item sharing the target's first d codes (d = 1..L):
   where the beam search leaves the target's branch of the trie;
 - **what is recommended**: median training count of the top-10 items and the share of them with fewer than 20
-  training interactions, for TTDS and SASRec, and the distinct first-level codes in TTDS's top-10.
+  training interactions, for TTDS and SASRec, and the distinct first-level codes in TTDS's top-10;
+- **first-level stratification**: per run, the Spearman correlation between an item's training count and the mean
+  count of the other items sharing its first code (near 1: the first level groups rare items with rare items).
 With ``--beta``, each run is also evaluated on valid and test with ``eval.popularity_correction`` = beta
 (docs/DESIGN-NOTES.md, *Popularity-corrected decoding*; beta 0 = the run as trained), on ``--users`` seeded users:
 select beta on valid. CPU, seconds per run and beta on 1,000 users at d=256.
@@ -80,7 +82,20 @@ def run_tail(run: RunDir) -> dict:
     return {"target_count": counts[targets], "ttds_rank": np.asarray(ttds_rank), "sasrec_rank": np.asarray(sasrec_rank),
             "prefix_hit": prefix_hit, "ttds_top_counts": np.concatenate([counts[t] for t in top]),
             "sasrec_top_counts": counts[sasrec_top].ravel(),
-            "ttds_distinct_level1": np.array([len(np.unique(codes[t, 0])) for t in top])}
+            "ttds_distinct_level1": np.array([len(np.unique(codes[t, 0])) for t in top]),
+            "level1_stratification": np.array([level1_stratification(codes, counts)])}
+
+
+def level1_stratification(codes: np.ndarray, counts: np.ndarray) -> float:
+    """Spearman correlation, over items, between an item's training count and the mean count of the other items
+    that share its first code: near 1 when the first level groups items by popularity (rare with rare)."""
+    n = len(codes)
+    mass = np.bincount(codes[:, 0], weights=counts.astype(np.float64), minlength=codes[:, 0].max() + 1)
+    size = np.bincount(codes[:, 0], minlength=len(mass))
+    first = codes[:, 0]
+    mates = (mass[first] - counts) / np.maximum(size[first] - 1, 1)
+    ranks = [np.argsort(np.argsort(a, kind="stable"), kind="stable") for a in (counts, mates)]
+    return float(np.corrcoef(*ranks)[0, 1]) if n > 1 else 0.0
 
 
 def summarise(records: list[dict]) -> dict:
@@ -104,7 +119,8 @@ def summarise(records: list[dict]) -> dict:
                             "sasrec_median_count": float(np.median(r["sasrec_top_counts"])),
                             "ttds_rare_share": float(np.mean(r["ttds_top_counts"] < RARE)),
                             "sasrec_rare_share": float(np.mean(r["sasrec_top_counts"] < RARE)),
-                            "ttds_distinct_level1": float(np.mean(r["ttds_distinct_level1"]))}}
+                            "ttds_distinct_level1": float(np.mean(r["ttds_distinct_level1"]))},
+            "level1_stratification": r["level1_stratification"].tolist()}
 
 
 def beta_sweep(run: RunDir, betas: list[float], users: int) -> list[dict]:
@@ -138,7 +154,9 @@ def render(summary: dict) -> str:
     lines.append(f"\nTop-10 items: median training count TTDS {rec['ttds_median_count']:.0f}, SASRec "
                  f"{rec['sasrec_median_count']:.0f}; share with < {RARE} training interactions TTDS "
                  f"{rec['ttds_rare_share']:.3f}, SASRec {rec['sasrec_rare_share']:.3f}; distinct first-level codes in "
-                 f"TTDS's top-10 {rec['ttds_distinct_level1']:.2f}.")
+                 f"TTDS's top-10 {rec['ttds_distinct_level1']:.2f}. First-level popularity stratification (Spearman of "
+                 f"an item's count with its first-code mates' mean count), per run: "
+                 + ", ".join(f"{x:.2f}" for x in summary["level1_stratification"]) + ".")
     return "\n".join(lines)
 
 

@@ -130,6 +130,10 @@ def test_tail_bench_pools_the_eval_stage_and_its_buckets_add_up(tiny_run):
         assert b["prefix_hit"][-1] == pytest.approx(b["ttds_hr10"])          # unique IDs: full prefix = the item
         assert all(x >= y for x, y in zip(b["prefix_hit"], b["prefix_hit"][1:]))
     assert "| all |" in mod.render(summary)
+    assert len(summary["level1_stratification"]) == 2 and -1 <= summary["level1_stratification"][0] <= 1
+    codes = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])          # rare with rare, popular with popular
+    assert mod.level1_stratification(codes, np.array([1, 2, 50, 60])) == pytest.approx(0.6)   # by hand
+    assert mod.level1_stratification(codes[[0, 2, 1, 3]], np.array([1, 2, 50, 60])) == pytest.approx(-0.6)
     [row] = mod.beta_sweep(run, [0.0], users=cfg.eval.max_users)
     assert row["test"]["NDCG@10"] == pytest.approx(metrics["TTDS"]["NDCG@10"])
 
