@@ -90,6 +90,8 @@ VARIANTS = {
     # the items' SASRec inputs to the towers without their popularity direction (tokenizer.cf_erase_popularity)
     "static-cb-erase": ["dynamic.static_index=true", "llm.sid_init=codebook", "tokenizer.cf_erase_popularity=true"],
     "fresh-cb-llm-erase": ["llm.sid_init=codebook", "dynamic.accept=llm", "tokenizer.cf_erase_popularity=true"],
+    "fresh-cb-llm-no-dist-w256-erase": ["llm.sid_init=codebook", "dynamic.accept=llm", "tokenizer.alpha_dist=0",
+                                        "llm.tiny_hidden=256", "tokenizer.cf_erase_popularity=true"],
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights
