@@ -12,6 +12,11 @@ from ttds_ray.config import (ConfigError, TTDSConfig, config_from_dict, config_s
 REPO = Path(__file__).resolve().parents[1]
 
 
+#: stage_hash("tokenizer"/"llm"/"eval") of the config "data: {path: x}" as commit f0db1d2 computed them (before the
+#: keys tokenizer.cf_erase_popularity and eval.popularity_correction existed).
+GOLDEN_DEFAULT_HASHES = ["472e7c1cc3ce", "a8210d82610b", "6ba0671db0da"]
+
+
 def _write(tmp_path, text):
     p = tmp_path / "c.yaml"
     p.write_text(text)
@@ -190,6 +195,7 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
     d["dynamic"] = {k: v for k, v in d["dynamic"].items() if k not in ("reindex", "switch_margin", "max_changed",
                                                                       "accept", "accept_contexts", "accept_margin")}
     d["llm"] = {k: v for k, v in d["llm"].items() if k not in ("sid_init", "pack")}
+    d["tokenizer"] = {k: v for k, v in d["tokenizer"].items() if k != "cf_erase_popularity"}
     keys = ["seed", "data", "embeddings", "cf", "tokenizer", "llm", "tasks", "dynamic"]
     if d["embeddings"]["text_encoder"] != "llm":
         d["embeddings"] = {k: v for k, v in d["embeddings"].items() if not k.startswith("llm_")}
@@ -200,3 +206,10 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
     assert load_config(p, ["llm.pack=true"]).stage_hash("llm") == base.stage_hash("llm")   # same maths, same stage
     gated = load_config(p, ["dynamic.accept=llm", "dynamic.accept_margin=0.1"])
     assert gated.stage_hash("llm") != base.stage_hash("llm") and gated.stage_hash("tokenizer") == base.stage_hash("tokenizer")
+    erase = load_config(p, ["tokenizer.cf_erase_popularity=true"])
+    assert erase.stage_hash("tokenizer") != base.stage_hash("tokenizer") and erase.stage_hash("cf") == base.stage_hash("cf")
+    corrected = load_config(p, ["eval.popularity_correction=0.2"])
+    assert corrected.stage_hash("eval") != base.stage_hash("eval") and corrected.stage_hash("llm") == base.stage_hash("llm")
+    # Pinned: a new config key must leave the hashes of configs that do not use it unchanged, or every existing
+    # run directory retrains on its next use (drop the key from stage_hash while it has its default value).
+    assert [base.stage_hash(s) for s in ("tokenizer", "llm", "eval")] == GOLDEN_DEFAULT_HASHES

@@ -506,6 +506,10 @@ class TTDSConfig(_Section):
             d["dynamic"] = {k: v for k, v in d["dynamic"].items() if not k.startswith("accept")}
         drop = {"pack"} | ({"sid_init"} if d["llm"]["sid_init"] == "title" else set())   # packing: same maths;
         d["llm"] = {k: v for k, v in d["llm"].items() if k not in drop}                 # title: runs before sid_init
+        if not d["tokenizer"]["cf_erase_popularity"]:   # runs from before these switches keep their hash
+            d["tokenizer"] = {k: v for k, v in d["tokenizer"].items() if k != "cf_erase_popularity"}
+        if not d["eval"]["popularity_correction"]:
+            d["eval"] = {k: v for k, v in d["eval"].items() if k != "popularity_correction"}
         keys = ["seed"] + [k for s in STAGE_SECTIONS[:STAGE_SECTIONS_ORDER.index(stage) + 1] for k in s]
         return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
 
