@@ -317,9 +317,11 @@ def test_allowed_children_equal_the_valid_prefixes_on_random_catalogues(n_items,
 
 
 def reference_beam_search(model, prompt: torch.Tensor, codes: np.ndarray, n_beams: int,
-                          excluded: set = frozenset(), loss_vocab: str = "full") -> tuple[list[int], list[float]]:
+                          excluded: set = frozenset(), loss_vocab: str = "full",
+                          bias: dict | None = None) -> tuple[list[int], list[float]]:
     """Brute-force constrained beam search: one uncached forward per beam, allowed codes from `valid_children`,
-    log-probs normalised as `loss_vocab` says (:func:`log_softmax_as_trained`)."""
+    log-probs normalised as `loss_vocab` says (:func:`log_softmax_as_trained`); `bias[prefix]` (if given) is added
+    to the score of every prefix it reaches."""
     allowed = valid_children(codes, excluded)
     beams = [((), 0.0)]
     for level in range(N_LEVELS):
@@ -329,7 +331,8 @@ def reference_beam_search(model, prompt: torch.Tensor, codes: np.ndarray, n_beam
             with torch.no_grad():
                 logits = model(input_ids=seq[None]).logits[0, -1]
                 logp = log_softmax_as_trained(logits, loss_vocab)[LEVEL_TOKEN_IDS[level]]
-            cands += [(prefix + (k,), score + float(logp[k])) for k in sorted(allowed.get(prefix, ()))]
+            cands += [(prefix + (k,), score + float(logp[k]) + (bias[prefix + (k,)] if bias else 0.0))
+                      for k in sorted(allowed.get(prefix, ()))]
         beams = sorted(cands, key=lambda c: -c[1])[:n_beams]
     item_of = {tuple(row): i for i, row in enumerate(codes.tolist())}
     return [item_of[p] for p, _ in beams], [s for _, s in beams]
@@ -672,22 +675,12 @@ def test_narrow_corrected_search_equals_a_brute_force_decoder_with_the_prefix_pr
     beta = 0.7
     input_ids, attention_mask = random_prompts([5, 9, 3, 7], seed=13)
     res = beam_search(tiny_llama, trie, input_ids, attention_mask, n_beams=6, prior_beta=beta)
-    allowed = valid_children(codes)
-    item_of = {tuple(row): i for i, row in enumerate(codes.tolist())}
+    bias = {prefix: -beta * lp for prefix, lp in slow.items()}
     for row in range(4):
         prompt = input_ids[row][attention_mask[row].bool()]
-        beams = [((), 0.0)]
-        for level in range(N_LEVELS):
-            cands = []
-            for prefix, score in beams:
-                seq = torch.cat([prompt, LEVEL_TOKEN_IDS[torch.arange(level), list(prefix)]])
-                with torch.no_grad():
-                    logp = tiny_llama(input_ids=seq[None]).logits[0, -1].float().log_softmax(-1)[LEVEL_TOKEN_IDS[level]]
-                cands += [(prefix + (k,), score + float(logp[k]) - beta * slow[prefix + (k,)])
-                          for k in sorted(allowed.get(prefix, ()))]
-            beams = sorted(cands, key=lambda c: -c[1])[:6]
-        assert res.item_idx[row].tolist() == [item_of[p] for p, _ in beams]
-        torch.testing.assert_close(res.scores[row], torch.tensor([s for _, s in beams]), atol=1e-4, rtol=0)
+        items, scores = reference_beam_search(tiny_llama, prompt, codes, 6, bias=bias)
+        assert res.item_idx[row].tolist() == items
+        torch.testing.assert_close(res.scores[row], torch.tensor(scores), atol=1e-4, rtol=0)
 
 
 def test_prior_correction_refuses_bad_input(tiny_llama):
