@@ -194,6 +194,7 @@ def test_every_bench_variant_is_a_valid_config(dyn):
         preset = list(dyn.Q.PRESETS["cpu-fast"].overrides(dataset))       # what bench/dynamic.py applies first
         base = load_config(REPO / cfg_file, [*preset, *dyn.VARIANT_BASE])
         assert base.tokenizer.alpha_dist > 0, cfg_file        # the cpu-fast tables were measured with the grain on
+        assert not base.tokenizer.cf_erase_popularity, cfg_file   # ... and with the SASRec inputs as they are
         for name, overrides in dyn.VARIANTS.items():
             cfg = load_config(REPO / cfg_file, [*preset, *dyn.VARIANT_BASE, *overrides])
             if name in dyn.ABLATIONS:
