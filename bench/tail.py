@@ -55,6 +55,7 @@ def run_tail(run: RunDir) -> dict:
     from ttds_ray.config import load_config
     from ttds_ray.data import train_item_counts
     from ttds_ray.evaluate import eval_histories
+    from ttds_ray.metrics import score_ranks, topk_from_scores
     from ttds_ray.recommender import load_final_item_sids
 
     cfg = load_config(run.root / Files.CONFIG)
@@ -66,19 +67,18 @@ def run_tail(run: RunDir) -> dict:
     rows = baselines.eval_rows(cfg, splits)
     if not np.array_equal(splits.user_idx[rows], users):
         raise RuntimeError(f"{run.root}: the eval stage's users are not eval_rows' users")
-    targets = rankings["target"].to_numpy(np.int64)
+    targets = rankings["target"].to_numpy(np.int64, copy=True)
     top = [np.asarray(r[:10], np.int64) for r in rankings["ranked"]]
     top = [t[t >= 0] for t in top]
     prefix_hit = np.array([[(codes[t, :d] == codes[g, :d]).all(1).any() for d in range(1, codes.shape[1] + 1)]
                            for t, g in zip(top, targets)], dtype=bool)
-    sasrec_rank = baselines.score_baseline_ranks(cfg, run)["SASRec"]
+    # SASRec scored once, ranked as baselines.score_baseline_ranks ranks it (same histories, exclusion, ties)
     hist = eval_histories(splits, rows, "test", cfg.cf.max_len)
-    scores = np.asarray(score_users(load_sasrec(run.require("cf")), [h.tolist() for h in hist], cfg.cf.max_len),
-                        dtype=np.float64)                                     # (U, N)
-    if cfg.eval.exclude_seen:
-        for i, h in enumerate(eval_histories(splits, rows, "test", 10 ** 9)):
-            scores[i, h] = -np.inf
-    sasrec_top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    scores = score_users(load_sasrec(run.require("cf")), [h.tolist() for h in hist], cfg.cf.max_len)  # (U, N)
+    seen = ([h.tolist() for h in eval_histories(splits, rows, "test", 10 ** 9)] if cfg.eval.exclude_seen
+            else None)
+    sasrec_rank = score_ranks(scores, targets, exclude=seen)
+    sasrec_top = np.asarray(topk_from_scores(scores, 10, exclude=seen))
     return {"target_count": counts[targets], "ttds_rank": np.asarray(ttds_rank), "sasrec_rank": np.asarray(sasrec_rank),
             "prefix_hit": prefix_hit, "ttds_top_counts": np.concatenate([counts[t] for t in top]),
             "sasrec_top_counts": counts[sasrec_top].ravel(),
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=1000, help="seeded users per split for --beta")
     p.add_argument("--out", type=Path, default=None, help="JSON output (written atomically)")
     args = p.parse_args(argv)
+    if args.users < 1:
+        p.error(f"--users must be >= 1, got {args.users}")
     if any(not 0 <= b <= 1 for b in args.beta):
         p.error("--beta values must lie in [0, 1] (eval.popularity_correction)")
     missing = [str(r) for r in args.runs if not (r / Files.CONFIG).exists()]
