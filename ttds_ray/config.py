@@ -506,12 +506,17 @@ class TTDSConfig(_Section):
             d["dynamic"] = {k: v for k, v in d["dynamic"].items() if not k.startswith("accept")}
         drop = {"pack"} | ({"sid_init"} if d["llm"]["sid_init"] == "title" else set())   # packing: same maths;
         d["llm"] = {k: v for k, v in d["llm"].items() if k not in drop}                 # title: runs before sid_init
-        if not d["tokenizer"]["cf_erase_popularity"]:   # runs from before these switches keep their hash
-            d["tokenizer"] = {k: v for k, v in d["tokenizer"].items() if k != "cf_erase_popularity"}
-        if not d["eval"]["popularity_correction"]:
-            d["eval"] = {k: v for k, v in d["eval"].items() if k != "popularity_correction"}
+        for section, key, off in _HASH_NEUTRAL_WHEN_OFF:  # runs from before these switches keep their hash
+            if d[section][key] == off:
+                d[section] = {k: v for k, v in d[section].items() if k != key}
         keys = ["seed"] + [k for s in STAGE_SECTIONS[:STAGE_SECTIONS_ORDER.index(stage) + 1] for k in s]
         return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+#: ``(section, key, value)``: keys added after runs existed; at ``value`` (their default, "off") they stay out of
+#: :meth:`TTDSConfig.stage_hash`, so run directories made before the key existed are still reused. A new switch
+#: belongs here (tests/test_config.py pins the hashes of a default config).
+_HASH_NEUTRAL_WHEN_OFF = (("tokenizer", "cf_erase_popularity", False), ("eval", "popularity_correction", 0.0))
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
