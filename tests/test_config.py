@@ -194,7 +194,7 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
     d = base.to_dict()
     d["dynamic"] = {k: v for k, v in d["dynamic"].items() if k not in ("reindex", "switch_margin", "max_changed",
                                                                       "accept", "accept_contexts", "accept_margin")}
-    d["llm"] = {k: v for k, v in d["llm"].items() if k not in ("sid_init", "pack")}
+    d["llm"] = {k: v for k, v in d["llm"].items() if k not in ("sid_init", "pack", "distill_cf", "distill_temperature")}
     d["tokenizer"] = {k: v for k, v in d["tokenizer"].items() if k != "cf_erase_popularity"}
     keys = ["seed", "data", "embeddings", "cf", "tokenizer", "llm", "tasks", "dynamic"]
     if d["embeddings"]["text_encoder"] != "llm":

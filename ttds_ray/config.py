@@ -293,6 +293,13 @@ class LLMConfig(_Section):
     alpha_tok: float = Field(0.0, ge=0, description="Token-grain alignment weight (DESIGN §1.2): pulls the sum "
                              "of an item's semantic-token input embeddings toward the LLM embedding of its "
                              "title; 0 = off.")
+    distill_cf: float = Field(0.0, ge=0, lt=1, description="Weight lambda of the SASRec teacher's soft targets on "
+                              "the seqrec items' semantic-ID tokens: loss = (1 - lambda) * CE(next item's code) + "
+                              "lambda * CE(SASRec's next-item distribution summed onto the codes of that level, given "
+                              "the true codes before); 0 = off. Needs llm.loss_vocab=sid (docs/DESIGN-NOTES.md, "
+                              "'Distilling SASRec into the generator').")
+    distill_temperature: float = Field(1.0, gt=0, description="Temperature of the SASRec teacher's softmax "
+                                       "(llm.distill_cf); > 1 = softer targets.")
 
 
 class DynamicConfig(_Section):
@@ -462,6 +469,14 @@ class TTDSConfig(_Section):
             raise ValueError(f"tasks.window_stride={self.tasks.window_stride} > data.max_history+1="
                              f"{self.data.max_history + 1} would leave items of long histories out of every "
                              "seqrec window; lower tasks.window_stride")
+        if self.llm.distill_cf > 0 and self.llm.loss_vocab != "sid":
+            raise ValueError("llm.distill_cf > 0 needs llm.loss_vocab=sid (the soft targets are over the "
+                             "semantic-ID tokens)")
+        if self.llm.distill_cf > 0 and self.data.max_history > self.cf.max_len:
+            raise ValueError(f"llm.distill_cf > 0: the SASRec teacher reads up to data.max_history="
+                             f"{self.data.max_history} items but cf.max_len={self.cf.max_len}; raise cf.max_len")
+        if self.llm.distill_cf == 0 and self.llm.distill_temperature != 1.0:
+            raise ValueError("llm.distill_temperature is set but llm.distill_cf=0 (distillation off)")
         if self.llm.tiny_hidden % self.llm.tiny_heads:
             raise ValueError("llm.tiny_hidden must be a multiple of llm.tiny_heads")
         if not self.eval.ks:
@@ -516,7 +531,8 @@ class TTDSConfig(_Section):
 #: ``(section, key, value)``: keys added after runs existed; at ``value`` (their default, "off") they stay out of
 #: :meth:`TTDSConfig.stage_hash`, so run directories made before the key existed are still reused. A new switch
 #: belongs here (tests/test_config.py pins the hashes of a default config).
-_HASH_NEUTRAL_WHEN_OFF = (("tokenizer", "cf_erase_popularity", False), ("eval", "popularity_correction", 0.0))
+_HASH_NEUTRAL_WHEN_OFF = (("tokenizer", "cf_erase_popularity", False), ("eval", "popularity_correction", 0.0),
+                          ("llm", "distill_cf", 0.0), ("llm", "distill_temperature", 1.0))
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -470,7 +470,8 @@ def model_attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
     return mask_4d_for(attn, mask, next(model.parameters()).dtype)
 
 
-def lm_loss(model: nn.Module, batch: dict, *, sid_ids: torch.Tensor | None = None) -> torch.Tensor:
+def lm_loss(model: nn.Module, batch: dict, *, sid_ids: torch.Tensor | None = None,
+            distill: float = 0.0) -> torch.Tensor:
     """Next-token NLL on labelled (response) positions only.
 
     With ``sid_ids`` (``llm.loss_vocab=sid``) the loss is *mixed*: a position whose label is a
@@ -485,19 +486,27 @@ def lm_loss(model: nn.Module, batch: dict, *, sid_ids: torch.Tensor | None = Non
             Label t is predicted from position t-1 (HF convention). A packed batch (``tasks.pack``) has a bool
             ``(B, 1, T, T)`` mask and ``position_ids`` ``(B, T)``.
         sid_ids: int64 ``(S,)`` vocab ids of the semantic-ID tokens, or None for the full softmax
-            everywhere.
+            everywhere. With soft targets, ``S = L * K`` item tokens in level-major order (``SIDVocab.item_token_ids``
+            flattened).
+        distill: ``llm.distill_cf`` = lambda. Where the batch has soft targets (``soft`` int64 ``(B, T)``: row of
+            ``teacher`` float ``(m, K)`` per label, -1 = none; :mod:`ttds_ray.distill`), the loss at that label is
+            ``(1 - lambda) * NLL + lambda * cross-entropy(teacher row, the model's distribution over the label's
+            level)``; the teacher row spreads over the K codes of the label's level.
 
     Returns:
-        Scalar mean NLL (nats per labelled token, SID and text positions weighted alike).
+        Scalar mean loss (nats per labelled token, SID and text positions weighted alike).
 
     Raises:
-        ValueError: ``sid_ids`` given and the batch has no labelled position.
+        ValueError: ``sid_ids`` given and the batch has no labelled position; soft targets without ``sid_ids``.
     """
     ids, labels = batch["input_ids"], batch["labels"]
     mask = model_attention_mask(model, batch["attention_mask"])
     pos = batch["position_ids"] if "position_ids" in batch else position_ids_from_mask(mask)
     tgt = labels[:, 1:]                                          # (B, T-1)
+    soft = batch.get("teacher") is not None and distill > 0
     if sid_ids is None:
+        if soft:
+            raise ValueError("lm_loss: soft targets (llm.distill_cf) need the semantic-ID softmax (sid_ids)")
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1]  # (B, T-1, V)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
@@ -512,7 +521,19 @@ def lm_loss(model: nn.Module, batch: dict, *, sid_ids: torch.Tensor | None = Non
     is_sid = y_sid >= 0
     nll = hidden.new_zeros(())
     if bool(is_sid.any()):
-        nll = nll + F.cross_entropy(_head_logits(model, h[is_sid], sid_ids), y_sid[is_sid], reduction="sum")
+        logp = F.log_softmax(_head_logits(model, h[is_sid], sid_ids).float(), dim=-1)    # (n_sid, S)
+        ys = y_sid[is_sid]
+        hard = -logp.gather(1, ys[:, None]).squeeze(1)                              # (n_sid,)
+        if soft:
+            teacher = batch["teacher"]
+            k = teacher.shape[1]
+            row = batch["soft"][:, 1:][sel][is_sid]                                 # (n_sid,) -1 = no soft target
+            has = row >= 0
+            cols = (ys[has] // k * k)[:, None] + torch.arange(k, device=ys.device)    # the label's level
+            ce = -(teacher[row[has]] * logp[has].gather(1, cols)).sum(1)
+            hard = hard.clone()
+            hard[has] = (1 - distill) * hard[has] + distill * ce
+        nll = nll + hard.sum()
     if not bool(is_sid.all()):
         nll = nll + F.cross_entropy(_head_logits(model, h[~is_sid]), y[~is_sid], reduction="sum")
     return nll / len(y)
@@ -731,14 +752,15 @@ class LMLoss(nn.Module):
     whole loss computation: DDP only synchronises gradients of a forward that runs through it, and
     the SID-restricted loss calls the decoder directly. ``forward(batch) -> scalar``."""
 
-    def __init__(self, model: nn.Module, sid_ids: torch.Tensor | None = None):
+    def __init__(self, model: nn.Module, sid_ids: torch.Tensor | None = None, distill: float = 0.0):
         super().__init__()
-        self.model, self.sid_ids = model, sid_ids
+        self.model, self.sid_ids, self.distill = model, sid_ids, distill
 
     def forward(self, batch: dict, aux_loss: Callable[[], torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(lm loss, aux_loss() or None)``; the aux term runs inside the (DDP) forward too."""
-        return lm_loss(self.model, batch, sid_ids=self.sid_ids), (aux_loss() if aux_loss is not None else None)
+        return (lm_loss(self.model, batch, sid_ids=self.sid_ids, distill=self.distill),
+                aux_loss() if aux_loss is not None else None)
 
 
 def train_step(model: nn.Module, opt, sched, batch: dict, *, sid_ids: torch.Tensor | None = None,

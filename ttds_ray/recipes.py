@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import cf, data, dynamic, embeddings, llm, tasks, towers
+from . import cf, data, distill, dynamic, embeddings, llm, tasks, towers
 from .artifacts import Files, RunDir
 from .config import TokenizerConfig, TTDSConfig
 from .data import Splits
@@ -398,7 +398,9 @@ class LLMRecipe:
         self.title_vecs = (llm.title_vectors(self.base, self.tok, prepared.items["title"].tolist())
                            if cfg.llm.alpha_tok > 0 else None)
         sid_ids = self.vocab.item_token_ids.flatten() if cfg.llm.loss_vocab == "sid" else None
-        self.model = env.wrap_model(llm.LMLoss(self.base, sid_ids))   # DDP wraps the loss (several workers)
+        self.model = env.wrap_model(llm.LMLoss(self.base, sid_ids, cfg.llm.distill_cf))   # DDP wraps the loss
+        self.teacher = (distill.CFTeacher(cf.load_sasrec(run.require("cf")).to(env.device),
+                                          cfg.llm.distill_temperature) if cfg.llm.distill_cf > 0 else None)
         self.pieces = tasks.PromptPieces.build(self.tok)
         self.train_seqs = [s.tolist() for s in splits.train_items]
         self.item_names = prepared.items["item_id"].tolist()
@@ -531,8 +533,14 @@ class LLMRecipe:
         """One optimiser step on ``rows`` rendered with the current item index; the batch goes to the
         model's device inside ``llm.train_step``. Returns the LM loss (nats/token)."""
         to_batch = tasks.pack if self.cfg.llm.pack else tasks.collate
-        b = to_batch(tasks.render_batch(rows, self.item_tok, self.user_tok), self.tok.pad_token_id,
-                     self.cfg.llm.max_length)
+        rendered = tasks.render_batch(rows, self.item_tok, self.user_tok)
+        teacher = None
+        if self.teacher is not None:   # SASRec's soft targets on the seqrec items (llm.distill_cf)
+            teacher = self.teacher.attach(rows, rendered, self.item_codes, self.item_t.codebook_size,
+                                          self.user_tok.shape[1])
+        b = to_batch(rendered, self.tok.pad_token_id, self.cfg.llm.max_length)
+        if teacher is not None:
+            b["teacher"] = teacher
         loss = llm.train_step(self.model, self.opt, self.sched, b, aux_loss=self._aux_loss())
         self.losses.append(loss)
         self.step += 1

@@ -477,7 +477,7 @@ def render_batch(samples: list[dict], item_tokens: np.ndarray, user_tokens: np.n
     if is_user.any() and user_tokens is None:
         raise ValueError("samples hold user placeholders but user_tokens is None")
     L, Lu = item_tokens.shape[1], (user_tokens.shape[1] if user_tokens is not None else 1)
-    width = np.where(is_item, L, np.where(is_user, Lu, 1))
+    width = _widths(ids, L, Lu)
     ends = np.cumsum(width)
     starts = ends - width
     out = np.repeat(ids, width)
@@ -488,6 +488,19 @@ def render_batch(samples: list[dict], item_tokens: np.ndarray, user_tokens: np.n
     cuts = ends[np.cumsum([len(s["ids"]) for s in samples])[:-1] - 1]
     return [{"input_ids": a.tolist(), "labels": b.tolist()}
             for a, b in zip(np.split(out, cuts), np.split(labels, cuts))]
+
+
+def _widths(ids: np.ndarray, item_levels: int, user_levels: int) -> np.ndarray:
+    """Rendered tokens per element of ``ids``: L for an item placeholder, L_u for a user placeholder, else 1."""
+    is_item, is_user = (ids < 0) & (ids % 2 == 1), (ids < 0) & (ids % 2 == 0)
+    return np.where(is_item, item_levels, np.where(is_user, user_levels, 1))
+
+
+def element_offsets(ids, item_levels: int, user_levels: int) -> np.ndarray:
+    """int64 ``(len(ids),)``: the token index at which each element of one sample's ``ids`` starts once rendered
+    (:func:`render_batch` with L = ``item_levels`` and L_u = ``user_levels`` tokens per placeholder)."""
+    width = _widths(np.asarray(ids, dtype=np.int64), item_levels, user_levels)
+    return np.cumsum(width) - width
 
 
 def render(sample: dict, item_tokens: np.ndarray, user_tokens: np.ndarray | None) -> dict:
@@ -583,10 +596,11 @@ def pack(samples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.T
     -100, as there it has no prediction from inside its sample.
 
     Args:
-        samples: ``{"input_ids", "labels"}`` lists (:func:`render_batch`).
+        samples: ``{"input_ids", "labels"}`` lists (:func:`render_batch`), optionally ``"soft"`` (per token, the
+            row of its soft target, -1 = none; :meth:`ttds_ray.distill.CFTeacher.attach`), moved like the labels.
 
     Returns:
-        int64 ``input_ids``, ``labels``, ``position_ids`` ``(R, T)`` and bool ``attention_mask`` ``(R, 1, T, T)``
+        int64 ``input_ids``, ``labels``, ``position_ids`` (and ``soft`` when given) ``(R, T)`` and bool ``attention_mask`` ``(R, 1, T, T)``
         (True = attend; HF's 4D mask form). A padding slot attends to itself only, so no softmax row is empty.
 
     Raises:
@@ -596,6 +610,7 @@ def pack(samples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.T
         raise ValueError("pack: needs at least one sample and no empty sample")
     ids = [list(x["input_ids"])[-max_length:] for x in samples]
     labels = [list(x["labels"])[-max_length:] for x in samples]
+    soft = [list(x["soft"])[-max_length:] for x in samples] if "soft" in samples[0] else None
     width = max(len(x) for x in ids)
     rows: list[list[int]] = []                  # sample indices per row
     room: list[int] = []
@@ -611,6 +626,8 @@ def pack(samples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.T
     out = {"input_ids": torch.full((n, width), pad_id, dtype=torch.long),
            "labels": torch.full((n, width), -100, dtype=torch.long),
            "position_ids": torch.zeros((n, width), dtype=torch.long)}
+    if soft is not None:
+        out["soft"] = torch.full((n, width), -1, dtype=torch.long)
     segment = torch.full((n, width), -1, dtype=torch.long)
     for r, members in enumerate(rows):
         at = 0
@@ -618,6 +635,8 @@ def pack(samples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.T
             k = len(ids[i])
             out["input_ids"][r, at:at + k] = torch.tensor(ids[i])
             out["labels"][r, at + 1:at + k] = torch.tensor(labels[i][1:])
+            if soft is not None:
+                out["soft"][r, at + 1:at + k] = torch.tensor(soft[i][1:])
             out["position_ids"][r, at:at + k] = torch.arange(k)
             segment[r, at:at + k] = i
             at += k
@@ -628,7 +647,8 @@ def pack(samples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.T
 
 
 def collate(samples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
-    """Left-pad samples into int64 ``(B, T)`` ``input_ids``, ``attention_mask``, ``labels``.
+    """Left-pad samples into int64 ``(B, T)`` ``input_ids``, ``attention_mask``, ``labels`` (and ``soft``, -1 padded,
+    when the samples have it; see :func:`pack`).
 
     Sequences longer than ``max_length`` keep their last ``max_length`` tokens.
     """
@@ -636,11 +656,12 @@ def collate(samples: list[dict], pad_id: int, max_length: int) -> dict[str, torc
     T = max(len(x) for x in ids)
     batch = {"input_ids": torch.full((len(ids), T), pad_id, dtype=torch.long),
              "attention_mask": torch.zeros((len(ids), T), dtype=torch.long)}
-    if "labels" in samples[0]:
-        batch["labels"] = torch.full((len(ids), T), -100, dtype=torch.long)
+    extra = {k: fill for k, fill in (("labels", -100), ("soft", -1)) if k in samples[0]}
+    for k, fill in extra.items():
+        batch[k] = torch.full((len(ids), T), fill, dtype=torch.long)
     for i, (s, x) in enumerate(zip(samples, ids)):
         batch["input_ids"][i, T - len(x):] = torch.tensor(x)
         batch["attention_mask"][i, T - len(x):] = 1
-        if "labels" in batch:
-            batch["labels"][i, T - len(x):] = torch.tensor(list(s["labels"])[-max_length:])
+        for k in extra:
+            batch[k][i, T - len(x):] = torch.tensor(list(s[k])[-max_length:])
     return batch
