@@ -92,6 +92,19 @@ VARIANTS = {
     "fresh-cb-llm-erase": ["llm.sid_init=codebook", "dynamic.accept=llm", "tokenizer.cf_erase_popularity=true"],
     "fresh-cb-llm-no-dist-w256-erase": ["llm.sid_init=codebook", "dynamic.accept=llm", "tokenizer.alpha_dist=0",
                                         "llm.tiny_hidden=256", "tokenizer.cf_erase_popularity=true"],
+    # SASRec's next-item distribution, summed onto the semantic-ID trie, as soft targets of the seqrec items
+    # (llm.distill_cf = lambda: (1 - lambda) * one-hot + lambda * teacher; docs/DESIGN-NOTES.md)
+    **{f"static-cb-kd{lam}": ["dynamic.static_index=true", "llm.sid_init=codebook", f"llm.distill_cf={lam}"]
+       for lam in ("0.5", "0.8")},
+    "static-cb-kd0.5-t2": ["dynamic.static_index=true", "llm.sid_init=codebook", "llm.distill_cf=0.5",
+                           "llm.distill_temperature=2"],
+    "static-cb-erase-kd0.5": ["dynamic.static_index=true", "llm.sid_init=codebook", "tokenizer.cf_erase_popularity=true",
+                              "llm.distill_cf=0.5"],
+    # ... on configs/scientific_tiny.yaml's settings (gated rounds, grain off, d=256, erased SASRec inputs)
+    **{f"fresh-cb-llm-no-dist-w256-erase-kd{lam}": ["llm.sid_init=codebook", "dynamic.accept=llm",
+                                                    "tokenizer.alpha_dist=0", "llm.tiny_hidden=256",
+                                                    "tokenizer.cf_erase_popularity=true", f"llm.distill_cf={lam}"]
+       for lam in ("0.5", "0.8")},
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights
