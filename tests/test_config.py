@@ -213,3 +213,17 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
     # Pinned: a new config key must leave the hashes of configs that do not use it unchanged, or every existing
     # run directory retrains on its next use (drop the key from stage_hash while it has its default value).
     assert [base.stage_hash(s) for s in ("tokenizer", "llm", "eval")] == GOLDEN_DEFAULT_HASHES
+
+
+def test_config_checks_the_distillation_keys_and_keeps_the_hash_when_off(tmp_path):
+    p = _write(tmp_path, "data: {path: x}\nllm: {loss_vocab: sid}\n")
+    base = load_config(p)
+    on = load_config(p, ["llm.distill_cf=0.5"])
+    assert on.stage_hash("llm") != base.stage_hash("llm") and on.stage_hash("tokenizer") == base.stage_hash("tokenizer")
+    assert load_config(p, ["llm.distill_cf=0"]).stage_hash("llm") == base.stage_hash("llm")
+    for bad, key in ((["llm.distill_cf=0.5", "llm.loss_vocab=full"], "llm.loss_vocab"),
+                     (["llm.distill_temperature=2"], "llm.distill_temperature"),
+                     (["llm.distill_cf=1.0"], "llm.distill_cf"),
+                     (["llm.distill_cf=0.5", "cf.max_len=10"], "cf.max_len")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(p, bad)

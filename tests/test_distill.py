@@ -1,13 +1,12 @@
 """llm.distill_cf: SASRec's next-item distribution marginalised onto the semantic-ID trie (distill.py), its
-soft targets carried through render / pack / collate to the right labels, the mixed loss, the config's
-combination checks, and the LLM recipe training with the teacher."""
+soft targets carried through render / pack / collate to the right labels, the mixed loss, and the LLM recipe
+training with the teacher (the config's checks of the keys: tests/test_config.py)."""
 import numpy as np
 import pytest
 import torch
 
 from ttds_ray import distill, llm, tasks
 from ttds_ray.cf import SASRec
-from ttds_ray.config import ConfigError, load_config
 
 torch.set_num_threads(1)
 L, K, N = 3, 4, 40
@@ -177,26 +176,6 @@ def test_the_mixed_loss_is_the_nll_blended_with_the_teachers_cross_entropy(lm):
         torch.testing.assert_close(llm.lm_loss(model, b, sid_ids=sid, distill=0.3), plain)
     with pytest.raises(ValueError, match="sid_ids"):
         llm.lm_loss(model, b, distill=0.3)
-
-
-def _write(tmp_path, text):
-    p = tmp_path / "c.yaml"
-    p.write_text(text)
-    return p
-
-
-def test_config_checks_the_distillation_keys_and_keeps_the_hash_when_off(tmp_path):
-    p = _write(tmp_path, "data: {path: x}\nllm: {loss_vocab: sid}\n")
-    base = load_config(p)
-    on = load_config(p, ["llm.distill_cf=0.5"])
-    assert on.stage_hash("llm") != base.stage_hash("llm") and on.stage_hash("tokenizer") == base.stage_hash("tokenizer")
-    assert load_config(p, ["llm.distill_cf=0"]).stage_hash("llm") == base.stage_hash("llm")
-    for bad, key in ((["llm.distill_cf=0.5", "llm.loss_vocab=full"], "llm.loss_vocab"),
-                     (["llm.distill_temperature=2"], "llm.distill_temperature"),
-                     (["llm.distill_cf=1.0"], "llm.distill_cf"),
-                     (["llm.distill_cf=0.5", "cf.max_len=10"], "cf.max_len")):
-        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            load_config(p, bad)
 
 
 def test_llm_recipe_trains_with_the_sasrec_teacher(tiny_run):
