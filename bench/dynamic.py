@@ -96,6 +96,9 @@ VARIANTS = {
     # (llm.distill_cf = lambda: (1 - lambda) * one-hot + lambda * teacher; docs/DESIGN-NOTES.md)
     **{f"static-cb-kd{lam}": ["dynamic.static_index=true", "llm.sid_init=codebook", f"llm.distill_cf={lam}"]
        for lam in ("0.5", "0.8", "0.95")},
+    # ... with re-indexing rounds: the teacher is index-free, so its targets follow the items to their new IDs
+    "fresh-cb-kd0.8": ["llm.sid_init=codebook", "llm.distill_cf=0.8"],
+    "fresh-cb-llm-kd0.8": ["llm.sid_init=codebook", "dynamic.accept=llm", "llm.distill_cf=0.8"],
     "static-cb-kd0.8-t2": ["dynamic.static_index=true", "llm.sid_init=codebook", "llm.distill_cf=0.8",
                            "llm.distill_temperature=2"],
     "static-cb-erase-kd0.5": ["dynamic.static_index=true", "llm.sid_init=codebook", "tokenizer.cf_erase_popularity=true",

@@ -227,3 +227,15 @@ def test_config_checks_the_distillation_keys_and_keeps_the_hash_when_off(tmp_pat
                      (["llm.distill_cf=0.5", "cf.max_len=10"], "cf.max_len")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(p, bad)
+
+
+def test_user_ids_from_history_changes_only_the_eval_hash_and_needs_user_ids(tmp_path):
+    p = _write(tmp_path, "data: {path: x}\n")
+    base = load_config(p)
+    fresh = load_config(p, ["eval.user_ids=history"])
+    assert fresh.stage_hash("eval") != base.stage_hash("eval") and fresh.stage_hash("llm") == base.stage_hash("llm")
+    assert load_config(p, ["eval.user_ids=training"]).stage_hash("eval") == base.stage_hash("eval")
+    with pytest.raises(ConfigError, match=r"eval\.user_ids"):
+        load_config(p, ["eval.user_ids=history", "tasks.use_user_sid=false"])
+    with pytest.raises(ConfigError, match=r"eval\.user_ids"):
+        load_config(p, ["eval.user_ids=latest"])

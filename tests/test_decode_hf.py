@@ -191,3 +191,35 @@ def test_a_run_with_popularity_correction_ranks_by_log_p_minus_beta_log_train_co
         expected = np.array([by_item[i] - 0.5 * log_q[i] for i in c_items[r]])
         np.testing.assert_allclose(c_scores[r], expected, atol=2e-4, rtol=0)
     assert not np.array_equal(items, c_items)
+
+
+def test_user_ids_from_the_current_history_match_the_towers_ids_of_that_history(tiny_run):
+    """eval.user_ids=history: a known user's ID is the user tower's ID of the history before the target. For
+    'valid' (the training history) it is the tokenizer stage's stored ID; for 'test' it is the ID of training +
+    validation items; serving a known user gives what serving the same logged history as a raw history gives."""
+    from ttds_ray.evaluate import evaluate_ttds
+    from ttds_ray.recommender import Recommender
+
+    cfg, run, _ = tiny_run
+    stored = Recommender(cfg, run)
+    fresh = Recommender(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"user_ids": "history"})}), run)
+    sp = stored.splits
+    rows = np.arange(len(sp))
+    np.testing.assert_array_equal(fresh.known_user_codes(rows, "valid"), stored.known_user_codes(rows, "valid"))
+    np.testing.assert_array_equal(stored.known_user_codes(rows, "test"), stored.user_table.codes[sp.user_idx[rows]])
+    test_codes = fresh.known_user_codes(rows, "test")
+    want = stored._user_codes([np.append(sp.train_items[r], sp.valid_target[r]) for r in rows])
+    np.testing.assert_array_equal(test_codes, want)
+    assert (test_codes != stored.user_table.codes[sp.user_idx[rows]]).any()   # the validation item moves some IDs
+    # evaluation prompts use them: the same metrics as ranking with the recomputed IDs by hand
+    got, ranked, _ = evaluate_ttds(fresh, sp, rows[:6], "test", fresh.cfg)
+    hist = [np.append(sp.train_items[r], sp.valid_target[r])[-cfg.data.max_history:] for r in rows[:6]]
+    by_hand, _ = fresh.rank(hist, test_codes[:6], n_beams=cfg.eval.n_beams)
+    np.testing.assert_array_equal(ranked, by_hand)
+    # serving: a known user == the same logged history sent as a raw history (which always gets a fresh ID)
+    users = [fresh.user_ids[r] for r in rows[:3]]
+    logged = [[fresh.item_ids[i] for i in fresh.user_history(u)] for u in users]
+    a = fresh.recommend(user_ids=users, k=5)
+    b = fresh.recommend(histories=logged, k=5)
+    assert [x.item_ids for x in a] == [x.item_ids for x in b]
+    assert [x.user_semantic_id for x in a] == [x.user_semantic_id for x in b]

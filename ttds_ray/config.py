@@ -406,6 +406,11 @@ class EvalConfig(_Section):
                                          "log p(item | history) - beta * log q(item), q = training-split "
                                          "interaction counts + 1 (0 = plain log-probs, the method as published; "
                                          "docs/DESIGN-NOTES.md 'Popularity-corrected decoding').")
+    user_ids: Literal["training", "history"] = Field(
+        "training", description="A known user's semantic ID in the prompt: 'training' = the one the tokenizer stage "
+        "gave them from their training history; 'history' = recomputed through the user tower from the history "
+        "before the target (test: training items + the validation item; serving: the whole logged history), as "
+        "for a raw history (docs/DESIGN-NOTES.md 'User IDs from the current history'). Evaluation and serving.")
 
     @field_validator("ks", mode="before")
     @classmethod
@@ -475,6 +480,8 @@ class TTDSConfig(_Section):
         if self.llm.distill_cf > 0 and self.data.max_history > self.cf.max_len:
             raise ValueError(f"llm.distill_cf > 0: the SASRec teacher reads up to data.max_history="
                              f"{self.data.max_history} items but cf.max_len={self.cf.max_len}; raise cf.max_len")
+        if self.eval.user_ids == "history" and not self.tasks.use_user_sid:
+            raise ValueError("eval.user_ids=history needs tasks.use_user_sid=true (the prompts have no user ID)")
         if self.llm.distill_cf == 0 and self.llm.distill_temperature != 1.0:
             raise ValueError("llm.distill_temperature is set but llm.distill_cf=0 (distillation off)")
         if self.llm.tiny_hidden % self.llm.tiny_heads:
@@ -532,7 +539,8 @@ class TTDSConfig(_Section):
 #: :meth:`TTDSConfig.stage_hash`, so run directories made before the key existed are still reused. A new switch
 #: belongs here (tests/test_config.py pins the hashes of a default config).
 _HASH_NEUTRAL_WHEN_OFF = (("tokenizer", "cf_erase_popularity", False), ("eval", "popularity_correction", 0.0),
-                          ("llm", "distill_cf", 0.0), ("llm", "distill_temperature", 1.0))
+                          ("llm", "distill_cf", 0.0), ("llm", "distill_temperature", 1.0),
+                          ("eval", "user_ids", "training"))
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

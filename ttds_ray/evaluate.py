@@ -124,7 +124,7 @@ def evaluate_ttds(rec, splits: Splits, rows: np.ndarray, split: str, cfg: TTDSCo
         RuntimeError: ``rank`` returned another number of rows than users asked (every user counts once).
     """
     hist = eval_histories(splits, rows, split, cfg.data.max_history)
-    user_codes = rec.user_table.codes[splits.user_idx[rows]] if cfg.tasks.use_user_sid else None
+    user_codes = rec.known_user_codes(rows, split) if cfg.tasks.use_user_sid else None   # per eval.user_ids
     if rank is None:
         ranked, scores = rec.rank(hist, user_codes, n_beams=cfg.eval.n_beams, progress=progress)
     else:

@@ -210,6 +210,21 @@ class Recommender:
         return np.concatenate([self.splits.train_items[r], [self.splits.valid_target[r],
                                                             self.splits.test_target[r]]]).astype(np.int64)
 
+    def known_user_codes(self, rows: np.ndarray, split: Literal["valid", "test"] | None) -> np.ndarray:
+        """Semantic IDs ``(B, L_u)`` of known users (rows of the split table) for prompts before ``split``'s
+        target (None: after the whole logged history), per ``eval.user_ids``: 'training' = the tokenizer stage's
+        table; 'history' = :meth:`_user_codes` of the user's whole history before that target (training items, plus
+        the validation item for 'test', plus both held-out items for None), so the ID is as current as the item
+        history it is prompted with. For 'valid' both are the same IDs (the tokenizer encodes the training history).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.cfg.eval.user_ids == "training":
+            return self.user_table.codes[self.splits.user_idx[rows]]
+        sp = self.splits
+        tail = {"valid": [], "test": [sp.valid_target], None: [sp.valid_target, sp.test_target]}[split]
+        hist = [np.concatenate([sp.train_items[r], [t[r] for t in tail]]).astype(np.int64) for r in rows]
+        return self._user_codes(hist)
+
     # ------------------------------------------------------------------ user tower
 
     def _user_codes(self, histories: list[np.ndarray]) -> np.ndarray:
@@ -285,7 +300,8 @@ class Recommender:
             raise InvalidRequest(f"k must be an int >= 1, got {req.k!r}")
         if req.user_id is not None:
             row = self._user_rows([req.user_id])[0]
-            return self.user_history(self.user_ids[row], split), self.user_table.codes[row]
+            codes = self.user_table.codes[row] if self.cfg.eval.user_ids == "training" else None  # else: batched
+            return self.user_history(self.user_ids[row], split), codes
         if len(req.history) == 0:
             raise InvalidRequest("history is empty: give at least one item id")
         return np.asarray(self._item_rows(list(req.history)), np.int64), None
@@ -298,7 +314,8 @@ class Recommender:
         batch) and each group is ranked in batches of ``batch_size`` (default ``eval.batch_size``); the width is
         ``max(eval.n_beams, k)``. With ``exclude_seen`` the request's history items are masked in the trie for
         that request (``decoding.beam_search(exclude=)``), so k unseen items come back whenever the catalogue
-        has them, at the same cost as without. Known users use their stored user semantic ID; raw histories
+        has them, at the same cost as without. Known users use their stored user semantic ID (or, with
+        ``eval.user_ids=history``, one recomputed from their history, :meth:`known_user_codes`); raw histories
         get theirs from the user tower.
 
         Args:
@@ -320,6 +337,11 @@ class Recommender:
         raw = [i for i in prepared if requests[i].history is not None]
         if raw and self.cfg.tasks.use_user_sid:
             for i, codes in zip(raw, self._user_codes([prepared[i][0] for i in raw])):
+                prepared[i] = (prepared[i][0], codes)
+        known = [i for i in prepared if prepared[i][1] is None and requests[i].user_id is not None]
+        if known and self.cfg.tasks.use_user_sid:            # eval.user_ids=history: one user-tower pass for all
+            rows = np.array(self._user_rows([requests[i].user_id for i in known]))
+            for i, codes in zip(known, self.known_user_codes(rows, split)):
                 prepared[i] = (prepared[i][0], codes)
         mh, n_items = self.cfg.data.max_history, self.n_items
         groups: dict[int, list[int]] = {}
