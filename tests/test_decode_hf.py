@@ -223,3 +223,35 @@ def test_user_ids_from_the_current_history_match_the_towers_ids_of_that_history(
     b = fresh.recommend(histories=logged, k=5)
     assert [x.item_ids for x in a] == [x.item_ids for x in b]
     assert [x.user_semantic_id for x in a] == [x.user_semantic_id for x in b]
+
+
+def test_user_ids_bench_ranks_validation_with_the_current_and_an_older_id(tiny_run, tmp_path):
+    """bench/user_ids.py: 'current' is the validation evaluation itself (stored IDs), 'stale' ranks the same prompts
+    with the user tower's ID of the history without its last item; the summary's difference is theirs."""
+    import importlib.util
+
+    from conftest import REPO
+    from ttds_ray.evaluate import evaluate_ttds
+    from ttds_ray.recommender import Recommender
+    spec = importlib.util.spec_from_file_location("bench_user_ids", REPO / "bench" / "user_ids.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg, run, _ = tiny_run
+    got = mod.stale_vs_current(run.root, None)
+    rec = Recommender(cfg, run)
+    sp = rec.splits
+    rows = np.asarray(got["users"])
+    _, ranked, _ = evaluate_ttds(rec, sp, rows, "valid", cfg)
+    stale = rec._user_codes([sp.train_items[r][:-1] for r in rows])
+    assert 0 < got["changed"] <= 1 and (stale != rec.user_table.codes[sp.user_idx[rows]]).any()
+    hist = [sp.train_items[r][-cfg.data.max_history:] for r in rows]
+    by_hand, _ = rec.rank(hist, stale, n_beams=cfg.eval.n_beams)
+    targets = sp.valid_target[rows]
+    for name, lists in (("current", ranked), ("stale", by_hand)):
+        want = [list(row).index(t) + 1 if t in row else 0 for row, t in zip(lists.tolist(), targets.tolist())]
+        assert got[name] == want
+    summary = mod.summarise({0: got, 1: got})
+    cur, old = summary["NDCG@10"]["current"][0], summary["NDCG@10"]["stale"][0]
+    assert summary["NDCG@10"]["bootstrap"]["diff"] == pytest.approx(cur - old)
+    with pytest.raises(SystemExit):                          # a pattern without {seed} is a usage error
+        mod.main(["--runs", str(run.root), "--seeds", "0", "--out", str(tmp_path / "u.json")])

@@ -1,0 +1,120 @@
+"""Choose ``eval.user_ids`` on the validation split: does a current user ID beat a one-interaction-old one?
+
+At test time a known user's stored ID (``eval.user_ids=training``) is built from the training history, one
+interaction older than the test prompt's item history; ``history`` recomputes it from the history before the target.
+On validation both give the same ID, so validation cannot tell them apart directly. This script builds the
+validation analogue: it ranks each validation prompt (history = training items) once with the user ID of that
+history (current, = the stored ID) and once with the ID of the history without its last item (one interaction old,
+as the stored ID is at test), and compares the two over users (paired bootstrap, stratified by seed). The test split
+is not read.
+
+    python bench/user_ids.py --runs 'runs/dynamic/scientific-s{seed}-fresh-cb-llm-no-dist-w256-erase-3000' \\
+        --seeds 0 1 2 --users all --out results/user-ids-valid-scientific.json
+
+Writes the JSON (per seed: users, ranks of both, metrics) and a .md table beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality as Q  # noqa: E402  (bench/quality.py: statistics)
+
+import numpy as np  # noqa: E402
+
+METRICS = ("NDCG@10", "HR@10")
+
+
+def stale_vs_current(run_dir: Path, max_users: int | None) -> dict:
+    """Validation ranks of one run with current and one-interaction-old user IDs.
+
+    Returns:
+        ``{"users": (U,) split rows, "current": (U,) 1-based ranks (0 = not ranked), "stale": (U,),
+        "changed": share of users whose old ID differs}``. A user with one training item keeps it as the old history.
+
+    Raises:
+        ValueError: the run has no user IDs (``tasks.use_user_sid=false``).
+    """
+    import torch
+
+    from ttds_ray.evaluate import eval_histories, select_eval_users, targets_of
+    from ttds_ray.metrics import target_ranks
+    from ttds_ray.recommender import Recommender
+
+    torch.set_num_threads(1)
+    rec = Recommender.from_run(run_dir)
+    sp, cfg = rec.splits, rec.cfg
+    if not cfg.tasks.use_user_sid:
+        raise ValueError(f"{run_dir}: tasks.use_user_sid is false, the prompts have no user ID")
+    rows = select_eval_users(len(sp), max_users, cfg.seed)
+    hist = eval_histories(sp, rows, "valid", cfg.data.max_history)
+    targets = targets_of(sp, rows, "valid")
+    current = rec.user_table.codes[sp.user_idx[rows]]
+    stale = rec._user_codes([sp.train_items[r][:-1] if len(sp.train_items[r]) > 1 else sp.train_items[r]
+                             for r in rows])
+    out = {"users": rows.tolist(), "changed": float((stale != current).any(1).mean())}
+    for name, codes in (("current", current), ("stale", stale)):
+        ranked, scores = rec.rank(hist, codes, n_beams=cfg.eval.n_beams)
+        out[name] = np.asarray(target_ranks(ranked, targets, scores=scores)).tolist()
+    return out
+
+
+def summarise(per_seed: dict[int, dict]) -> dict:
+    """``{metric: {"current": [per seed], "stale": [...], "bootstrap": current - stale}}``."""
+    seeds = sorted(per_seed)
+    out = {}
+    for m in METRICS:
+        a = [Q.per_user(per_seed[s]["current"], m) for s in seeds]
+        b = [Q.per_user(per_seed[s]["stale"], m) for s in seeds]
+        out[m] = {"current": [float(x.mean()) for x in a], "stale": [float(x.mean()) for x in b],
+                  "bootstrap": Q.paired_bootstrap(a, b)}
+    return out
+
+
+def render(summary: dict, per_seed: dict, command: str) -> str:
+    lines = [f"`{command}`", "", "| metric | seed | current ID | one interaction old | current − old |",
+             "|---|---|---|---|---|"]
+    for m, block in summary.items():
+        for s, c, o in zip(sorted(per_seed), block["current"], block["stale"]):
+            lines.append(f"| {m} | {s} | {c:.4f} | {o:.4f} | {c - o:+.4f} |")
+        b = block["bootstrap"]
+        lines.append(f"| {m} | mean | {np.mean(block['current']):.4f} | {np.mean(block['stale']):.4f} | "
+                     f"{b['diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}], P(Δ≤0) {b['p_le_0']:.3f} |")
+    lines += ["", "Users whose one-interaction-old ID differs: " +
+              ", ".join(f"seed {s}: {per_seed[s]['changed']:.1%}" for s in sorted(per_seed))]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ttds_ray.artifacts import atomic_write_bytes, write_json
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", required=True, help="run directory pattern with {seed}")
+    p.add_argument("--seeds", nargs="+", type=int, required=True)
+    p.add_argument("--users", default="all", help="validation users per seed: a number or 'all'")
+    p.add_argument("--out", type=Path, required=True, help="JSON path; a .md is written beside it")
+    args = p.parse_args(argv)
+    if "{seed}" not in args.runs:
+        p.error("--runs must contain {seed}")
+    if args.users != "all" and not (args.users.isdigit() and int(args.users) > 0):
+        p.error(f"--users must be a positive number or 'all', got {args.users!r}")
+    runs = {s: Path(args.runs.format(seed=s)) for s in args.seeds}
+    missing = [str(r) for r in runs.values() if not (r / "llm").is_dir()]
+    if missing:
+        p.error(f"no finished llm stage in: {', '.join(missing)}")
+    max_users = None if args.users == "all" else int(args.users)
+    per_seed = {s: stale_vs_current(r, max_users) for s, r in runs.items()}
+    summary = summarise(per_seed)
+    command = "python bench/user_ids.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_json(args.out, {"command": command, "runs": {s: str(r) for s, r in runs.items()}, "summary": summary,
+                          "per_seed": per_seed})
+    md = render(summary, per_seed, command)
+    atomic_write_bytes(args.out.with_suffix(".md"), md.encode())
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
