@@ -215,27 +215,24 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
     assert [base.stage_hash(s) for s in ("tokenizer", "llm", "eval")] == GOLDEN_DEFAULT_HASHES
 
 
-def test_config_checks_the_distillation_keys_and_keeps_the_hash_when_off(tmp_path):
-    p = _write(tmp_path, "data: {path: x}\nllm: {loss_vocab: sid}\n")
+@pytest.mark.parametrize("yaml_text,on,stage,upstream,off,bad", [
+    ("data: {path: x}\nllm: {loss_vocab: sid}\n", "llm.distill_cf=0.5", "llm", "tokenizer", "llm.distill_cf=0",
+     [(["llm.distill_cf=0.5", "llm.loss_vocab=full"], "llm.loss_vocab"),
+      (["llm.distill_temperature=2"], "llm.distill_temperature"), (["llm.distill_cf=1.0"], "llm.distill_cf"),
+      (["llm.distill_cf=0.5", "cf.max_len=10"], "cf.max_len")]),
+    ("data: {path: x}\n", "eval.user_ids=history", "eval", "llm", "eval.user_ids=training",
+     [(["eval.user_ids=history", "tasks.use_user_sid=false"], "eval.user_ids"), (["eval.user_ids=latest"], "eval.user_ids")]),
+])
+def test_a_new_switch_changes_only_its_stages_hash_keeps_it_when_off_and_refuses_bad_combinations(
+        tmp_path, yaml_text, on, stage, upstream, off, bad):
+    """llm.distill_cf / llm.distill_temperature and eval.user_ids: on, the switch retrains (re-evaluates) its own
+    stage only; at its off value the hash is that of a config without the key; a wrong combination names the key."""
+    p = _write(tmp_path, yaml_text)
     base = load_config(p)
-    on = load_config(p, ["llm.distill_cf=0.5"])
-    assert on.stage_hash("llm") != base.stage_hash("llm") and on.stage_hash("tokenizer") == base.stage_hash("tokenizer")
-    assert load_config(p, ["llm.distill_cf=0"]).stage_hash("llm") == base.stage_hash("llm")
-    for bad, key in ((["llm.distill_cf=0.5", "llm.loss_vocab=full"], "llm.loss_vocab"),
-                     (["llm.distill_temperature=2"], "llm.distill_temperature"),
-                     (["llm.distill_cf=1.0"], "llm.distill_cf"),
-                     (["llm.distill_cf=0.5", "cf.max_len=10"], "cf.max_len")):
+    switched = load_config(p, [on])
+    assert switched.stage_hash(stage) != base.stage_hash(stage)
+    assert switched.stage_hash(upstream) == base.stage_hash(upstream)
+    assert load_config(p, [off]).stage_hash(stage) == base.stage_hash(stage)
+    for overrides, key in bad:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            load_config(p, bad)
-
-
-def test_user_ids_from_history_changes_only_the_eval_hash_and_needs_user_ids(tmp_path):
-    p = _write(tmp_path, "data: {path: x}\n")
-    base = load_config(p)
-    fresh = load_config(p, ["eval.user_ids=history"])
-    assert fresh.stage_hash("eval") != base.stage_hash("eval") and fresh.stage_hash("llm") == base.stage_hash("llm")
-    assert load_config(p, ["eval.user_ids=training"]).stage_hash("eval") == base.stage_hash("eval")
-    with pytest.raises(ConfigError, match=r"eval\.user_ids"):
-        load_config(p, ["eval.user_ids=history", "tasks.use_user_sid=false"])
-    with pytest.raises(ConfigError, match=r"eval\.user_ids"):
-        load_config(p, ["eval.user_ids=latest"])
+            load_config(p, overrides)
