@@ -198,7 +198,17 @@ def test_llm_recipe_trains_with_the_sasrec_teacher(tiny_run):
         rec = recipes.LLMRecipe(c, run, env, n_epochs=s.n_epochs, total_steps=s.total_steps,
                                 steps_per_epoch=s.steps_per_epoch)
         assert (rec.teacher is not None) == (lam > 0)
+        soft_rows = []
+        if rec.teacher is not None:                           # count the soft targets the batches carried
+            attach = rec.teacher.attach
+            def counting(*a, **kw):
+                out = attach(*a, **kw)
+                soft_rows.append(0 if out is None else len(out))
+                return out
+            rec.teacher.attach = counting
         rec.fit()
-        runs[lam] = rec.losses
-    assert len(runs[0.0]) == len(runs[0.5]) == 6 and np.isfinite(runs[0.5]).all()
-    assert runs[0.5][0] != pytest.approx(runs[0.0][0], abs=1e-4)    # same weights and batch, another objective
+        runs[lam] = (rec.losses, soft_rows, {n: p.detach().clone() for n, p in rec.base.named_parameters()})
+    (plain, _, w0), (mixed, soft_rows, w1) = runs[0.0], runs[0.5]
+    assert len(plain) == len(mixed) == len(soft_rows) == 6 and np.isfinite(mixed).all() and sum(soft_rows) > 0
+    # same initial weights and batches, another objective: other gradients, so other weights after 6 steps
+    assert max(float((w0[n] - w1[n]).abs().max()) for n in w0) > 1e-4

@@ -172,7 +172,7 @@ def test_eval_stage_ttds_does_not_give_ties_to_the_target():
         b = len(histories)
         return np.tile(np.arange(n_beams, dtype=np.int64), (b, 1)), np.full((b, n_beams), -3.0, np.float32)
 
-    rec = SimpleNamespace(rank=rank, user_table=SimpleNamespace(codes=np.zeros((200, 2), np.int64)))
+    rec = SimpleNamespace(rank=rank, known_user_codes=lambda rows, split: np.zeros((len(rows), 2), np.int64))
     m, _, _ = evaluate_ttds(rec, _splits(200, N_ITEMS, test_target=0), np.arange(200), "test", _cfg())
     assert m["HR@10"] <= 0.01
 
