@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(r) for r in runs.values() if not (r / "llm").is_dir()]
     if missing:
         p.error(f"no finished llm stage in: {', '.join(missing)}")
+    from ttds_ray.recommender import load_run_config
+    no_ids = [str(r) for r in runs.values() if not load_run_config(r).tasks.use_user_sid]
+    if no_ids:                                           # before any ranking: nothing to compare in these runs
+        p.error(f"tasks.use_user_sid is false (the prompts have no user ID) in: {', '.join(no_ids)}")
     max_users = None if args.users == "all" else int(args.users)
     per_seed = {s: stale_vs_current(r, max_users) for s, r in runs.items()}
     summary = summarise(per_seed)
