@@ -196,6 +196,7 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
                                                                       "accept", "accept_contexts", "accept_margin")}
     d["llm"] = {k: v for k, v in d["llm"].items() if k not in ("sid_init", "pack", "distill_cf", "distill_temperature")}
     d["tokenizer"] = {k: v for k, v in d["tokenizer"].items() if k != "cf_erase_popularity"}
+    d["tasks"] = {k: v for k, v in d["tasks"].items() if k != "seqrec_user_ids"}
     keys = ["seed", "data", "embeddings", "cf", "tokenizer", "llm", "tasks", "dynamic"]
     if d["embeddings"]["text_encoder"] != "llm":
         d["embeddings"] = {k: v for k, v in d["embeddings"].items() if not k.startswith("llm_")}
@@ -222,10 +223,13 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
       (["llm.distill_cf=0.5", "cf.max_len=10"], "cf.max_len")]),
     ("data: {path: x}\n", "eval.user_ids=history", "eval", "llm", "eval.user_ids=training",
      [(["eval.user_ids=history", "tasks.use_user_sid=false"], "eval.user_ids"), (["eval.user_ids=latest"], "eval.user_ids")]),
+    ("data: {path: x}\n", "tasks.seqrec_user_ids=prefix", "llm", "tokenizer", "tasks.seqrec_user_ids=sequence",
+     [(["tasks.seqrec_user_ids=prefix", "tasks.use_user_sid=false"], "tasks.seqrec_user_ids"),
+      (["tasks.seqrec_user_ids=window"], "tasks.seqrec_user_ids")]),
 ])
 def test_a_new_switch_changes_only_its_stages_hash_keeps_it_when_off_and_refuses_bad_combinations(
         tmp_path, yaml_text, on, stage, upstream, off, bad):
-    """llm.distill_cf / llm.distill_temperature and eval.user_ids: on, the switch retrains (re-evaluates) its own
+    """llm.distill_cf / llm.distill_temperature, eval.user_ids and tasks.seqrec_user_ids: on, the switch retrains (re-evaluates) its own
     stage only; at its off value the hash is that of a config without the key; a wrong combination names the key."""
     p = _write(tmp_path, yaml_text)
     base = load_config(p)

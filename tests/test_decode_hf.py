@@ -255,3 +255,37 @@ def test_user_ids_bench_ranks_validation_with_the_current_and_an_older_id(tiny_r
     assert summary["NDCG@10"]["bootstrap"]["diff"] == pytest.approx(cur - old)
     with pytest.raises(SystemExit):                          # a pattern without {seed} is a usage error
         mod.main(["--runs", str(run.root), "--seeds", "0", "--out", str(tmp_path / "u.json")])
+
+
+def test_seqrec_prefix_user_ids_are_the_towers_ids_of_each_training_prefix(tiny_run):
+    """tasks.seqrec_user_ids=prefix: the LLM recipe renders seqrec prompts with a table whose first U rows are the
+    stored IDs and whose row U + off[u] + k - 1 is the user tower's ID of the user's first k training items; a full
+    training sequence encodes to its stored ID (the tokenizer stage and the encoder agree)."""
+    from ttds_ray import pipeline, recipes, tasks
+    from ttds_ray.config import config_from_dict
+
+    cfg, run, _ = tiny_run
+    d = cfg.to_dict()
+    d["tasks"]["seqrec_user_ids"] = "prefix"
+    d["llm"]["max_steps"] = 2
+    d["dynamic"]["rounds"] = 0
+    c = config_from_dict(d)
+    s = pipeline.llm_samples(c, run)
+    env = recipes.WorkerEnv(report=lambda m, f: None, progress=lambda *a: None,
+                            dataset=pipeline.local_datasets(s.datasets))
+    rec = recipes.LLMRecipe(c, run, env, n_epochs=s.n_epochs, total_steps=s.total_steps,
+                            steps_per_epoch=s.steps_per_epoch)
+    seqs, U = rec.train_seqs, len(rec.train_seqs)
+    off = tasks.prefix_user_rows(seqs)
+    assert rec.prompt_user_tok.shape == (U + off[-1], rec.user_tok.shape[1])
+    np.testing.assert_array_equal(rec.prompt_user_tok[:U], rec.user_tok)
+    enc = recipes.UserEncoder.load(run, c, len(rec.item_codes))
+    users = [u for u in range(U) if len(seqs[u]) >= 3][:5]
+    hist = [np.asarray(seqs[u][:k]) for u in users for k in range(1, len(seqs[u]))]
+    rows = [U + off[u] + k - 1 for u in users for k in range(1, len(seqs[u]))]
+    np.testing.assert_array_equal(rec.prompt_user_tok[rows], rec.vocab.user_tokens(enc.codes(hist)))
+    full = enc.codes([np.asarray(seqs[u]) for u in users])
+    np.testing.assert_array_equal(rec.vocab.user_tokens(full), rec.user_tok[users])
+    assert (rec.prompt_user_tok[rows] != np.repeat(rec.user_tok[users], [len(seqs[u]) - 1 for u in users], 0)).any()
+    rec.fit()
+    assert len(rec.losses) == 2 and np.isfinite(rec.losses).all()

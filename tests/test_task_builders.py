@@ -292,3 +292,35 @@ def test_no_sample_contains_a_heldout_target_position(tmp_path):
                 assert any(v != users[0] and seq[p] in mine and seq[p + 1] == items[0]
                            for v, seq in train.items() for p in range(len(seq) - 1)), (task, _pair(s))
     assert seen == set(TASKS)
+
+
+@pytest.mark.parametrize("loss_on", ["all_items", "target"])
+def test_seqrec_prefix_user_ids_hold_no_target_of_the_sample(loss_on):
+    """tasks.seqrec_user_ids=prefix: each seqrec prompt's user placeholder is the row of the ID of the items before
+    a cut c in the window (``prefix_user_rows`` layout), every cut of [max(start, 1), end - 1] is drawn (only the
+    last with loss_on=target), and exactly the items from c on carry the loss."""
+    from ttds_ray.tasks import prefix_user_rows, seqrec_windows
+
+    off = prefix_user_rows(SEQS)
+    np.testing.assert_array_equal(off, [0, 2, 5, 5, 6, 7])
+    row_of = {len(SEQS) + off[u] + k - 1: (u, k) for u, s in enumerate(SEQS) for k in range(1, len(s))}
+    samples = build_task_samples(_ctx(), _only("seqrec", 250.0, seqrec_loss_on=loss_on, seqrec_user_ids="prefix"),
+                                 seed=0, epoch=0)
+    seen = {}
+    for smp in samples:
+        ids, resp = np.asarray(smp["ids"]), np.asarray(smp["resp"])
+        users = [int(x) for x in ids if x < 0 and x % 2 == 0]
+        assert len(users) == 1
+        u, c = row_of[(-2 - users[0]) // 2]
+        items = [(-1 - int(x)) // 2 for x in ids if x < 0 and x % 2]
+        (s, e), = [(s, e) for s, e in seqrec_windows(len(SEQS[u]), max_history=2, stride=10, loss_on=loss_on)
+                   if SEQS[u][s:e] == items]
+        assert max(s, 1) <= c <= e - 1
+        loss = resp[-len(items):]
+        assert resp[:-len(items)].sum() == 0
+        assert loss.tolist() == [int(s + i >= c) for i in range(e - s)]
+        seen.setdefault((u, s, e), set()).add(c)
+    want = {(u, s, e): set(range(max(s, 1), e)) if loss_on == "all_items" else {e - 1}
+            for u, seq in enumerate(SEQS) if len(seq) >= 2
+            for s, e in seqrec_windows(len(seq), max_history=2, stride=10, loss_on=loss_on)}
+    assert seen == want

@@ -392,6 +392,12 @@ class TasksConfig(_Section):
         "items (teacher forcing, DESIGN §1.4); 'target': one sample per target, loss on its codes only.")
     window_stride: int = Field(10, ge=1, description="Stride between the windows cut from a long history.")
     use_user_sid: bool = Field(True, description="Put the user's semantic ID in the prompt.")
+    seqrec_user_ids: Literal["sequence", "prefix"] = Field(
+        "sequence", description="The user ID in a seqrec training prompt: 'sequence' = the one the tokenizer stage "
+        "gave the user from the whole training sequence (which holds the window's targets); 'prefix' = recomputed "
+        "through the user tower from the items before a cut k drawn per sample in the window (the last item for "
+        "seqrec_loss_on=target), loss only on the items from k on, so no target is inside its own prompt's user ID "
+        "(docs/DESIGN-NOTES.md 'User IDs without the targets').")
 
 
 class EvalConfig(_Section):
@@ -482,6 +488,8 @@ class TTDSConfig(_Section):
                              f"{self.data.max_history} items but cf.max_len={self.cf.max_len}; raise cf.max_len")
         if self.eval.user_ids == "history" and not self.tasks.use_user_sid:
             raise ValueError("eval.user_ids=history needs tasks.use_user_sid=true (the prompts have no user ID)")
+        if self.tasks.seqrec_user_ids == "prefix" and not self.tasks.use_user_sid:
+            raise ValueError("tasks.seqrec_user_ids=prefix needs tasks.use_user_sid=true (the prompts have no user ID)")
         if self.llm.distill_cf == 0 and self.llm.distill_temperature != 1.0:
             raise ValueError("llm.distill_temperature is set but llm.distill_cf=0 (distillation off)")
         if self.llm.tiny_hidden % self.llm.tiny_heads:
@@ -540,7 +548,7 @@ class TTDSConfig(_Section):
 #: belongs here (tests/test_config.py pins the hashes of a default config).
 _HASH_NEUTRAL_WHEN_OFF = (("tokenizer", "cf_erase_popularity", False), ("eval", "popularity_correction", 0.0),
                           ("llm", "distill_cf", 0.0), ("llm", "distill_temperature", 1.0),
-                          ("eval", "user_ids", "training"))
+                          ("eval", "user_ids", "training"), ("tasks", "seqrec_user_ids", "sequence"))
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

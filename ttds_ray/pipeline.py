@@ -284,7 +284,8 @@ def llm_samples(cfg: TTDSConfig, run: RunDir) -> LLMSamples:
             log.warning("llm: task %s is on (weight %g) but built no samples on this data (e.g. no user has a "
                         "neighbour, no item has brand/category text, or tasks.use_user_sid=false)", name,
                         cfg.tasks.weights.active()[name])
-    item_tok, user_tok = vocab.item_tokens(item_t.codes), vocab.user_tokens(user_t.codes)
+    item_tok = vocab.item_tokens(item_t.codes)
+    user_tok = recipes.prompt_user_tokens(cfg, run, vocab, user_t.codes, ctx.train_seqs)
     for name, st in stats.items():
         ex = next(s for s in first if s["task"] == name)
         log.info("llm: task %-15s %6d samples/epoch, mean %.1f tokens; e.g. %s", name, st["n"], st["mean_tokens"],

@@ -160,6 +160,55 @@ def tower_inputs(run: RunDir, tok_cfg: TokenizerConfig) -> dict[str, np.ndarray]
             "user_c": cfe.users}
 
 
+@dataclass
+class UserEncoder:
+    """A run's user tower over raw histories (DESIGN §1.2–1.3): semantic input = mean item text embedding of the
+    history, collaborative input = SASRec's last hidden state over the history's trained items (items at rows
+    >= ``len(item_s)``, cold-start additions, have no SASRec embedding and are left out of it)."""
+    item_s: np.ndarray          # float32 (N, D_s) item text embeddings
+    sasrec: "cf.SASRec"
+    tower: "towers.Tower"
+    max_len: int                # cf.max_len: SASRec reads the last max_len items
+
+    @classmethod
+    def load(cls, run: RunDir, cfg: TTDSConfig, n_items: int) -> "UserEncoder":
+        """The run's stages ``embeddings``, ``cf`` and ``tokenizer`` (raises ArtifactError if one is missing)."""
+        item_s = embeddings.load_npy(run.require("embeddings") / Files.ITEM_TEXT, rows=n_items)
+        sasrec = cf.load_sasrec(run.require("cf"))
+        tower = towers.load_tower(run.require("tokenizer") / Files.USER_TOWER, item_s.shape[1], sasrec.hidden,
+                                  cfg.tokenizer.user)
+        return cls(item_s, sasrec, tower, cfg.cf.max_len)
+
+    def codes(self, histories: list[np.ndarray], added_s: np.ndarray | None = None) -> np.ndarray:
+        """User semantic IDs int64 ``(B, L_u)`` of B histories (int item rows, oldest first); ``added_s``: text
+        embeddings ``(A, D_s)`` of items at rows N.. (cold-start additions)."""
+        item_s = self.item_s if added_s is None or not len(added_s) else np.concatenate([self.item_s, added_s])
+        n = len(self.item_s)
+        s = towers.user_semantic_embeddings(item_s, [np.asarray(h).tolist() for h in histories])
+        c = cf.encode_users(self.sasrec, [np.asarray(h)[np.asarray(h) < n].tolist() for h in histories], self.max_len)
+        return towers.encode_codes(self.tower, s, c)[0]
+
+    def prefix_codes(self, train_seqs: list[list[int]], batch: int = 4096) -> np.ndarray:
+        """IDs ``(P, L_u)`` of every training prefix, in :func:`tasks.prefix_user_rows`'s layout: user u's ID from
+        its first k items (1 <= k < len) at row ``off[u] + k - 1`` (``tasks.seqrec_user_ids=prefix``)."""
+        hist = [np.asarray(seq[:k], np.int64) for seq in train_seqs for k in range(1, len(seq))]
+        assert len(hist) == tasks.prefix_user_rows(train_seqs)[-1]
+        parts = [self.codes(hist[i:i + batch]) for i in range(0, len(hist), batch)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.tower.rq.n_levels), np.int64)
+
+
+def prompt_user_tokens(cfg: TTDSConfig, run: RunDir, vocab, user_codes: np.ndarray,
+                       train_seqs: list[list[int]]) -> np.ndarray:
+    """The user-token table training samples are rendered with, int64 ``(U [+ P], L_u)``: the tokenizer stage's
+    IDs (``user_codes`` ``(U, L_u)``), plus with ``tasks.seqrec_user_ids=prefix`` the P per-prefix IDs of
+    :meth:`UserEncoder.prefix_codes` (rows U.., :func:`tasks.prefix_user_rows`)."""
+    table = vocab.user_tokens(user_codes)
+    if not (cfg.tasks.use_user_sid and cfg.tasks.seqrec_user_ids == "prefix"):
+        return table
+    enc = UserEncoder.load(run, cfg, len(data.Prepared.load(run.require("data")).items))
+    return np.concatenate([table, vocab.user_tokens(enc.prefix_codes(train_seqs))])
+
+
 def item_cf_inputs(items: np.ndarray, splits: Splits, tok_cfg: TokenizerConfig) -> np.ndarray:
     """The item tower's collaborative input from SASRec's item embeddings ``(N, D_c)``: as they are, or with the
     popularity direction erased (``tokenizer.cf_erase_popularity``, :func:`cf.erase_popularity` with the
@@ -389,6 +438,8 @@ class LLMRecipe:
         self.item_t, user_t = load_sid_tables(run)
         self.item_codes, self.user_tok = self.item_t.codes, self.vocab.user_tokens(user_t.codes)
         self.item_tok = self.vocab.item_tokens(self.item_codes)
+        self.train_seqs = [s.tolist() for s in splits.train_items]
+        self.prompt_user_tok = prompt_user_tokens(cfg, run, self.vocab, user_t.codes, self.train_seqs)
         self.opt, self.sched = llm.make_optimizer(self.base, cfg.llm, total_steps)
         self.reindex_at = dynamic.reindex_steps(total_steps, cfg.dynamic)
         self.tower, self.x = None, None
@@ -402,7 +453,6 @@ class LLMRecipe:
         self.teacher = (distill.CFTeacher(cf.load_sasrec(run.require("cf")).to(env.device),
                                           cfg.llm.distill_temperature) if cfg.llm.distill_cf > 0 else None)
         self.pieces = tasks.PromptPieces.build(self.tok)
-        self.train_seqs = [s.tolist() for s in splits.train_items]
         self.item_names = prepared.items["item_id"].tolist()
         self.meta = {"backbone": cfg.llm.backbone, "finetune": cfg.llm.finetune, "base_vocab_size": base_vocab,
                      "vocab_size": len(self.tok)}
@@ -533,7 +583,7 @@ class LLMRecipe:
         """One optimiser step on ``rows`` rendered with the current item index; the batch goes to the
         model's device inside ``llm.train_step``. Returns the LM loss (nats/token)."""
         to_batch = tasks.pack if self.cfg.llm.pack else tasks.collate
-        rendered = tasks.render_batch(rows, self.item_tok, self.user_tok)
+        rendered = tasks.render_batch(rows, self.item_tok, self.prompt_user_tok)
         teacher = None
         if self.teacher is not None:   # SASRec's soft targets on the seqrec items (llm.distill_cf)
             teacher = self.teacher.attach(rows, rendered, self.item_codes, self.item_t.codebook_size,

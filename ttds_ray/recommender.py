@@ -228,27 +228,13 @@ class Recommender:
     # ------------------------------------------------------------------ user tower
 
     def _user_codes(self, histories: list[np.ndarray]) -> np.ndarray:
-        """User semantic IDs ``(B, L_u)`` from raw histories (item rows) through the user tower (DESIGN §1.2):
-        semantic input = mean item text embedding, collaborative input = SASRec's last hidden state over
-        the history's trained items (cold-start items have no SASRec embedding and are left out of it)."""
+        """User semantic IDs ``(B, L_u)`` from raw histories (item rows) through the user tower
+        (:class:`recipes.UserEncoder`; cold-start items count in the semantic input only)."""
         with self._lock:
             if self._user_tower is None:
-                self._user_tower = self._load_user_tower()
-        item_s, sasrec, tower = self._user_tower
-        if self.added:
-            item_s = np.concatenate([item_s, np.asarray([a.s for a in self.added], np.float32)])
-        s = towers.user_semantic_embeddings(item_s, [h.tolist() for h in histories])
-        c = cf.encode_users(sasrec, [h[h < self.n_base_items].tolist() for h in histories], self.cfg.cf.max_len)
-        codes, _ = towers.encode_codes(tower, s, c)
-        return codes
-
-    def _load_user_tower(self) -> tuple:
-        """(item text embeddings, SASRec, user tower) of the run, for raw histories."""
-        item_s = embeddings.load_npy(self.run.require("embeddings") / Files.ITEM_TEXT, rows=self.n_base_items)
-        sasrec = cf.load_sasrec(self.run.require("cf"))
-        tower = towers.load_tower(self.run.require("tokenizer") / Files.USER_TOWER, item_s.shape[1],
-                                  sasrec.hidden, self.cfg.tokenizer.user)
-        return item_s, sasrec, tower
+                self._user_tower = recipes.UserEncoder.load(self.run, self.cfg, self.n_base_items)
+        added = np.asarray([a.s for a in self.added], np.float32) if self.added else None
+        return self._user_tower.codes(histories, added)
 
     def user_semantic_id(self, history: Sequence[str]) -> str:
         """Semantic-ID string of a user given only a raw history (item ids, oldest first).

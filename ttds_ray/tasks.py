@@ -306,6 +306,11 @@ class TaskContext:
         pairs = [(u, j) for u, seq in enumerate(self.train_seqs) for j in range(1, len(seq))]
         return tuple(np.array(pairs, dtype=np.int64).reshape(-1, 2).T)
 
+    @cached_property
+    def prefix_rows(self) -> np.ndarray:
+        """:func:`prefix_user_rows` of the training split."""
+        return prefix_user_rows(self.train_seqs)
+
     def cooccurrence(self, topk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:func:`cooccurrence` CSR over the training split, window ``max_history``."""
         return self._cached(("co", topk), lambda: cooccurrence(self.train_seqs, len(self.titles),
@@ -340,20 +345,38 @@ class TaskContext:
 # ----------------------------------------------------------------------------- task builders
 # Each: (ctx, cfg, rng, k) -> k samples (fewer when the task has no anchors).
 
-def _seqrec_samples(seqs, windows, tpls, use_user: bool, loss_on: str, rng, k: int) -> list[dict]:
+def prefix_user_rows(train_seqs: list[list[int]]) -> np.ndarray:
+    """Layout of the per-prefix user IDs (``tasks.seqrec_user_ids=prefix``): the ID of user u from its first
+    k training items (1 <= k < len) is row ``U + off[u] + k - 1`` of the user table prompts are rendered with
+    (rows 0..U-1 stay the tokenizer stage's IDs). Returns ``off``: int64 ``(U + 1,)``, ``off[U]`` = P rows."""
+    n = np.array([max(len(s) - 1, 0) for s in train_seqs], dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+
+
+def _seqrec_samples(seqs, windows, tpls, use_user: bool, loss_on: str, rng, k: int,
+                    prefix_off: np.ndarray | None = None) -> list[dict]:
+    """Seqrec samples of ``k`` drawn windows. With ``prefix_off`` (:func:`prefix_user_rows`) the user ID is the
+    one of the items before a cut c (drawn in [max(start, 1), end - 1]; the last item for loss_on=target) and
+    only items from c on get the loss, so no target is part of its prompt's user ID."""
     idx = _draw_windows(rng, len(windows), k)
     out = []
     for w, t in zip(idx, rng.integers(len(tpls), size=len(idx))):
         u, s, e = windows[w]
         items = [item_ph(i) for i in seqs[u][s:e]]
         mask = None if loss_on == "all_items" else [0] * (len(items) - 1) + [1]
-        out.append(_sample("seqrec", tpls[t], {"user": [user_ph(u)] if use_user else []}, items, mask))
+        user = [user_ph(u)] if use_user else []
+        if prefix_off is not None:
+            c = e - 1 if loss_on == "target" else int(rng.integers(max(s, 1), e))
+            mask = [int(s + i >= c) for i in range(e - s)]
+            user = [user_ph(len(seqs) + int(prefix_off[u]) + c - 1)]
+        out.append(_sample("seqrec", tpls[t], {"user": user}, items, mask))
     return out
 
 
 def _seqrec(ctx, cfg, rng, k):
+    prefix = ctx.use_user_sid and cfg.seqrec_user_ids == "prefix"
     return _seqrec_samples(ctx.train_seqs, ctx.windows(cfg), ctx.templates["seqrec"], ctx.use_user_sid,
-                           cfg.seqrec_loss_on, rng, k)
+                           cfg.seqrec_loss_on, rng, k, ctx.prefix_rows if prefix else None)
 
 
 def _pick(rng, pool, k: int, n_tpl: int):
@@ -543,6 +566,9 @@ def build_seqrec_samples(train_seqs: list[list[int]], item_tokens: np.ndarray, u
     Returns:
         Samples with ``input_ids`` and ``labels`` (-100 on prompt tokens).
     """
+    if cfg.seqrec_user_ids == "prefix":
+        raise ValueError("build_seqrec_samples renders with the stored user IDs only; tasks.seqrec_user_ids=prefix "
+                         "needs the per-prefix ID table (LLMRecipe)")
     tpls = [(before, "user", after) for before, after in pieces.parts]
     windows = [(u, s, e) for u, seq in enumerate(train_seqs) if len(seq) >= 2
                for s, e in seqrec_windows(len(seq), max_history=max_history, stride=cfg.window_stride,
