@@ -108,6 +108,15 @@ VARIANTS = {
                                                     "tokenizer.alpha_dist=0", "llm.tiny_hidden=256",
                                                     "tokenizer.cf_erase_popularity=true", f"llm.distill_cf={lam}"]
        for lam in ("0.5", "0.8")},
+    # current user IDs at test time (eval.user_ids=history), with seqrec prompts trained on the stored IDs or on the
+    # ID of the items before a cut, loss from the cut on (tasks.seqrec_user_ids=prefix: no target in its prompt's ID)
+    "static-cb-uid": ["dynamic.static_index=true", "llm.sid_init=codebook", "eval.user_ids=history"],
+    "static-cb-prefix": ["dynamic.static_index=true", "llm.sid_init=codebook", "eval.user_ids=history",
+                         "tasks.seqrec_user_ids=prefix"],
+    **{f"fresh-cb-llm-no-dist-w256-erase-{v}": ["llm.sid_init=codebook", "dynamic.accept=llm", "tokenizer.alpha_dist=0",
+                                                "llm.tiny_hidden=256", "tokenizer.cf_erase_popularity=true",
+                                                "eval.user_ids=history", *extra]
+       for v, extra in (("uid", []), ("prefix", ["tasks.seqrec_user_ids=prefix"]))},
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights

@@ -267,8 +267,8 @@ def test_seqrec_prefix_user_ids_are_the_towers_ids_of_each_training_prefix(tiny_
     cfg, run, _ = tiny_run
     d = cfg.to_dict()
     d["tasks"]["seqrec_user_ids"] = "prefix"
-    d["llm"]["max_steps"] = 2
-    d["dynamic"]["rounds"] = 0
+    d["llm"]["max_steps"] = 4
+    d["dynamic"].update(rounds=1, accept="llm", final_freeze=0.5)   # a gated round reads per-prefix rows too
     c = config_from_dict(d)
     s = pipeline.llm_samples(c, run)
     env = recipes.WorkerEnv(report=lambda m, f: None, progress=lambda *a: None,
@@ -287,5 +287,7 @@ def test_seqrec_prefix_user_ids_are_the_towers_ids_of_each_training_prefix(tiny_
     full = enc.codes([np.asarray(seqs[u]) for u in users])
     np.testing.assert_array_equal(rec.vocab.user_tokens(full), rec.user_tok[users])
     assert (rec.prompt_user_tok[rows] != np.repeat(rec.user_tok[users], [len(seqs[u]) - 1 for u in users], 0)).any()
+    rounds = rec.prefix_off()
+    np.testing.assert_array_equal(rounds, off)
     rec.fit()
-    assert len(rec.losses) == 2 and np.isfinite(rec.losses).all()
+    assert len(rec.losses) == 4 and np.isfinite(rec.losses).all() and len(rec.rounds) == 1

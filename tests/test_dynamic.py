@@ -5,6 +5,7 @@ import pytest
 from ttds_ray.artifacts import RunDir, write_json
 from ttds_ray.config import DynamicConfig, TTDSConfig, config_from_dict
 from ttds_ray.dynamic import guidance_prompts, reindex_steps
+from ttds_ray.tasks import prefix_user_rows
 
 
 def test_reindex_schedule_static_and_dynamic_share_the_budget():
@@ -27,6 +28,20 @@ def test_guidance_prompts_come_from_training_prefixes_only():
         assert j >= 1 and h == s[max(0, j - 2):j]  # the history is exactly the items before the target
     again = guidance_prompts(seqs, 50, max_history=2, seed=0)
     assert again[0].tolist() == users.tolist() and again[1] == hist
+    rows, p_hist, p_tgt = guidance_prompts(seqs, 50, max_history=2, seed=0, prefix_off=prefix_user_rows(seqs))
+    assert p_hist == hist and p_tgt.tolist() == tgt.tolist()
+    _assert_prefix_rows(seqs, rows, hist, users, tgt.tolist())
+
+
+def _assert_prefix_rows(seqs, rows, hist, users, targets):
+    """With prefix_off the same prompts come back, each user row now naming the ID of the items before its target:
+    row U + off[u] + j - 1 decodes to (u, j) with seqs[u][j] the target and the history the items right before j."""
+    off, U = prefix_user_rows(seqs), len(seqs)
+    decode = {U + off[u] + j - 1: (u, j) for u, s in enumerate(seqs) for j in range(1, len(s))}
+    assert len(rows) == len(users)
+    for r, u, h, t in zip(rows.tolist(), users.tolist(), hist, targets):
+        pu, j = decode[r]
+        assert pu == u and seqs[u][j] == t and h == seqs[u][max(0, j - 2):j]
 
 
 def _fake_run(root, cfg: TTDSConfig, stages):
@@ -69,6 +84,10 @@ def test_target_contexts_are_the_training_prefixes_before_each_item_capped_per_i
         assert s[j] == i and len(h) >= 1                    # the history is what came right before the item
     again = target_contexts(seqs, np.array([1, 5, 4]), 2, max_history=2, seed=0)
     assert again[1].tolist() == users.tolist() and again[2] == hist
+    p_pos, p_rows, p_hist = target_contexts(seqs, np.array([1, 5, 4]), 2, max_history=2, seed=0,
+                                            prefix_off=prefix_user_rows(seqs))
+    assert p_pos.tolist() == pos.tolist() and p_hist == hist
+    _assert_prefix_rows(seqs, p_rows, p_hist, users, items.tolist())
     with pytest.raises(ValueError, match="per_item"):
         target_contexts(seqs, np.array([1]), 0, max_history=2, seed=0)
 

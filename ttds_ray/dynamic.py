@@ -36,12 +36,20 @@ def reindex_steps(total_steps: int, cfg: DynamicConfig) -> list[int]:
     return steps
 
 
-def guidance_prompts(train_seqs: list[list[int]], n: int, *, max_history: int, seed: int
-                     ) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
+def _id_row(u: int, j: int, n_users: int, prefix_off: np.ndarray | None) -> int:
+    """Row of the user-ID table a prompt for user u's target at position j uses: u (the stored ID), or with
+    ``prefix_off`` (:func:`ttds_ray.tasks.prefix_user_rows`) the ID of the items before j."""
+    return u if prefix_off is None else n_users + int(prefix_off[u]) + j - 1
+
+
+def guidance_prompts(train_seqs: list[list[int]], n: int, *, max_history: int, seed: int,
+                     prefix_off: np.ndarray | None = None) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
     """Sample ``n`` (user, target position) pairs from the training split only.
 
     Args:
         train_seqs: U lists of training item_idx (chronological).
+        prefix_off: with ``tasks.seqrec_user_ids=prefix``, :func:`ttds_ray.tasks.prefix_user_rows`; the returned
+            rows then name each prompt's per-prefix user ID (the items before the target), as in training.
 
     Returns:
         ``(user_rows (M,), histories (M lists, ≤ max_history items before the target), targets (M,))``
@@ -52,23 +60,25 @@ def guidance_prompts(train_seqs: list[list[int]], n: int, *, max_history: int, s
     if len(users) == 0:
         return np.zeros(0, dtype=np.int64), [], np.zeros(0, dtype=np.int64)
     pick = rng.choice(users, size=n, replace=len(users) < n)
-    hist, tgt = [], []
+    hist, tgt, rows = [], [], []
     for u in pick:
         s = train_seqs[u]
         j = int(rng.integers(1, len(s)))
         hist.append(list(s[max(0, j - max_history):j]))
         tgt.append(s[j])
-    return pick.astype(np.int64), hist, np.asarray(tgt, dtype=np.int64)
+        rows.append(_id_row(int(u), j, len(train_seqs), prefix_off))
+    return np.asarray(rows, dtype=np.int64), hist, np.asarray(tgt, dtype=np.int64)
 
 
-def target_contexts(train_seqs: list[list[int]], items: np.ndarray, per_item: int, *, max_history: int, seed: int
-                    ) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+def target_contexts(train_seqs: list[list[int]], items: np.ndarray, per_item: int, *, max_history: int, seed: int,
+                    prefix_off: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
     """Up to ``per_item`` training contexts of each item: (user, position j >= 1) with the item at j, drawn
     uniformly without replacement (seeded) from all its occurrences in the training split.
 
     Args:
         train_seqs: U lists of training item_idx (chronological).
         items: int ``(n,)`` item_idx to find contexts for.
+        prefix_off: as in :func:`guidance_prompts` (user rows of per-prefix IDs).
 
     Returns:
         ``(item_pos (R,), user_rows (R,), histories (R lists, the <= max_history items before the target))``:
@@ -92,7 +102,7 @@ def target_contexts(train_seqs: list[list[int]], items: np.ndarray, per_item: in
         for t in (rng.choice(len(o), size=per_item, replace=False) if len(o) > per_item else range(len(o))):
             u, j = o[int(t)]
             pos.append(k)
-            users.append(u)
+            users.append(_id_row(u, j, len(train_seqs), prefix_off))
             hist.append(list(train_seqs[u][max(0, j - max_history):j]))
     return np.asarray(pos, dtype=np.int64), np.asarray(users, dtype=np.int64), hist
 
@@ -143,12 +153,14 @@ class GateInputs:
         item_token_ids: int64 ``(L, K)`` vocab id of item token (level l, code k).
         sid_ids: the SID softmax's vocab ids (``llm.loss_vocab=sid``), or None for the full vocabulary.
         max_history: items of history per context (``data.max_history``).
+        prefix_off: per-prefix user-ID rows (:func:`guidance_prompts`), or None for the stored IDs.
     """
     train_seqs: list[list[int]]
     render: Callable[[list[list[int]], np.ndarray], list[list[int]]]
     item_token_ids: torch.Tensor
     sid_ids: torch.Tensor | None
     max_history: int
+    prefix_off: np.ndarray | None = None
 
 
 def likelihood_gate(model: nn.Module, old: np.ndarray, proposed: np.ndarray, gate: GateInputs, *, pad_id: int,
@@ -172,7 +184,8 @@ def likelihood_gate(model: nn.Module, old: np.ndarray, proposed: np.ndarray, gat
     """
     t0 = time.time()
     movers = np.flatnonzero((old != proposed).any(1))
-    pos, users, hist = target_contexts(gate.train_seqs, movers, contexts, max_history=gate.max_history, seed=seed)
+    pos, users, hist = target_contexts(gate.train_seqs, movers, contexts, max_history=gate.max_history, seed=seed,
+                                       prefix_off=gate.prefix_off)
     gain = np.full(len(movers), np.nan)
     if len(pos):
         prompts = gate.render(hist, users)
@@ -216,7 +229,7 @@ def llm_item_ids(model: nn.Module, old: np.ndarray, gate: GateInputs, *, pad_id:
     n, n_levels = old.shape
     ids = torch.as_tensor(gate.item_token_ids)                               # (L, K)
     pos, users, hist = target_contexts(gate.train_seqs, np.arange(n), contexts, max_history=gate.max_history,
-                                       seed=seed)
+                                       seed=seed, prefix_off=gate.prefix_off)
     proposed = old.copy()
     if not len(pos):
         return proposed, {"scored": 0, "kept_full_prefix": 0, "propose_wall_s": round(time.time() - t0, 1)}

@@ -509,6 +509,12 @@ class LLMRecipe:
 
     # -------------------------------------------------------------- the two kinds of step
 
+    def prefix_off(self) -> np.ndarray | None:
+        """:func:`tasks.prefix_user_rows` when seqrec prompts carry per-prefix user IDs (``tasks.seqrec_user_ids``),
+        so a round's guidance and gate prompts carry the same IDs as training; else None (the stored IDs)."""
+        cfg = self.cfg.tasks
+        return tasks.prefix_user_rows(self.train_seqs) if cfg.use_user_sid and cfg.seqrec_user_ids == "prefix" else None
+
     def round_due(self) -> bool:
         return len(self.rounds) < len(self.reindex_at) and self.step >= self.reindex_at[len(self.rounds)]
 
@@ -517,10 +523,12 @@ class LLMRecipe:
         tower is refined under the LLM's guidance on seeded seqrec prompts and every item gets its new
         unique semantic ID. Returns the round's stats (``changed``, collisions, wall seconds)."""
         cfg, r = self.cfg, len(self.rounds)
+        prefix_off = self.prefix_off()
         users, hist, tgt = dynamic.guidance_prompts(self.train_seqs, cfg.dynamic.guide_samples,
-                                                    max_history=cfg.data.max_history, seed=cfg.seed + 1000 + r)
+                                                    max_history=cfg.data.max_history, seed=cfg.seed + 1000 + r,
+                                                    prefix_off=prefix_off)
         def render(histories: list[list[int]], user_rows: np.ndarray) -> list[list[int]]:
-            return tasks.build_eval_prompts(histories, self.item_tok, self.user_tok[user_rows], self.pieces,
+            return tasks.build_eval_prompts(histories, self.item_tok, self.prompt_user_tok[user_rows], self.pieces,
                                             cfg.tasks, max_history=cfg.data.max_history, max_length=cfg.llm.max_length)
 
         prompts = render(hist, users)
@@ -528,7 +536,7 @@ class LLMRecipe:
         if cfg.dynamic.accept == "llm":
             gate = dynamic.GateInputs(self.train_seqs, render, self.vocab.item_token_ids,
                                       self.vocab.item_token_ids.flatten() if cfg.llm.loss_vocab == "sid" else None,
-                                      cfg.data.max_history)
+                                      cfg.data.max_history, prefix_off)
         res = dynamic.run_round(self.base, self.tower, SIDTable(self.item_codes, self.item_t.codebook_size),
                                 prompts=prompts, targets=tgt, pad_id=self.tok.pad_token_id,
                                 level1_token_ids=self.vocab.item_token_ids[0], item_s=self.x["item_s"],
