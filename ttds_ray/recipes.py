@@ -13,6 +13,7 @@ Reads the run directory's data/, embeddings/, cf/ and tokenizer/ stages (artifac
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -29,6 +30,8 @@ from .config import TokenizerConfig, TTDSConfig
 from .data import Splits
 from .errors import ArtifactError
 from .sids import SIDTable
+
+log = logging.getLogger("ttds_ray")
 
 Files_ = dict[str, bytes]
 #: Checkpoint-internal file names (inside a Ray Train checkpoint, not the run directory).
@@ -205,8 +208,12 @@ def prompt_user_tokens(cfg: TTDSConfig, run: RunDir, vocab, user_codes: np.ndarr
     table = vocab.user_tokens(user_codes)
     if not (cfg.tasks.use_user_sid and cfg.tasks.seqrec_user_ids == "prefix"):
         return table
+    t0 = time.time()
     enc = UserEncoder.load(run, cfg, len(data.Prepared.load(run.require("data")).items))
-    return np.concatenate([table, vocab.user_tokens(enc.prefix_codes(train_seqs))])
+    prefix = vocab.user_tokens(enc.prefix_codes(train_seqs))
+    log.info("llm: user IDs of %d training prefixes (tasks.seqrec_user_ids=prefix) in %.1f s", len(prefix),
+             time.time() - t0)
+    return np.concatenate([table, prefix])
 
 
 def item_cf_inputs(items: np.ndarray, splits: Splits, tok_cfg: TokenizerConfig) -> np.ndarray:
