@@ -180,6 +180,18 @@ def tiny_run(tmp_path_factory, lcrec_data):
     return cfg, RunDir(cfg.run_dir), metrics
 
 
+def llm_recipe(cfg, run, reports: list | None = None):
+    """An in-process LLM-stage recipe on ``run`` (samples built, datasets read with pandas); checkpoint reports are
+    appended to ``reports`` when given."""
+    from ttds_ray import pipeline, recipes
+
+    s = pipeline.llm_samples(cfg, run)
+    report = (lambda m, f: reports.append((m, f))) if reports is not None else (lambda m, f: None)
+    env = recipes.WorkerEnv(report=report, progress=lambda *a: None, dataset=pipeline.local_datasets(s.datasets))
+    return recipes.LLMRecipe(cfg, run, env, n_epochs=s.n_epochs, total_steps=s.total_steps,
+                             steps_per_epoch=s.steps_per_epoch)
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     """A private copy of a run directory (files hard-linked where possible, as ``--reuse-from`` links stages;
     writes replace files atomically, so the source is never changed)."""

@@ -261,7 +261,8 @@ def test_seqrec_prefix_user_ids_are_the_towers_ids_of_each_training_prefix(tiny_
     """tasks.seqrec_user_ids=prefix: the LLM recipe renders seqrec prompts with a table whose first U rows are the
     stored IDs and whose row U + off[u] + k - 1 is the user tower's ID of the user's first k training items; a full
     training sequence encodes to its stored ID (the tokenizer stage and the encoder agree)."""
-    from ttds_ray import pipeline, recipes, tasks
+    from conftest import llm_recipe
+    from ttds_ray import recipes, tasks
     from ttds_ray.config import config_from_dict
 
     cfg, run, _ = tiny_run
@@ -270,11 +271,7 @@ def test_seqrec_prefix_user_ids_are_the_towers_ids_of_each_training_prefix(tiny_
     d["llm"]["max_steps"] = 4
     d["dynamic"].update(rounds=1, accept="llm", final_freeze=0.5)   # a gated round reads per-prefix rows too
     c = config_from_dict(d)
-    s = pipeline.llm_samples(c, run)
-    env = recipes.WorkerEnv(report=lambda m, f: None, progress=lambda *a: None,
-                            dataset=pipeline.local_datasets(s.datasets))
-    rec = recipes.LLMRecipe(c, run, env, n_epochs=s.n_epochs, total_steps=s.total_steps,
-                            steps_per_epoch=s.steps_per_epoch)
+    rec = llm_recipe(c, run)
     seqs, U = rec.train_seqs, len(rec.train_seqs)
     off = tasks.prefix_user_rows(seqs)
     assert rec.prompt_user_tok.shape == (U + off[-1], rec.user_tok.shape[1])

@@ -181,7 +181,7 @@ def test_the_mixed_loss_is_the_nll_blended_with_the_teachers_cross_entropy(lm):
 def test_llm_recipe_trains_with_the_sasrec_teacher(tiny_run):
     """The recipe loads the run's SASRec, attaches soft targets to its batches and trains: the losses are those of
     the mixed objective (different from the run without it), finite, and the final model still decodes."""
-    from ttds_ray import pipeline, recipes
+    from conftest import llm_recipe
     from ttds_ray.config import config_from_dict
 
     cfg, run, _ = tiny_run
@@ -191,12 +191,7 @@ def test_llm_recipe_trains_with_the_sasrec_teacher(tiny_run):
     runs = {}
     for lam in (0.0, 0.5):
         d["llm"]["distill_cf"] = lam
-        c = config_from_dict(d)
-        s = pipeline.llm_samples(c, run)
-        env = recipes.WorkerEnv(report=lambda m, f: None, progress=lambda *a: None,
-                                dataset=pipeline.local_datasets(s.datasets))
-        rec = recipes.LLMRecipe(c, run, env, n_epochs=s.n_epochs, total_steps=s.total_steps,
-                                steps_per_epoch=s.steps_per_epoch)
+        rec = llm_recipe(config_from_dict(d), run)
         assert (rec.teacher is not None) == (lam > 0)
         soft_rows = []
         if rec.teacher is not None:                           # count the soft targets the batches carried

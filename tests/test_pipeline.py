@@ -13,6 +13,8 @@ from ttds_ray import pipeline, recipes
 from ttds_ray.artifacts import STAGES, Files, RunDir
 from ttds_ray.config import load_config
 
+from conftest import llm_recipe
+
 REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
@@ -46,20 +48,12 @@ def test_pipeline_and_recipes_import_no_ray():
     assert res.returncode == 0, res.stderr
 
 
-def _llm_recipe(cfg, run, reports):
-    s = pipeline.llm_samples(cfg, run)
-    env = recipes.WorkerEnv(report=lambda m, f: reports.append((m, f)), progress=lambda *a: None,
-                            dataset=pipeline.local_datasets(s.datasets))
-    return recipes.LLMRecipe(cfg, run, env, n_epochs=s.n_epochs, total_steps=s.total_steps,
-                             steps_per_epoch=s.steps_per_epoch)
-
-
 def test_llm_recipe_resumed_from_its_round_checkpoint_ends_like_an_uninterrupted_run(local_run):
     """state_dict/load_state_dict carry the whole position: weights, item index, tower, step, batch, rounds."""
     cfg, run, _ = local_run
     torch.set_num_threads(1)
     full: list = []
-    _llm_recipe(cfg, run, full).fit()
+    llm_recipe(cfg, run, full).fit()
     assert any("round" in m for m, _ in full), "the config must have a re-index round mid-run"
 
     class Stop(Exception):
@@ -71,12 +65,12 @@ def test_llm_recipe_resumed_from_its_round_checkpoint_ends_like_an_uninterrupted
         cut.append((m, f))
         if "round" in m:
             raise Stop
-    first = _llm_recipe(cfg, run, [])
+    first = llm_recipe(cfg, run, [])
     first.env.report = stop_after_round
     with pytest.raises(Stop):
         first.fit()
     resumed_reports: list = []
-    resumed = _llm_recipe(cfg, run, resumed_reports)
+    resumed = llm_recipe(cfg, run, resumed_reports)
     resumed.load_state_dict(cut[-1][1])
     assert resumed.step == first.step > 0 and len(resumed.rounds) == 1
     resumed.fit()
@@ -93,7 +87,7 @@ def test_llm_recipe_resumed_from_its_round_checkpoint_ends_like_an_uninterrupted
 def test_llm_recipe_refuses_a_checkpoint_of_another_model(local_run):
     from ttds_ray.errors import ArtifactError
     cfg, run, _ = local_run
-    rec = _llm_recipe(cfg, run, [])
+    rec = llm_recipe(cfg, run, [])
     files = rec.state_dict()
     files[recipes.TRAINABLE] = recipes.state_bytes({"not.a.parameter": torch.zeros(1)})
     with pytest.raises(ArtifactError, match="trainable parameters"):
@@ -109,7 +103,7 @@ def test_llm_recipe_round_with_guided_only_moves_moves_only_guidance_targets(loc
     d = cfg.to_dict()
     d["dynamic"].update(accept="guided", tokenizer_lr=1e-3, guide_samples=64)   # 0.01 can overflow a prefix
     cfg = config_from_dict(d)
-    rec = _llm_recipe(cfg, run, [])
+    rec = llm_recipe(cfg, run, [])
     before = rec.item_codes.copy()
     torch.set_num_threads(1)
     rec.fit()
@@ -132,7 +126,7 @@ def test_llm_recipe_runs_a_likelihood_gated_round(local_run, reindex):
     cfg, run, _ = local_run
     d = cfg.to_dict()
     d["dynamic"].update(accept="llm", reindex=reindex, accept_contexts=2)
-    rec = _llm_recipe(config_from_dict(d), run, [])
+    rec = llm_recipe(config_from_dict(d), run, [])
     before = rec.item_codes.copy()
     torch.set_num_threads(1)
     rec.fit()
