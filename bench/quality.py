@@ -128,13 +128,15 @@ PRESETS = {
         "everything far below the papers' budgets",
         _CPU_COMMON,
         {"ml100k": ("cf.epochs=10", "tokenizer.epochs=30", "llm.max_steps=200", *_CPU_DYNAMIC),
-         # tokenizer.alpha_dist=0.01, cf_erase_popularity=false and eval.user_ids=training: the DM-VAE's distribution
-         # grain on, the SASRec inputs as they are and the stored user IDs, as when these tables were measured
-         # (configs/scientific_tiny.yaml changed all three on 2026-12-05; bench/dynamic.py names the variants that
-         # use them, and --set eval.user_ids=history evaluates with current user IDs)
+         # tokenizer.alpha_dist=0.01, cf_erase_popularity=false, eval.user_ids=training and
+         # tasks.seqrec_user_ids=sequence: the DM-VAE's distribution grain on, the SASRec inputs as they are and the
+         # stored user IDs in training and evaluation, as when these tables were measured (configs/scientific_tiny.yaml
+         # changed all four on 2026-12-05; bench/dynamic.py names the variants that use them, and --set
+         # eval.user_ids=history evaluates with current user IDs)
          "scientific": ("cf.epochs=10", "tokenizer.epochs=30", "llm.max_steps=200", *_CPU_DYNAMIC,
                         "embeddings.max_text_chars=256", "tokenizer.alpha_dist=0.01",
-                        "tokenizer.cf_erase_popularity=false", "eval.user_ids=training"),
+                        "tokenizer.cf_erase_popularity=false", "eval.user_ids=training",
+                        "tasks.seqrec_user_ids=sequence"),
          # eval.user_ids=training: the stored user IDs, as when these tables were measured (beauty_tiny, which Yelp
          # shares here, changed it)
          "beauty": ("cf.epochs=10", "tokenizer.epochs=30", "llm.max_steps=600", *_CPU_DYNAMIC, "eval.user_ids=training"),

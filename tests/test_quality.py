@@ -196,6 +196,7 @@ def test_every_bench_variant_is_a_valid_config(dyn):
         assert base.tokenizer.alpha_dist > 0, cfg_file        # the cpu-fast tables were measured with the grain on
         assert not base.tokenizer.cf_erase_popularity, cfg_file   # ... and with the SASRec inputs as they are
         assert base.eval.user_ids == "training", cfg_file        # ... and the stored user IDs
+        assert base.tasks.seqrec_user_ids == "sequence", cfg_file  # ... in training too
         for name, overrides in dyn.VARIANTS.items():
             cfg = load_config(REPO / cfg_file, [*preset, *dyn.VARIANT_BASE, *overrides])
             if name in dyn.ABLATIONS:
