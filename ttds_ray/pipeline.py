@@ -285,9 +285,12 @@ def llm_samples(cfg: TTDSConfig, run: RunDir) -> LLMSamples:
                         "neighbour, no item has brand/category text, or tasks.use_user_sid=false)", name,
                         cfg.tasks.weights.active()[name])
     item_tok = vocab.item_tokens(item_t.codes)
-    user_tok = recipes.prompt_user_tokens(cfg, run, vocab, user_t.codes, ctx.train_seqs)
+    examples = {name: next(s for s in first if s["task"] == name) for name in stats}
+    ex_rows = [(-2 - x) // 2 for ex in examples.values() for x in ex["ids"] if x < 0 and x % 2 == 0]
+    user_tok = recipes.prompt_user_tokens(cfg, run, vocab, user_t.codes, ctx.train_seqs,
+                                          only=[r for r in ex_rows if r >= len(user_t.codes)])
     for name, st in stats.items():
-        ex = next(s for s in first if s["task"] == name)
+        ex = examples[name]
         log.info("llm: task %-15s %6d samples/epoch, mean %.1f tokens; e.g. %s", name, st["n"], st["mean_tokens"],
                  tasks.example_text(ex, tok, item_tok, user_tok))
     out = samples_dir(cfg, run)

@@ -191,28 +191,39 @@ class UserEncoder:
         c = cf.encode_users(self.sasrec, [np.asarray(h)[np.asarray(h) < n].tolist() for h in histories], self.max_len)
         return towers.encode_codes(self.tower, s, c)[0]
 
-    def prefix_codes(self, train_seqs: list[list[int]], batch: int = 4096) -> np.ndarray:
+    def prefix_codes(self, train_seqs: list[list[int]], rows: np.ndarray | None = None,
+                     batch: int = 4096) -> np.ndarray:
         """IDs ``(P, L_u)`` of every training prefix, in :func:`tasks.prefix_user_rows`'s layout: user u's ID from
-        its first k items (1 <= k < len) at row ``off[u] + k - 1`` (``tasks.seqrec_user_ids=prefix``)."""
-        hist = [np.asarray(seq[:k], np.int64) for seq in train_seqs for k in range(1, len(seq))]
-        assert len(hist) == tasks.prefix_user_rows(train_seqs)[-1]
+        its first k items (1 <= k < len) at row ``off[u] + k - 1`` (``tasks.seqrec_user_ids=prefix``); with
+        ``rows`` (int, in [0, P)) only those, ``(len(rows), L_u)``."""
+        off = tasks.prefix_user_rows(train_seqs)
+        rows = np.arange(off[-1]) if rows is None else np.asarray(rows, dtype=np.int64)
+        users = np.searchsorted(off, rows, side="right") - 1
+        hist = [np.asarray(train_seqs[u][:r - off[u] + 1], np.int64) for u, r in zip(users.tolist(), rows.tolist())]
         parts = [self.codes(hist[i:i + batch]) for i in range(0, len(hist), batch)]
         return np.concatenate(parts) if parts else np.zeros((0, self.tower.rq.n_levels), np.int64)
 
 
 def prompt_user_tokens(cfg: TTDSConfig, run: RunDir, vocab, user_codes: np.ndarray,
-                       train_seqs: list[list[int]]) -> np.ndarray:
+                       train_seqs: list[list[int]], only: np.ndarray | None = None) -> np.ndarray:
     """The user-token table training samples are rendered with, int64 ``(U [+ P], L_u)``: the tokenizer stage's
     IDs (``user_codes`` ``(U, L_u)``), plus with ``tasks.seqrec_user_ids=prefix`` the P per-prefix IDs of
-    :meth:`UserEncoder.prefix_codes` (rows U.., :func:`tasks.prefix_user_rows`)."""
+    :meth:`UserEncoder.prefix_codes` (rows U.., :func:`tasks.prefix_user_rows`). ``only``: table rows >= U to
+    compute (e.g. a logged example's); the other per-prefix rows are then -1, not token ids."""
     table = vocab.user_tokens(user_codes)
     if not (cfg.tasks.use_user_sid and cfg.tasks.seqrec_user_ids == "prefix"):
         return table
-    t0 = time.time()
+    t0, n_users = time.time(), len(table)
     enc = UserEncoder.load(run, cfg, len(data.Prepared.load(run.require("data")).items))
-    prefix = vocab.user_tokens(enc.prefix_codes(train_seqs))
-    log.info("llm: user IDs of %d training prefixes (tasks.seqrec_user_ids=prefix) in %.1f s", len(prefix),
-             time.time() - t0)
+    if only is None:
+        prefix = vocab.user_tokens(enc.prefix_codes(train_seqs))
+        log.info("llm: user IDs of %d training prefixes (tasks.seqrec_user_ids=prefix) in %.1f s", len(prefix),
+                 time.time() - t0)
+        return np.concatenate([table, prefix])
+    only = np.unique(np.asarray(only, dtype=np.int64))
+    prefix = np.full((int(tasks.prefix_user_rows(train_seqs)[-1]), table.shape[1]), -1, dtype=table.dtype)
+    if len(only):
+        prefix[only - n_users] = vocab.user_tokens(enc.prefix_codes(train_seqs, only - n_users))
     return np.concatenate([table, prefix])
 
 
