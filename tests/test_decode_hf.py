@@ -285,7 +285,8 @@ def test_seqrec_prefix_user_ids_are_the_towers_ids_of_each_training_prefix(tiny_
     np.testing.assert_array_equal(rec.vocab.user_tokens(full), rec.user_tok[users])
     assert (rec.prompt_user_tok[rows] != np.repeat(rec.user_tok[users], [len(seqs[u]) - 1 for u in users], 0)).any()
     some = np.array([U + off[-1] - 1, U, U + 3])                     # only some rows (the logged examples')
-    part = recipes.prompt_user_tokens(c, run, rec.vocab, enc.codes([np.asarray(q) for q in seqs]), seqs, only=some)
+    part = recipes.prompt_user_tokens(c, run, rec.vocab, enc.codes([np.asarray(q) for q in seqs]), seqs,
+                                     len(rec.item_codes), only=some)
     np.testing.assert_array_equal(part[some], rec.prompt_user_tok[some])
     assert (np.delete(part[U:], some - U, axis=0) == -1).all()
     rounds = rec.prefix_off()

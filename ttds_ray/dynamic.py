@@ -21,6 +21,7 @@ from torch import nn
 
 from . import llm, towers
 from .config import DynamicConfig, TokenizerConfig
+from .tasks import prefix_row
 
 
 def reindex_steps(total_steps: int, cfg: DynamicConfig) -> list[int]:
@@ -36,10 +37,10 @@ def reindex_steps(total_steps: int, cfg: DynamicConfig) -> list[int]:
     return steps
 
 
-def _id_row(u: int, j: int, n_users: int, prefix_off: np.ndarray | None) -> int:
+def _id_row(u: int, j: int, prefix_off: np.ndarray | None) -> int:
     """Row of the user-ID table a prompt for user u's target at position j uses: u (the stored ID), or with
     ``prefix_off`` (:func:`ttds_ray.tasks.prefix_user_rows`) the ID of the items before j."""
-    return u if prefix_off is None else n_users + int(prefix_off[u]) + j - 1
+    return u if prefix_off is None else prefix_row(prefix_off, u, j)
 
 
 def guidance_prompts(train_seqs: list[list[int]], n: int, *, max_history: int, seed: int,
@@ -66,7 +67,7 @@ def guidance_prompts(train_seqs: list[list[int]], n: int, *, max_history: int, s
         j = int(rng.integers(1, len(s)))
         hist.append(list(s[max(0, j - max_history):j]))
         tgt.append(s[j])
-        rows.append(_id_row(int(u), j, len(train_seqs), prefix_off))
+        rows.append(_id_row(int(u), j, prefix_off))
     return np.asarray(rows, dtype=np.int64), hist, np.asarray(tgt, dtype=np.int64)
 
 
@@ -102,7 +103,7 @@ def target_contexts(train_seqs: list[list[int]], items: np.ndarray, per_item: in
         for t in (rng.choice(len(o), size=per_item, replace=False) if len(o) > per_item else range(len(o))):
             u, j = o[int(t)]
             pos.append(k)
-            users.append(_id_row(u, j, len(train_seqs), prefix_off))
+            users.append(_id_row(u, j, prefix_off))
             hist.append(list(train_seqs[u][max(0, j - max_history):j]))
     return np.asarray(pos, dtype=np.int64), np.asarray(users, dtype=np.int64), hist
 

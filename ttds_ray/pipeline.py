@@ -287,7 +287,7 @@ def llm_samples(cfg: TTDSConfig, run: RunDir) -> LLMSamples:
     item_tok = vocab.item_tokens(item_t.codes)
     examples = {name: next(s for s in first if s["task"] == name) for name in stats}
     ex_rows = [(-2 - x) // 2 for ex in examples.values() for x in ex["ids"] if x < 0 and x % 2 == 0]
-    user_tok = recipes.prompt_user_tokens(cfg, run, vocab, user_t.codes, ctx.train_seqs,
+    user_tok = recipes.prompt_user_tokens(cfg, run, vocab, user_t.codes, ctx.train_seqs, len(item_t.codes),
                                           only=[r for r in ex_rows if r >= len(user_t.codes)])
     for name, st in stats.items():
         ex = examples[name]

@@ -204,8 +204,8 @@ class UserEncoder:
         return np.concatenate(parts) if parts else np.zeros((0, self.tower.rq.n_levels), np.int64)
 
 
-def prompt_user_tokens(cfg: TTDSConfig, run: RunDir, vocab, user_codes: np.ndarray,
-                       train_seqs: list[list[int]], only: np.ndarray | None = None) -> np.ndarray:
+def prompt_user_tokens(cfg: TTDSConfig, run: RunDir, vocab, user_codes: np.ndarray, train_seqs: list[list[int]],
+                       n_items: int, only: np.ndarray | None = None) -> np.ndarray:
     """The user-token table training samples are rendered with, int64 ``(U [+ P], L_u)``: the tokenizer stage's
     IDs (``user_codes`` ``(U, L_u)``), plus with ``tasks.seqrec_user_ids=prefix`` the P per-prefix IDs of
     :meth:`UserEncoder.prefix_codes` (rows U.., :func:`tasks.prefix_user_rows`). ``only``: table rows >= U to
@@ -214,7 +214,7 @@ def prompt_user_tokens(cfg: TTDSConfig, run: RunDir, vocab, user_codes: np.ndarr
     if not (cfg.tasks.use_user_sid and cfg.tasks.seqrec_user_ids == "prefix"):
         return table
     t0, n_users = time.time(), len(table)
-    enc = UserEncoder.load(run, cfg, len(data.Prepared.load(run.require("data")).items))
+    enc = UserEncoder.load(run, cfg, n_items)
     if only is None:
         prefix = vocab.user_tokens(enc.prefix_codes(train_seqs))
         log.info("llm: user IDs of %d training prefixes (tasks.seqrec_user_ids=prefix) in %.1f s", len(prefix),
@@ -457,7 +457,8 @@ class LLMRecipe:
         self.item_codes, self.user_tok = self.item_t.codes, self.vocab.user_tokens(user_t.codes)
         self.item_tok = self.vocab.item_tokens(self.item_codes)
         self.train_seqs = [s.tolist() for s in splits.train_items]
-        self.prompt_user_tok = prompt_user_tokens(cfg, run, self.vocab, user_t.codes, self.train_seqs)
+        self.prompt_user_tok = prompt_user_tokens(cfg, run, self.vocab, user_t.codes, self.train_seqs,
+                                                  len(prepared.items))
         self.opt, self.sched = llm.make_optimizer(self.base, cfg.llm, total_steps)
         self.reindex_at = dynamic.reindex_steps(total_steps, cfg.dynamic)
         self.tower, self.x = None, None

@@ -353,6 +353,11 @@ def prefix_user_rows(train_seqs: list[list[int]]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
 
 
+def prefix_row(off: np.ndarray, u: int, k: int) -> int:
+    """Row of user u's ID from its first k training items in the prompt user table (:func:`prefix_user_rows`)."""
+    return len(off) - 1 + int(off[u]) + k - 1
+
+
 def _seqrec_samples(seqs, windows, tpls, use_user: bool, loss_on: str, rng, k: int,
                     prefix_off: np.ndarray | None = None) -> list[dict]:
     """Seqrec samples of ``k`` drawn windows. With ``prefix_off`` (:func:`prefix_user_rows`) the user ID is the
@@ -368,7 +373,7 @@ def _seqrec_samples(seqs, windows, tpls, use_user: bool, loss_on: str, rng, k: i
         if prefix_off is not None:
             c = e - 1 if loss_on == "target" else int(rng.integers(max(s, 1), e))
             mask = [int(s + i >= c) for i in range(e - s)]
-            user = [user_ph(len(seqs) + int(prefix_off[u]) + c - 1)]
+            user = [user_ph(prefix_row(prefix_off, u, c))]
         out.append(_sample("seqrec", tpls[t], {"user": user}, items, mask))
     return out
 
