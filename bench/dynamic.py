@@ -116,7 +116,8 @@ VARIANTS = {
     **{f"fresh-cb-llm-no-dist-w256-erase-{v}": ["llm.sid_init=codebook", "dynamic.accept=llm", "tokenizer.alpha_dist=0",
                                                 "llm.tiny_hidden=256", "tokenizer.cf_erase_popularity=true",
                                                 "eval.user_ids=history", *extra]
-       for v, extra in (("uid", []), ("prefix", ["tasks.seqrec_user_ids=prefix"]))},
+       for v, extra in (("uid", []), ("prefix", ["tasks.seqrec_user_ids=prefix"]),
+                        ("prefix-kd0.8", ["tasks.seqrec_user_ids=prefix", "llm.distill_cf=0.8"]))},
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights
