@@ -118,6 +118,10 @@ VARIANTS = {
                                                 "eval.user_ids=history", *extra]
        for v, extra in (("uid", []), ("prefix", ["tasks.seqrec_user_ids=prefix"]),
                         ("prefix-kd0.8", ["tasks.seqrec_user_ids=prefix", "llm.distill_cf=0.8"]))},
+    # configs/scientific_tiny.yaml's settings with the index kept fixed: goal 1's static arm at the final config
+    "static-cb-no-dist-w256-erase-prefix": ["dynamic.static_index=true", "llm.sid_init=codebook", "tokenizer.alpha_dist=0",
+                                            "llm.tiny_hidden=256", "tokenizer.cf_erase_popularity=true",
+                                            "eval.user_ids=history", "tasks.seqrec_user_ids=prefix"],
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights
