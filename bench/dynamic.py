@@ -44,6 +44,10 @@ log = logging.getLogger("dynamic")
 
 _STRONG_GUIDANCE = ["dynamic.guide_samples=2048", "dynamic.tokenizer_epochs=5", "dynamic.gamma_kl=1.0",
                     "dynamic.gamma_nce=1.0"]
+#: configs/scientific_tiny.yaml's settings other than its rounds (grain off, d=256, erased SASRec inputs, per-prefix
+#: training user IDs, current user IDs at test).
+_SCI_CONFIG = ["llm.sid_init=codebook", "tokenizer.alpha_dist=0", "llm.tiny_hidden=256",
+               "tokenizer.cf_erase_popularity=true", "eval.user_ids=history", "tasks.seqrec_user_ids=prefix"]
 #: Applied before every variant's overrides, so that a variant means the same whatever a config's own choice is
 #: (configs/scientific_tiny.yaml gates its rounds, ``dynamic.accept: llm``; the variants name the gate when they use it).
 VARIANT_BASE = ["dynamic.accept=all"]
@@ -118,10 +122,10 @@ VARIANTS = {
                                                 "eval.user_ids=history", *extra]
        for v, extra in (("uid", []), ("prefix", ["tasks.seqrec_user_ids=prefix"]),
                         ("prefix-kd0.8", ["tasks.seqrec_user_ids=prefix", "llm.distill_cf=0.8"]))},
-    # configs/scientific_tiny.yaml's settings with the index kept fixed: goal 1's static arm at the final config
-    "static-cb-no-dist-w256-erase-prefix": ["dynamic.static_index=true", "llm.sid_init=codebook", "tokenizer.alpha_dist=0",
-                                            "llm.tiny_hidden=256", "tokenizer.cf_erase_popularity=true",
-                                            "eval.user_ids=history", "tasks.seqrec_user_ids=prefix"],
+    # configs/scientific_tiny.yaml's settings (its gated rounds are the -prefix variant above) with the index kept
+    # fixed, and with plain (ungated) rounds: goal 1's arms at the final config
+    "static-cb-no-dist-w256-erase-prefix": ["dynamic.static_index=true", *_SCI_CONFIG],
+    "fresh-cb-no-dist-w256-erase-prefix": _SCI_CONFIG,
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights
