@@ -341,3 +341,45 @@ def test_versus_refuses_bad_arguments_before_any_work(vs, args, says, capsys, tm
         vs.main(argv)
     assert e.value.code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
+
+
+@pytest.fixture(scope="module")
+def report(dyn):
+    """bench/dynamic_report.py (imports bench/quality.py as ``quality``)."""
+    spec = importlib.util.spec_from_file_location("bench_dynamic_report", REPO / "bench" / "dynamic_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_dynamic_report_tabulates_every_study_and_plots_the_rounds(dyn, report, tmp_path, capsys):
+    """One row per (study, variant) from the study's own summary; a round's point = share of items moved and the
+    loss above the static run's; files that are not bench/dynamic.py studies are skipped, and bad input is refused."""
+    falling = list(np.linspace(5.0, 3.0, 100))
+    static = _dyn_record("static-cb", 0, falling, [], [2, 1, 0])
+    fresh = {**_dyn_record("fresh-cb", 0, falling[:40] + [x + 0.5 for x in falling[40:]], [40], [1, 0, 3]),
+             "changed_per_round": [30]}
+    summary = dyn.summarise([static, fresh], ["static-cb", "fresh-cb"], n_resamples=200, reference="static-cb")
+    meta = {"dataset": "toy", "steps": 100, "n_items": 120, "n_users": 3, "reference": "static-cb"}
+    (tmp_path / "s.json").write_text(json.dumps({"meta": meta, "summary": summary, "records": []},
+                                                default=dyn.Q._json_default))
+    (tmp_path / "other.json").write_text(json.dumps({"meta": {}, "rows": []}))      # not a study: skipped
+    out = tmp_path / "table"
+    assert report.main(["--results", str(tmp_path / "s.json"), str(tmp_path / "other.json"), "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    fresh_row = next(line for line in md.splitlines() if line.startswith("| s.json | fresh-cb |"))
+    ratio = summary["fresh-cb"]["ratio_static-cb"]
+    assert f"{ratio:.2f} (" in fresh_row and "25.0%" in fresh_row          # 30 of 120 items moved in round 1
+    assert "| s.json | static-cb |" in md and md.count("| s.json |") == 2
+    pts = report.round_points(report.load_studies([tmp_path / "s.json"]))
+    assert pts == [{"dataset": "toy", "variant": "fresh-cb", "study": "s.json", "round": 1, "moved": 0.25,
+                    "excess": pytest.approx(0.5)}]
+    assert (tmp_path / "table-rounds.png").stat().st_size > 0
+    (tmp_path / "bad.json").write_text("{not json")
+    for argv, says in ((["--results", str(tmp_path / "bad.json")], "bad.json"),
+                       (["--results", str(tmp_path / "other.json")], "none of the 1 files"),
+                       (["--results", str(tmp_path / "missing.json")], "no such results file")):
+        with pytest.raises(SystemExit) as e:
+            report.main([*argv, "--out", str(tmp_path / "never")])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "never.md").exists()
