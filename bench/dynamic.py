@@ -125,7 +125,7 @@ VARIANTS = {
     # configs/scientific_tiny.yaml's settings (its gated rounds are the -prefix variant above) with the index kept
     # fixed, and with plain (ungated) rounds: goal 1's arms at the final config
     "static-cb-no-dist-w256-erase-prefix": ["dynamic.static_index=true", *_SCI_CONFIG],
-    "fresh-cb-no-dist-w256-erase-prefix": _SCI_CONFIG,
+    "fresh-cb-no-dist-w256-erase-prefix": [*_SCI_CONFIG],
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights

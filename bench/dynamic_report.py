@@ -31,21 +31,18 @@ import quality as Q  # noqa: E402
 
 from ttds_ray.artifacts import atomic_write_bytes  # noqa: E402
 
-METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
-
-
 def load_studies(paths: list[Path]) -> list[dict]:
     """The ``bench/dynamic.py`` studies among ``paths``, sorted by (dataset, steps, file name).
 
     Raises:
-        ValueError: a file is not valid JSON (named), or no file is a study.
+        ValueError: a file is not a JSON text file (named), or no file is a study.
     """
     studies = []
     for p in paths:
         try:
             j = json.loads(Path(p).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p}: not a JSON text file ({e})") from None
         if not (isinstance(j, dict) and {"meta", "summary", "records"} <= set(j) and isinstance(j["summary"], dict)
                 and j["meta"].get("dataset") and j["meta"].get("steps")):
             continue
@@ -94,13 +91,13 @@ def render(studies: list[dict]) -> str:
              "configuration.", ""]
     for ds in sorted({s["meta"]["dataset"] for s in studies}):
         lines += [f"## {ds}", "",
-                  "| study | variant | seeds | steps | users | " + " | ".join(f"test {m}" for m in METRICS)
+                  "| study | variant | seeds | steps | users | " + " | ".join(f"test {m}" for m in Q.METRICS)
                   + " | valid NDCG@10 | ref | / ref | / SASRec | rounds: items moved | LLM stage s |",
-                  "|---|---|---|---|---|" + "---|" * len(METRICS) + "---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|" + "---|" * len(Q.METRICS) + "---|---|---|---|---|---|"]
         for s in (s for s in studies if s["meta"]["dataset"] == ds):
             m, ref = s["meta"], reference_of(s)
             for v, row in s["summary"].items():
-                cells = [Q._cell(row["test"][k]) for k in METRICS]
+                cells = [Q._cell(row["test"][k]) for k in Q.METRICS]
                 moved = ", ".join(f"{c:.1%}" for c in churn_share(row, int(m.get("n_items") or 0))) or "–"
                 wall = row.get("llm_wall_s")
                 lines.append(

@@ -376,7 +376,7 @@ def test_dynamic_report_tabulates_every_study_and_plots_the_rounds(dyn, report, 
                     "excess": pytest.approx(0.5)}]
     assert (tmp_path / "table-rounds.png").stat().st_size > 0
     (tmp_path / "bad.json").write_text("{not json")
-    for argv, says in ((["--results", str(tmp_path / "bad.json")], "bad.json"),
+    for argv, says in ((["--results", str(tmp_path / "bad.json")], "bad.json: not a JSON text file"),
                        (["--results", str(tmp_path / "other.json")], "none of the 1 files"),
                        (["--results", str(tmp_path / "missing.json")], "no such results file")):
         with pytest.raises(SystemExit) as e:
