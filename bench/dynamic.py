@@ -126,6 +126,10 @@ VARIANTS = {
     # fixed, and with plain (ungated) rounds: goal 1's arms at the final config
     "static-cb-no-dist-w256-erase-prefix": ["dynamic.static_index=true", *_SCI_CONFIG],
     "fresh-cb-no-dist-w256-erase-prefix": [*_SCI_CONFIG],
+    # configs/beauty_tiny.yaml's settings (gated rounds, d=256, current user IDs at test) with the items' SASRec inputs
+    # erased of their popularity direction: the three seeds of its own setting that the erasure still lacked there
+    "fresh-cb-llm-w256-erase-uid": ["llm.sid_init=codebook", "dynamic.accept=llm", "llm.tiny_hidden=256",
+                                    "tokenizer.cf_erase_popularity=true", "eval.user_ids=history"],
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights
