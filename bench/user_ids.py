@@ -11,7 +11,9 @@ is not read.
     python bench/user_ids.py --runs 'runs/dynamic/scientific-s{seed}-fresh-cb-llm-no-dist-w256-erase-3000' \\
         --seeds 0 1 2 --users all --out results/user-ids-valid-scientific.json
 
-Writes the JSON (per seed: users, ranks of both, metrics) and a .md table beside it.
+Writes the JSON (per seed: users, ranks of both, metrics) and a .md table beside it. With ``--against FILE`` (an
+earlier output of this script on other runs of the same seeds and users) it also compares the current-ID ranks of
+the two run sets over users: a validation choice between two configs whose per-user ranks are kept.
 """
 from __future__ import annotations
 
@@ -73,6 +75,31 @@ def summarise(per_seed: dict[int, dict]) -> dict:
     return out
 
 
+def versus(per_seed: dict[int, dict], other: dict[int, dict]) -> dict:
+    """These runs' validation ranks with current IDs against another run set's (an earlier ``--out`` file of this
+    script): ``{metric: {"runs": [per seed], "against": [...], "bootstrap": runs - against}}``, paired over users.
+
+    Raises:
+        ValueError: a seed of ``per_seed`` is missing from ``other``, or a seed's users differ (the two sets must
+            have ranked the same validation users: same data, seed and ``--users``).
+    """
+    seeds = sorted(per_seed)
+    missing = [s for s in seeds if s not in other]
+    if missing:
+        raise ValueError(f"--against has no seed {missing} (it has {sorted(other)})")
+    bad = [s for s in seeds if list(per_seed[s]["users"]) != list(other[s]["users"])]
+    if bad:
+        raise ValueError(f"seed {bad}: the two run sets ranked different validation users (same data, seed and "
+                         "--users needed)")
+    out = {}
+    for m in METRICS:
+        a = [Q.per_user(per_seed[s]["current"], m) for s in seeds]
+        b = [Q.per_user(other[s]["current"], m) for s in seeds]
+        out[m] = {"runs": [float(x.mean()) for x in a], "against": [float(x.mean()) for x in b],
+                  "bootstrap": Q.paired_bootstrap(a, b)}
+    return out
+
+
 def render(summary: dict, per_seed: dict, command: str) -> str:
     lines = [f"`{command}`", "", "| metric | seed | current ID | one interaction old | current − old |",
              "|---|---|---|---|---|"]
@@ -87,6 +114,19 @@ def render(summary: dict, per_seed: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_versus(block: dict, seeds: list[int]) -> str:
+    """Markdown table of :func:`versus` (current IDs on both sides)."""
+    lines = ["", f"Against `{block['against']}` (validation, current IDs):", "",
+             "| metric | seed | runs | against | runs − against |", "|---|---|---|---|---|"]
+    for m in METRICS:
+        for s, a, b in zip(seeds, block[m]["runs"], block[m]["against"]):
+            lines.append(f"| {m} | {s} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
+        bs = block[m]["bootstrap"]
+        lines.append(f"| {m} | mean | {np.mean(block[m]['runs']):.4f} | {np.mean(block[m]['against']):.4f} | "
+                     f"{bs['diff']:+.4f} [{bs['low']:+.4f}, {bs['high']:+.4f}], P(Δ≤0) {bs['p_le_0']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     from ttds_ray.artifacts import atomic_write_bytes, write_json
 
@@ -95,11 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, required=True)
     p.add_argument("--users", default="all", help="validation users per seed: a number or 'all'")
     p.add_argument("--out", type=Path, required=True, help="JSON path; a .md is written beside it")
+    p.add_argument("--against", type=Path, default=None,
+                   help="an earlier --out JSON of this script: also compare these runs' current-ID validation ranks "
+                        "with its runs' (same seeds and users), paired over users")
     args = p.parse_args(argv)
     if "{seed}" not in args.runs:
         p.error("--runs must contain {seed}")
     if args.users != "all" and not (args.users.isdigit() and int(args.users) > 0):
         p.error(f"--users must be a positive number or 'all', got {args.users!r}")
+    other = None
+    if args.against is not None:                         # read and checked before any ranking
+        from ttds_ray.artifacts import read_json
+        try:
+            other = {int(s): v for s, v in read_json(args.against)["per_seed"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"--against {args.against}: not a results file of this script ({e})")
+        if any(s not in other for s in args.seeds):
+            p.error(f"--against {args.against} has seeds {sorted(other)}, not all of {args.seeds}")
     runs = {s: Path(args.runs.format(seed=s)) for s in args.seeds}
     missing = [str(r) for r in runs.values() if not (r / "llm").is_dir()]
     if missing:
@@ -112,9 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = {s: stale_vs_current(r, max_users) for s, r in runs.items()}
     summary = summarise(per_seed)
     command = "python bench/user_ids.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_json(args.out, {"command": command, "runs": {s: str(r) for s, r in runs.items()}, "summary": summary,
-                          "per_seed": per_seed})
+    result = {"command": command, "runs": {s: str(r) for s, r in runs.items()}, "summary": summary,
+              "per_seed": per_seed}
+    if other is not None:
+        result["versus"] = {"against": str(args.against), **versus(per_seed, other)}
+    write_json(args.out, result)
     md = render(summary, per_seed, command)
+    if other is not None:
+        md += render_versus(result["versus"], sorted(per_seed))
     atomic_write_bytes(args.out.with_suffix(".md"), md.encode())
     print(md)
     return 0

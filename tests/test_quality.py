@@ -383,3 +383,33 @@ def test_dynamic_report_tabulates_every_study_and_plots_the_rounds(dyn, report, 
             report.main([*argv, "--out", str(tmp_path / "never")])
         assert e.value.code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "never.md").exists()
+
+
+def test_user_ids_versus_pairs_two_run_sets_on_the_same_validation_users(q, tmp_path, capsys):
+    """bench/user_ids.py --against: current-ID ranks of two run sets per seed and their paired difference; other
+    users, a missing seed or a file that is not this script's are refused before any ranking."""
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_user_ids", REPO / "bench" / "user_ids.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mine = {0: {"users": [3, 5, 8], "current": [1, 0, 2]}, 1: {"users": [1, 2, 4], "current": [1, 1, 0]}}
+    other = {0: {"users": [3, 5, 8], "current": [0, 0, 2]}, 1: {"users": [1, 2, 4], "current": [2, 1, 11]}}
+    out = mod.versus(mine, other)
+    assert out["HR@10"]["runs"] == pytest.approx([2 / 3, 2 / 3])
+    assert out["HR@10"]["against"] == pytest.approx([1 / 3, 2 / 3])
+    assert out["HR@10"]["bootstrap"]["diff"] == pytest.approx(1 / 6)
+    gain = (1 - 1 / np.log2(3)) / 3                                   # seed 1: rank 2 -> 1 for one user of three
+    assert out["NDCG@10"]["runs"][1] - out["NDCG@10"]["against"][1] == pytest.approx(gain)
+    assert "| HR@10 | mean | 0.6667 | 0.5000 | +0.1667" in mod.render_versus({"against": "f", **out}, [0, 1])
+    with pytest.raises(ValueError, match="different validation users"):
+        mod.versus(mine, {**other, 1: {"users": [1, 2, 9], "current": [0, 0, 0]}})
+    with pytest.raises(ValueError, match="no seed"):
+        mod.versus(mine, {0: other[0]})
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"summary": {}}')
+    for against in (bad, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit):
+            mod.main(["--runs", str(tmp_path / "r{seed}"), "--seeds", "0", "--out", str(tmp_path / "u.json"),
+                      "--against", str(against)])
+        assert f"--against {against}: not a results file" in capsys.readouterr().err
+    assert not (tmp_path / "u.json").exists()
