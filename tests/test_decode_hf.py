@@ -257,6 +257,24 @@ def test_user_ids_bench_ranks_validation_with_the_current_and_an_older_id(tiny_r
         mod.main(["--runs", str(run.root), "--seeds", "0", "--out", str(tmp_path / "u.json")])
 
 
+def test_gate_bench_scores_both_ids_like_one_full_pass_per_id(tiny_run):
+    """bench/gate.py: the gate's shared prompt pass (``code_logprobs`` with (2, M, L) IDs) against one teacher-forced
+    pass per ID: the same log-probabilities up to float rounding and the same gate decisions."""
+    import importlib.util
+
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("bench_gate", REPO / "bench" / "gate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    _, run, _ = tiny_run
+    got = mod.gate_timing(run.root, n_items=8, repeats=1)
+    assert got["items"] == 8 and got["contexts"] > 8 and got["id_levels"] >= 2
+    assert got["max_abs_diff"] < 1e-4 and got["decisions_differ"] == 0
+    assert len(got["two_passes_s"]) == len(got["shared_s"]) == 1
+    with pytest.raises(ValueError, match="must be >= 1"):
+        mod.gate_timing(run.root, n_items=0, repeats=1)
+
+
 def test_seqrec_prefix_user_ids_are_the_towers_ids_of_each_training_prefix(tiny_run):
     """tasks.seqrec_user_ids=prefix: the LLM recipe renders seqrec prompts with a table whose first U rows are the
     stored IDs and whose row U + off[u] + k - 1 is the user tower's ID of the user's first k training items; a full

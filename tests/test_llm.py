@@ -418,8 +418,14 @@ def test_code_logprobs_is_the_training_loss_of_the_id_tokens_at_any_batch_size(t
         with torch.no_grad():
             want = -LEVELS * float(llm.lm_loss(model, b, sid_ids=sid))
         assert float(got) == pytest.approx(want, abs=1e-4)
-    with pytest.raises(ValueError, match="codes must be"):
-        llm.code_logprobs(model, prompts, codes[:3], pad, sid_ids=sid)
+    other = ids.numpy()[np.arange(LEVELS)[None, :], rng.integers(0, K, size=(6, LEVELS))]
+    both = llm.code_logprobs(model, prompts, np.stack([codes, other]), pad, sid_ids=sid, batch_size=4)
+    assert both.shape == (2, 6)                              # C candidates per prompt on one shared prompt pass
+    torch.testing.assert_close(both[0], runs[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(both[1], llm.code_logprobs(model, prompts, other, pad, sid_ids=sid), atol=1e-5, rtol=0)
+    for bad in (codes[:3], codes[None, :, :0], np.zeros((0, 6, LEVELS), dtype=np.int64), codes[0]):
+        with pytest.raises(ValueError, match="codes must be"):
+            llm.code_logprobs(model, prompts, bad, pad, sid_ids=sid)
     if sid is not None:
         with pytest.raises(ValueError, match="not among sid_ids"):
             llm.code_logprobs(model, prompts, np.full((6, LEVELS), 5), pad, sid_ids=sid)

@@ -192,8 +192,8 @@ def likelihood_gate(model: nn.Module, old: np.ndarray, proposed: np.ndarray, gat
         prompts = gate.render(hist, users)
         ids = gate.item_token_ids.numpy()
         lv = np.arange(ids.shape[0])[None, :]
-        lp = [llm.code_logprobs(model, prompts, ids[lv, t[movers[pos]]], pad_id, sid_ids=gate.sid_ids).numpy()
-              for t in (old, proposed)]
+        lp = llm.code_logprobs(model, prompts, np.stack([ids[lv, t[movers[pos]]] for t in (old, proposed)]), pad_id,
+                               sid_ids=gate.sid_ids).numpy()                            # (2, contexts)
         n = np.bincount(pos, minlength=len(movers))
         seen = n > 0
         gain[seen] = np.bincount(pos, weights=lp[1] - lp[0], minlength=len(movers))[seen] / n[seen]

@@ -626,56 +626,74 @@ def code_logprobs(model: nn.Module, prompts: list[list[int]], codes: np.ndarray,
     """log p(semantic ID | prompt) under the frozen LM, teacher-forced: the sum over the ID's L tokens of the
     log-probability the training loss uses (:func:`lm_loss`: the softmax over ``sid_ids`` when given, i.e.
     ``llm.loss_vocab=sid``, else over the full vocabulary). Used by the likelihood gate of a re-indexing
-    round (``dynamic.accept=llm``, docs/DESIGN-NOTES.md).
+    round (``dynamic.accept=llm``, docs/DESIGN-NOTES.md), which scores each context under an item's old and its
+    proposed ID: with ``codes`` of shape ``(C, M, L)`` every prompt is run once and its key/value cache is shared by
+    the C candidate IDs (only their first L - 1 tokens are fed again), so C candidates cost about one prompt pass,
+    not C.
 
     Args:
         prompts: M lists of vocab ids, each ending right before the ID's first token.
-        codes: int64 ``(M, L)`` vocab ids of each prompt's ID tokens.
+        codes: int64 ``(M, L)`` vocab ids of each prompt's ID tokens, or ``(C, M, L)``: C candidate IDs per prompt.
         sid_ids: int64 ``(S,)`` vocab ids the SID softmax runs over; every id of ``codes`` must be among them.
 
     Returns:
-        float32 ``(M,)`` log-probabilities (nats, <= 0), on the CPU; eval mode, the model's mode restored.
-        Independent of ``batch_size`` up to float rounding (left padding, positions from the mask).
+        float32 log-probabilities (nats, <= 0) on the CPU, ``(M,)`` for ``(M, L)`` codes, ``(C, M)`` for
+        ``(C, M, L)``; eval mode, the model's mode restored. Independent of ``batch_size`` and C up to float
+        rounding (left padding, positions from the mask).
 
     Raises:
-        ValueError: ``codes`` is not ``(M, L)`` with L >= 1, an empty prompt, ``batch_size`` < 1, or a code id
-            outside ``sid_ids``.
+        ValueError: ``codes`` is not ``(M, L)`` or ``(C, M, L)`` with C, L >= 1, an empty prompt, ``batch_size``
+            < 1, or a code id outside ``sid_ids``.
     """
     from .tasks import collate  # tasks imports this module
 
     codes = np.asarray(codes, dtype=np.int64)
-    if codes.ndim != 2 or len(codes) != len(prompts) or codes.shape[1] < 1:
-        raise ValueError(f"codes must be (M, L) with M = {len(prompts)} prompts and L >= 1; got {codes.shape}")
+    single = codes.ndim == 2
+    cand = codes[None] if single else codes                                       # (C, M, L)
+    if cand.ndim != 3 or cand.shape[1] != len(prompts) or min(cand.shape[0], cand.shape[2]) < 1:
+        raise ValueError(f"codes must be (M, L) or (C, M, L) with M = {len(prompts)} prompts and C, L >= 1; "
+                         f"got {codes.shape}")
     if batch_size < 1 or any(len(p) == 0 for p in prompts):
         raise ValueError("code_logprobs: batch_size must be >= 1 and every prompt must hold a token")
     device = next(model.parameters()).device
-    n_levels = codes.shape[1]
-    col = None
+    n_cand, _, n_levels = cand.shape
+    target = torch.as_tensor(cand)                                                # (C, M, L) head columns
     if sid_ids is not None:
         sid_ids = torch.as_tensor(sid_ids, dtype=torch.long, device=device)
         lookup = {int(v): i for i, v in enumerate(sid_ids.tolist())}
-        if not set(np.unique(codes).tolist()) <= set(lookup):
+        if not set(np.unique(cand).tolist()) <= set(lookup):
             raise ValueError("code_logprobs: a code token is not among sid_ids")
-        col = torch.as_tensor(np.vectorize(lookup.__getitem__, otypes=[np.int64])(codes))   # (M, L)
+        target = torch.as_tensor(np.vectorize(lookup.__getitem__, otypes=[np.int64])(cand))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = torch.zeros(len(prompts))
+    out = torch.zeros(n_cand, len(prompts))
+    decoder = model.get_decoder()
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            chunk = [{"input_ids": list(prompts[i]) + codes[i].tolist()} for i in rows]
-            b = collate(chunk, pad_id, max(len(c["input_ids"]) for c in chunk))
-            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
-            h = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                    use_cache=False).last_hidden_state[:, -n_levels - 1:-1]   # (b, L, D)
-            flat = h.reshape(-1, h.shape[-1])
-            logp = _head_logits(model, flat, sid_ids).float().log_softmax(-1)               # (b·L, S or V)
-            tgt = (col[rows] if col is not None else torch.as_tensor(codes[rows])).reshape(-1).to(device)
-            out[torch.as_tensor(rows)] = logp.gather(1, tgt[:, None]).view(len(rows), n_levels).sum(1).cpu()
+            rows = torch.as_tensor(order[start:start + batch_size])
+            b = collate([{"input_ids": list(prompts[i])} for i in rows.tolist()], pad_id,
+                        max(len(prompts[i]) for i in rows.tolist()))
+            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)             # (b, T)
+            pos = position_ids_from_mask(mask)
+            run = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=n_levels > 1)
+            first = _head_logits(model, run.last_hidden_state[:, -1], sid_ids).float().log_softmax(-1)  # (b, S|V)
+            tgt = target[:, rows].to(device)                                               # (C, b, L)
+            lp = first.unsqueeze(0).expand(n_cand, -1, -1).gather(2, tgt[:, :, :1]).squeeze(2)   # (C, b)
+            if n_levels > 1:                       # the C candidates' first L-1 tokens on the shared prompt cache
+                cache = run.cache
+                cache.reorder_cache(torch.arange(len(rows), device=device).repeat(n_cand))   # (C*b) rows
+                feed = torch.as_tensor(cand[:, rows.numpy(), :-1]).reshape(-1, n_levels - 1).to(device)
+                m2 = torch.cat([mask.repeat(n_cand, 1), mask.new_ones(n_cand * len(rows), n_levels - 1)], 1)
+                p2 = pos[:, -1:].repeat(n_cand, 1) + 1 + torch.arange(n_levels - 1, device=device)
+                h = decoder(input_ids=feed, attention_mask=m2, position_ids=p2, cache=cache,
+                            use_cache=False).last_hidden_state                             # (C*b, L-1, D)
+                rest = _head_logits(model, h.reshape(-1, h.shape[-1]), sid_ids).float().log_softmax(-1)
+                lp = lp + rest.gather(1, tgt[:, :, 1:].reshape(-1, 1)).view(n_cand, len(rows), -1).sum(-1)
+            out[:, rows] = lp.cpu()
     finally:
         model.train(was_training)
-    return out
+    return out[0] if single else out
 
 
 def save_llm(model: nn.Module, tok, out_dir: Path, meta: dict) -> None:
