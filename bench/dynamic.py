@@ -130,6 +130,8 @@ VARIANTS = {
     # erased of their popularity direction: the three seeds of its own setting that the erasure still lacked there
     "fresh-cb-llm-w256-erase-uid": ["llm.sid_init=codebook", "dynamic.accept=llm", "llm.tiny_hidden=256",
                                     "tokenizer.cf_erase_popularity=true", "eval.user_ids=history"],
+    "static-cb-w256-erase-uid": ["dynamic.static_index=true", "llm.sid_init=codebook", "llm.tiny_hidden=256",
+                                 "tokenizer.cf_erase_popularity=true", "eval.user_ids=history"],   # ... its static arm
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights
