@@ -14,6 +14,10 @@ process on ``pipeline.LocalBackend``; a rerun reuses finished stages.
 ``--eval-users N|all`` evaluates more users than the preset (only the eval stage reruns); ``--sasrec-epochs E ...``
 compares with SASRec trained for each epoch count, the count chosen per seed on validation (issue 13's
 same-wall-budget comparator); ``--set KEY=VALUE ...`` overrides every run's config (checked before any work).
+Run directories are named ``<dataset>-s<seed>-<variant>-<steps>`` (``--set`` does not enter the name, so an eval-only
+override re-scores the stored runs); a variant whose directory already holds a run of other training settings is
+refused before any work, naming the keys (``check_run_dir``), so a ``--set`` cannot replace a run that an earlier
+results file points to: name a variant in ``VARIANTS`` for new settings.
 
 The second form is the component ablation (``ABLATIONS``: the full method with one part off, each against
 the full method). Writes ``<results-dir>/<out>-<dataset>-<steps>.json`` and ``.md`` (``--out``, default
@@ -188,21 +192,67 @@ def quality_run(dataset: str, seed: int, *, preset: str, runs_dir: Path, data_ro
     return Q.REPO / ds.config, common, base
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Dotted keys of a nested config dict: ``{"llm.lr": 1e-3, ...}``."""
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_run_dir(cfg) -> None:
+    """Refuse to train into a variant's run directory that already holds a run of other settings.
+
+    Run names are ``<dataset>-s<seed>-<variant>-<steps>``; ``--set`` does not enter them (so that an eval-only
+    override re-scores the stored LLM runs). A ``--set`` that changes a training setting would otherwise retrain in
+    place and silently replace the run an earlier results file points to. Settings of the eval stage only may
+    differ (the eval stage reruns).
+
+    Raises:
+        RuntimeError: the directory's ``config.yaml`` differs from ``cfg`` before the eval stage; the message names
+            the differing keys.
+    """
+    from ttds_ray.config import STAGE_SECTIONS, STAGE_SECTIONS_ORDER, load_config
+
+    path = Path(cfg.run_dir) / Files.CONFIG
+    if not path.exists():
+        return
+    old = load_config(path)
+    if old.stage_hash("llm") == cfg.stage_hash("llm"):
+        return
+    hashed = {"seed", *(sec for group in STAGE_SECTIONS[:STAGE_SECTIONS_ORDER.index("llm") + 1] for sec in group)}
+    a, b = _flat(old.to_dict()), _flat(cfg.to_dict())
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k.split(".")[0] in hashed)
+    raise RuntimeError(f"{cfg.run_dir} holds a run of other settings ({', '.join(keys) or 'stage hash'} differ) "
+                       "that an earlier results file may point to; name a variant in VARIANTS for these settings, "
+                       "pass another --runs-dir, or delete that directory")
+
+
+def variant_configs(dataset: str, seed: int, variant: str, steps: int, *, preset: str, runs_dir: Path,
+                    data_root: Path, extra: tuple[str, ...] = ()):
+    """``(config of the shared quality run, config of the variant's run)``; reads nothing but the config files."""
+    from ttds_ray.config import load_config
+
+    config_file, common, base_cfg = quality_run(dataset, seed, preset=preset, runs_dir=runs_dir, data_root=data_root)
+    cfg = load_config(config_file, [*common, f"output_dir={runs_dir / 'dynamic'}",
+                                    f"name={dataset}-s{seed}-{variant}-{steps}", f"llm.max_steps={steps}",
+                                    *VARIANT_BASE, *VARIANTS[variant], *extra])
+    return base_cfg, cfg
+
+
 def run_variant(dataset: str, seed: int, variant: str, steps: int, *, preset: str, runs_dir: Path,
                 data_root: Path, extra: tuple[str, ...] = ()) -> dict:
     """Train and score one variant; returns metrics on valid and test, per-user test ranks, churn, losses.
     ``extra``: overrides after the preset's and the variant's (``--eval-users``)."""
     from ttds_ray import baselines, pipeline
     from ttds_ray.artifacts import RunDir
-    from ttds_ray.config import load_config
     from ttds_ray.evaluate import evaluate_split
 
-    config_file, common, base_cfg = quality_run(dataset, seed, preset=preset, runs_dir=runs_dir, data_root=data_root)
+    base_cfg, cfg = variant_configs(dataset, seed, variant, steps, preset=preset, runs_dir=runs_dir,
+                                    data_root=data_root, extra=extra)
+    check_run_dir(cfg)
     backend = pipeline.LocalBackend()
     pipeline.run(base_cfg, backend, stop_after="tokenizer")          # reused when bench/quality.py built it
-    cfg = load_config(config_file, [*common, f"output_dir={runs_dir / 'dynamic'}",
-                                           f"name={dataset}-s{seed}-{variant}-{steps}", f"llm.max_steps={steps}",
-                                           *VARIANT_BASE, *VARIANTS[variant], *extra])
     pipeline.run(cfg, backend, reuse_from=base_cfg.run_dir)
     run = RunDir(cfg.run_dir)
     test = read_json(run.require("eval") / Files.METRICS)
@@ -424,6 +474,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--set: {e}")
     if args.sasrec_epochs is not None and min(args.sasrec_epochs) < 1:
         p.error(f"--sasrec-epochs must be positive, got {args.sasrec_epochs}")
+    for seed in args.seeds:                          # before any run: no variant may retrain over another's run
+        for v in args.variants:
+            try:
+                check_run_dir(variant_configs(args.dataset, seed, v, args.steps, preset=args.preset,
+                                              runs_dir=args.runs_dir, data_root=args.data_root, extra=extra)[1])
+            except RuntimeError as e:
+                p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0, records, tuned = time.time(), [], {}
     stem = args.results_dir / f"{args.out}-{args.dataset}-{args.steps}"

@@ -413,3 +413,27 @@ def test_user_ids_versus_pairs_two_run_sets_on_the_same_validation_users(q, tmp_
                       "--against", str(against)])
         assert f"--against {against}: not a results file" in capsys.readouterr().err
     assert not (tmp_path / "u.json").exists()
+
+
+def test_dynamic_bench_refuses_to_retrain_over_a_run_of_other_settings(dyn, tmp_path):
+    """bench/dynamic.py: a variant's run directory that holds a run of other training settings (e.g. an earlier
+    --set) is refused before any work, naming the key; the same settings or an eval-only change pass."""
+    from ttds_ray.artifacts import Files
+    from ttds_ray.config import dump_yaml
+
+    def cfg(*extra):
+        return dyn.variant_configs("ml100k", 0, "static-cb", 10, preset="cpu-fast", runs_dir=tmp_path,
+                                   data_root=tmp_path, extra=extra)[1]
+
+    dyn.check_run_dir(cfg())                                          # nothing there yet
+    first = cfg("llm.lr=0.002")
+    first.run_dir.mkdir(parents=True)
+    (first.run_dir / Files.CONFIG).write_text(dump_yaml(first.to_dict()))
+    dyn.check_run_dir(cfg("llm.lr=0.002"))                            # the same run: reused
+    dyn.check_run_dir(cfg("llm.lr=0.002", "eval.max_users=50"))       # eval only: re-scored in place
+    with pytest.raises(RuntimeError, match=r"llm\.lr differ"):
+        dyn.check_run_dir(cfg())
+    with pytest.raises(SystemExit):
+        dyn.main(["--dataset", "ml100k", "--steps", "10", "--seeds", "0", "--variants", "static-cb",
+                  "--reference", "static-cb", "--runs-dir", str(tmp_path), "--results-dir", str(tmp_path / "res")])
+    assert not (tmp_path / "res").exists() and not (tmp_path / "quality-cpu-fast").exists()
