@@ -36,7 +36,9 @@ def full_pass_logprobs(model, prompts: list[list[int]], codes: np.ndarray, pad_i
     from ttds_ray.tasks import collate
 
     n_levels, out = codes.shape[1], torch.zeros(len(prompts))
-    col = codes if sid_ids is None else np.searchsorted(sid_ids.numpy(), codes)     # sid_ids is sorted (L*K ids)
+    if sid_ids is not None and not bool((sid_ids[1:] > sid_ids[:-1]).all()):
+        raise ValueError("full_pass_logprobs: sid_ids must be increasing (the SID vocabulary's L*K ids)")
+    col = codes if sid_ids is None else np.searchsorted(sid_ids.numpy(), codes)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     model.eval()
     for start in range(0, len(order), batch_size):

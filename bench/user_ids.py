@@ -63,16 +63,22 @@ def stale_vs_current(run_dir: Path, max_users: int | None) -> dict:
     return out
 
 
+def _paired(a: dict[int, list], b: dict[int, list], names: tuple[str, str]) -> dict:
+    """``{metric: {names[0]: [per seed], names[1]: [...], "bootstrap": a - b}}`` from per-seed rank lists of the same
+    users (paired bootstrap over users, stratified by seed)."""
+    seeds, out = sorted(a), {}
+    for m in METRICS:
+        x = [Q.per_user(a[s], m) for s in seeds]
+        y = [Q.per_user(b[s], m) for s in seeds]
+        out[m] = {names[0]: [float(v.mean()) for v in x], names[1]: [float(v.mean()) for v in y],
+                  "bootstrap": Q.paired_bootstrap(x, y)}
+    return out
+
+
 def summarise(per_seed: dict[int, dict]) -> dict:
     """``{metric: {"current": [per seed], "stale": [...], "bootstrap": current - stale}}``."""
-    seeds = sorted(per_seed)
-    out = {}
-    for m in METRICS:
-        a = [Q.per_user(per_seed[s]["current"], m) for s in seeds]
-        b = [Q.per_user(per_seed[s]["stale"], m) for s in seeds]
-        out[m] = {"current": [float(x.mean()) for x in a], "stale": [float(x.mean()) for x in b],
-                  "bootstrap": Q.paired_bootstrap(a, b)}
-    return out
+    return _paired({s: r["current"] for s, r in per_seed.items()}, {s: r["stale"] for s, r in per_seed.items()},
+                   ("current", "stale"))
 
 
 def versus(per_seed: dict[int, dict], other: dict[int, dict]) -> dict:
@@ -91,13 +97,8 @@ def versus(per_seed: dict[int, dict], other: dict[int, dict]) -> dict:
     if bad:
         raise ValueError(f"seed {bad}: the two run sets ranked different validation users (same data, seed and "
                          "--users needed)")
-    out = {}
-    for m in METRICS:
-        a = [Q.per_user(per_seed[s]["current"], m) for s in seeds]
-        b = [Q.per_user(other[s]["current"], m) for s in seeds]
-        out[m] = {"runs": [float(x.mean()) for x in a], "against": [float(x.mean()) for x in b],
-                  "bootstrap": Q.paired_bootstrap(a, b)}
-    return out
+    return _paired({s: per_seed[s]["current"] for s in seeds}, {s: other[s]["current"] for s in seeds},
+                   ("runs", "against"))
 
 
 def render(summary: dict, per_seed: dict, command: str) -> str:
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--against {args.against}: not a results file of this script ({e})")
         if any(s not in other for s in args.seeds):
             p.error(f"--against {args.against} has seeds {sorted(other)}, not all of {args.seeds}")
+        if args.users != "all" and any(len(other[s]["users"]) != int(args.users) for s in args.seeds):
+            p.error(f"--against {args.against} ranked {[len(other[s]['users']) for s in args.seeds]} users per seed, "
+                    f"not --users {args.users}: the two run sets must rank the same users")
     runs = {s: Path(args.runs.format(seed=s)) for s in args.seeds}
     missing = [str(r) for r in runs.values() if not (r / "llm").is_dir()]
     if missing:

@@ -412,6 +412,12 @@ def test_user_ids_versus_pairs_two_run_sets_on_the_same_validation_users(q, tmp_
             mod.main(["--runs", str(tmp_path / "r{seed}"), "--seeds", "0", "--out", str(tmp_path / "u.json"),
                       "--against", str(against)])
         assert f"--against {against}: not a results file" in capsys.readouterr().err
+    good = tmp_path / "good.json"
+    good.write_text('{"per_seed": {"0": {"users": [1, 2], "current": [0, 1]}}}')
+    with pytest.raises(SystemExit):                                 # 2 users ranked there, 5 asked for here
+        mod.main(["--runs", str(tmp_path / "r{seed}"), "--seeds", "0", "--users", "5", "--out",
+                  str(tmp_path / "u.json"), "--against", str(good)])
+    assert "not --users 5" in capsys.readouterr().err
     assert not (tmp_path / "u.json").exists()
 
 
