@@ -130,6 +130,11 @@ VARIANTS = {
     # fixed, and with plain (ungated) rounds: goal 1's arms at the final config
     "static-cb-no-dist-w256-erase-prefix": ["dynamic.static_index=true", *_SCI_CONFIG],
     "fresh-cb-no-dist-w256-erase-prefix": [*_SCI_CONFIG],
+    # ... at twice the config's LLM epochs (12; with --steps 6000, 5,172 steps), where a static index may overfit
+    # (on MovieLens-100K plain rounds led it there): does validation choose the longer run, and rounds in it?
+    "static-cb-no-dist-w256-erase-prefix-e12": ["dynamic.static_index=true", *_SCI_CONFIG, "llm.epochs=12"],
+    "fresh-cb-no-dist-w256-erase-prefix-e12": [*_SCI_CONFIG, "llm.epochs=12"],
+    "fresh-cb-llm-no-dist-w256-erase-prefix-e12": ["dynamic.accept=llm", *_SCI_CONFIG, "llm.epochs=12"],
     # configs/beauty_tiny.yaml's settings (gated rounds, d=256, current user IDs at test) with the items' SASRec inputs
     # erased of their popularity direction: the three seeds of its own setting that the erasure still lacked there
     "fresh-cb-llm-w256-erase-uid": ["llm.sid_init=codebook", "dynamic.accept=llm", "llm.tiny_hidden=256",
