@@ -19,6 +19,11 @@ override re-scores the stored runs); a variant whose directory already holds a r
 refused before any work, naming the keys (``check_run_dir``), so a ``--set`` cannot replace a run that an earlier
 results file points to: name a variant in ``VARIANTS`` for new settings.
 
+``--merge FILE ...`` runs nothing: it combines the records of results files written per seed (``--seeds S --out
+X-sS``, one process per seed to use every core) or by earlier studies into one table, for the ``--variants`` and
+``--seeds`` named, reading each run's loss curve back from its run directory; ``--sasrec-from FILE`` takes the tuned
+SASRec per seed of an earlier ``--sasrec-epochs`` study on the same users.
+
 The second form is the component ablation (``ABLATIONS``: the full method with one part off, each against
 the full method). Writes ``<results-dir>/<out>-<dataset>-<steps>.json`` and ``.md`` (``--out``, default
 ``dynamic``): per variant HR@1/5/10, NDCG@5/10 on valid and test as mean over seeds with a 95 % t-interval,
@@ -428,6 +433,90 @@ def plot_losses(records: list[dict], seed: int, path: Path) -> None:
     _save(fig, path)
 
 
+def merge_records(files: list[Path], variants: list[str], seeds: list[int], *, dataset: str, steps: int,
+                  sasrec_from: Path | None = None) -> tuple[list[dict], dict]:
+    """The records of ``variants`` x ``seeds`` gathered from earlier results files (``<out>-<dataset>-<steps>.json``),
+    each with its loss curve read back from ``<run_dir>/llm/losses.json`` where that still exists (else the loss
+    above the reference is left out), and with the tuned SASRec per seed of ``sasrec_from``
+    (:func:`use_sasrec`, which checks the users). Returns ``(records, meta)``: ``meta`` is the first file's, with
+    ``sasrec`` taken from ``sasrec_from``'s where given.
+
+    Raises:
+        ValueError: a file is missing or not a results file, is of another dataset, holds a record of another
+            step budget or a (variant, seed) another file also holds, a variant or seed has no record, the
+            variants of a seed were scored on different users, or ``sasrec_from`` lacks a seed; each message
+            names the file, variant or seed.
+        RuntimeError: the tuned SASRec ranked other users (:func:`use_sasrec`).
+    """
+    def load(path: Path) -> dict:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable results file ({e})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("records"), list) or "meta" not in doc:
+            raise ValueError(f"{path}: not a bench/dynamic.py results file (no 'meta' and 'records')")
+        if doc["meta"].get("dataset") != dataset:
+            raise ValueError(f"{path}: a {doc['meta'].get('dataset')} study, not {dataset}")
+        return doc
+
+    docs = [load(f) for f in files]
+    found: dict[tuple[str, int], Path] = {}
+    records = []
+    for f, doc in zip(files, docs):
+        for r in doc["records"]:
+            if r["variant"] not in variants or r["seed"] not in seeds:
+                continue
+            key = (r["variant"], r["seed"])
+            if key in found:
+                raise ValueError(f"{r['variant']} seed {r['seed']} is in both {found[key]} and {f}")
+            if r["steps"] != steps:
+                raise ValueError(f"{f}: {r['variant']} seed {r['seed']} ran {r['steps']} steps, not {steps}")
+            found[key] = f
+            r = dict(r)
+            losses = Path(r["run_dir"]) / "llm" / "losses.json"
+            if losses.exists():
+                r["losses"] = read_json(losses)
+            records.append(r)
+    missing = [f"{v} seed {s}" for v in variants for s in seeds if (v, s) not in found]
+    if missing:
+        raise ValueError(f"no record of {', '.join(missing)} in {', '.join(map(str, files))}")
+    for s in seeds:                                  # the paired comparisons need one user list per seed
+        lists = {(r["variant"], tuple(map(int, r["users"]))) for r in records if r["seed"] == s}
+        if len({users for _, users in lists}) > 1:
+            raise ValueError(f"seed {s}: the variants were scored on different users "
+                             f"({', '.join(sorted(f'{v}: {len(u)}' for v, u in lists))})")
+    meta = dict(docs[0]["meta"])
+    if sasrec_from is not None:
+        src = load(sasrec_from)
+        tuned = {}
+        for r in src["records"]:
+            if "sasrec_epochs" in r and r["seed"] in seeds:
+                tuned.setdefault(r["seed"], {"users": r["users"], "test": r["sasrec_test"], "valid": r["sasrec_valid"],
+                                             "ranks": r["sasrec_ranks"], "epochs": r["sasrec_epochs"]})
+        lacking = [s for s in seeds if s not in tuned]
+        if lacking:
+            raise ValueError(f"{sasrec_from}: no tuned SASRec (a --sasrec-epochs study) for seeds {lacking}")
+        records = [use_sasrec(r, tuned[r["seed"]]) for r in records]
+        meta["sasrec"] = ({str(s): t for s, t in src["meta"]["sasrec"].items() if int(s) in seeds}
+                          if isinstance(src["meta"].get("sasrec"), dict) else f"tuned per seed, from {sasrec_from}")
+    return records, meta
+
+
+def write_results(stem: Path, records: list[dict], variants: list[str], reference: str, meta: dict,
+                  plot_seed: int) -> str:
+    """Write ``stem``.json (meta, summary, records without their loss curves) and ``stem``.md atomically, and the
+    loss curves of ``plot_seed`` to ``stem``-loss.png; returns the markdown table."""
+    summary = summarise(records, variants, reference=reference)
+    slim = [{k: v for k, v in r.items() if k != "losses"} for r in records]
+    atomic_write_bytes(stem.with_suffix(".json"), json.dumps(
+        {"meta": meta, "summary": summary, "records": slim}, indent=1, default=Q._json_default).encode())
+    md = render(summary, meta)
+    atomic_write_bytes(stem.with_suffix(".md"), md.encode())
+    if any("losses" in r for r in records):
+        plot_losses([r for r in records if "losses" in r], plot_seed, stem.parent / f"{stem.name}-loss.png")
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="ml100k", choices=sorted(Q.DATASETS))
@@ -447,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="compare with SASRec trained for each of these cf.epochs, the count chosen per seed on "
                         "validation NDCG@10 (more SASRec training for a same-wall comparison), instead of the "
                         "preset's SASRec")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="FILE",
+                   help="train nothing: combine the records of --variants x --seeds from these results files "
+                        "(e.g. one per seed) into <results-dir>/<out>-<dataset>-<steps>")
+    p.add_argument("--sasrec-from", type=Path, default=None, metavar="FILE",
+                   help="with --merge: the tuned SASRec per seed of this earlier --sasrec-epochs results file")
     p.add_argument("--runs-dir", type=Path, default=Q.REPO / "runs",
                    help="parent folder: variant runs go to RUNS_DIR/dynamic, the shared stages to "
                         "RUNS_DIR/quality-<preset>, SASRec budgets to RUNS_DIR/sasrec-budget")
@@ -461,6 +555,24 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--out must be a plain name (letters, digits, - and _), got {args.out!r}")
     if args.steps < 2:
         p.error(f"--steps must be >= 2 (a round needs steps before and after it), got {args.steps}")
+    if args.sasrec_from is not None and args.merge is None:
+        p.error("--sasrec-from goes with --merge (a new study tunes SASRec with --sasrec-epochs)")
+    if args.merge is not None:
+        clash = [flag for flag, on in (("--eval-users", args.eval_users is not None), ("--set", bool(args.set)),
+                                       ("--sasrec-epochs", args.sasrec_epochs is not None)) if on]
+        if clash:
+            p.error(f"--merge trains and scores nothing, so {', '.join(clash)} would do nothing")
+        try:
+            records, meta = merge_records(args.merge, args.variants, args.seeds, dataset=args.dataset,
+                                          steps=args.steps, sasrec_from=args.sasrec_from)
+        except (ValueError, RuntimeError) as e:
+            p.error(str(e))
+        meta = {**meta, "date": time.strftime("%Y-%m-%d"), "reference": args.reference, "wall_s": None,
+                "command": "python bench/dynamic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "merged_from": [str(f) for f in args.merge]}
+        print(write_results(args.results_dir / f"{args.out}-{args.dataset}-{args.steps}", records, args.variants,
+                            args.reference, meta, args.seeds[0]))
+        return 0
     extra = ()
     if args.eval_users is not None:
         if not (args.eval_users == "all" or (args.eval_users.isdigit() and int(args.eval_users) > 0)):
@@ -505,14 +617,9 @@ def main(argv: list[str] | None = None) -> int:
                 "reference": args.reference, "wall_s": round(time.time() - t0, 1),
                 "sasrec": ({str(s): {k: t[k] for k in ("epochs", "wall_s", "per_epochs")} for s, t in tuned.items()}
                            if tuned else "the preset's cf stage")}
-        summary = summarise(records, args.variants, reference=args.reference)
-        slim = [{k: v for k, v in r.items() if k != "losses"} for r in records]
-        atomic_write_bytes(stem.with_suffix(".json"), json.dumps(
-            {"meta": meta, "summary": summary, "records": slim}, indent=1, default=Q._json_default).encode())
-        atomic_write_bytes(stem.with_suffix(".md"), render(summary, meta).encode())
-        plot_losses(records, args.seeds[0], stem.parent / f"{stem.name}-loss.png")
+        md = write_results(stem, records, args.variants, args.reference, meta, args.seeds[0])
         log.info("=== seed %d done (%.0f s); wrote %s ===", seed, time.time() - t0, stem.with_suffix(".md"))
-    print(render(summarise(records, args.variants, reference=args.reference), meta))
+    print(md)
     return 0
 
 

@@ -1,6 +1,7 @@
 """The statistics and the table writer of bench/quality.py, on synthetic per-user ranks (no training)."""
 import importlib.util
 import json
+import re
 import sys
 
 import numpy as np
@@ -443,3 +444,74 @@ def test_dynamic_bench_refuses_to_retrain_over_a_run_of_other_settings(dyn, tmp_
         dyn.main(["--dataset", "ml100k", "--steps", "10", "--seeds", "0", "--variants", "static-cb",
                   "--reference", "static-cb", "--runs-dir", str(tmp_path), "--results-dir", str(tmp_path / "res")])
     assert not (tmp_path / "res").exists() and not (tmp_path / "quality-cpu-fast").exists()
+
+
+def test_dynamic_bench_merges_per_seed_results_with_a_tuned_sasrec(dyn, tmp_path, capsys):
+    """``--merge``: the records of per-seed results files become one table, each run's loss curve read back from
+    its run directory and SASRec replaced by an earlier study's tuned one; a duplicate, missing or mismatched
+    record is refused before anything is written, naming it."""
+    def rec(variant, seed, ranks, users=(4, 7, 9)):
+        run = tmp_path / "runs" / f"{variant}-s{seed}"
+        (run / "llm").mkdir(parents=True, exist_ok=True)
+        (run / "llm" / "losses.json").write_text(json.dumps([3.0 + seed] * 30))
+        r = {**_dyn_record(variant, seed, [0.0], [], ranks), "users": list(users), "steps": 50,
+             "run_dir": str(run), "dataset": "scientific"}
+        del r["losses"]
+        return r
+
+    meta = {"dataset": "scientific", "steps": 50, "date": "d", "machine": "m", "command": "c", "preset": "p",
+            "overrides": [], "n_items": 3, "n_users": 3}
+    def write(name, records, **extra):
+        path = tmp_path / name
+        path.write_text(json.dumps({"meta": {**meta, **extra}, "records": records}))
+        return path
+
+    f0 = write("a-s0.json", [rec("static", 0, [1, 0, 3]), rec("fresh", 0, [2, 1, 0])])
+    f1 = write("a-s1.json", [rec("static", 1, [1, 2, 3]), rec("fresh", 1, [5, 1, 0]), rec("sticky", 1, [1, 1, 1])])
+    better = {m: 0.3 for m in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")}
+    tuned = [{**rec("x", s, [1, 1, 1]), "sasrec_test": better, "sasrec_valid": better, "sasrec_ranks": [2, 2, 2],
+              "sasrec_epochs": 20} for s in (0, 1)]
+    sas = write("tuned.json", tuned, sasrec={"0": {"epochs": 20, "wall_s": 9.0, "per_epochs": {"20": {}}},
+                                             "1": {"epochs": 20, "wall_s": 8.0, "per_epochs": {"20": {}}}})
+
+    records, m = dyn.merge_records([f0, f1], ["static", "fresh"], [0, 1], dataset="scientific", steps=50,
+                                   sasrec_from=sas)
+    assert sorted((r["variant"], r["seed"]) for r in records) == [("fresh", 0), ("fresh", 1), ("static", 0),
+                                                                   ("static", 1)]          # sticky left out
+    assert all(r["losses"] == [3.0 + r["seed"]] * 30 and r["sasrec_ranks"] == [2, 2, 2] for r in records)
+    assert set(m["sasrec"]) == {"0", "1"}
+
+    out = tmp_path / "res"
+    out.mkdir()
+    assert dyn.main(["--dataset", "scientific", "--steps", "50", "--seeds", "0", "1", "--variants", "static", "fresh",
+                     "--merge", str(f0), str(f1), "--sasrec-from", str(sas), "--out", "m", "--results-dir",
+                     str(out)]) == 0
+    doc = json.loads((out / "m-scientific-50.json").read_text())
+    assert doc["meta"]["merged_from"] == [str(f0), str(f1)] and len(doc["records"]) == 4
+    assert doc["summary"]["fresh"]["sasrec_test"]["NDCG@10"] == pytest.approx(0.3)
+    assert "vs_static" in doc["summary"]["fresh"] and (out / "m-scientific-50-loss.png").exists()
+    assert "20 epochs" in (out / "m-scientific-50.md").read_text()
+    capsys.readouterr()
+
+    bad = {"duplicate": ([f0, f0], {}, "in both"),
+           "missing seed": ([f0], {}, "static seed 1"),
+           "other dataset": ([write("b.json", [rec("static", 0, [1, 1, 1])], dataset="beauty")], {}, "beauty"),
+           "other steps": ([write("c.json", [{**rec("static", 0, [1, 1, 1]), "steps": 60}])], {}, "60 steps"),
+           "other users": ([write("d.json", [rec("static", 0, [1, 1, 1]), rec("fresh", 0, [1, 1], users=(4, 7))])],
+                           {}, "different users"),
+           "not results": ([tmp_path / "runs"], {}, "not a readable results file"),
+           "no records": ([write("e.json", None)], {}, "not a bench/dynamic.py results file"),
+           "no tuned seed": ([f0], {"sasrec_from": write("t.json", tuned[1:])}, "seeds [0]")}
+    for name, (files, kw, says) in bad.items():
+        seeds = [0, 1] if name == "missing seed" else [0]
+        with pytest.raises(ValueError, match=re.escape(says)):
+            dyn.merge_records(files, ["static", "fresh"] if name != "other steps" else ["static"], seeds,
+                              dataset="scientific", steps=50, **kw)
+    for argv, says in ((["--merge", str(f0), "--set", "llm.lr=1"], "--set"),
+                       (["--sasrec-from", str(sas)], "goes with --merge"),
+                       (["--merge", str(tmp_path / "nowhere.json")], "nowhere.json")):
+        with pytest.raises(SystemExit) as e:
+            dyn.main(["--dataset", "scientific", "--steps", "50", "--seeds", "0", "--variants", "static", "fresh",
+                      "--results-dir", str(tmp_path / "never"), *argv])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
