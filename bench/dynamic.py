@@ -453,8 +453,12 @@ def merge_records(files: list[Path], variants: list[str], seeds: list[int], *, d
             doc = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: not a readable results file ({e})") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("records"), list) or "meta" not in doc:
-            raise ValueError(f"{path}: not a bench/dynamic.py results file (no 'meta' and 'records')")
+        keys = {"variant", "seed", "steps", "users", "ranks", "run_dir"}
+        if (not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict)
+                or not isinstance(doc.get("records"), list)
+                or not all(isinstance(r, dict) and keys <= r.keys() for r in doc["records"])):
+            raise ValueError(f"{path}: not a bench/dynamic.py results file (no 'meta' and 'records' with "
+                             f"{', '.join(sorted(keys))})")
         if doc["meta"].get("dataset") != dataset:
             raise ValueError(f"{path}: a {doc['meta'].get('dataset')} study, not {dataset}")
         return doc

@@ -501,6 +501,7 @@ def test_dynamic_bench_merges_per_seed_results_with_a_tuned_sasrec(dyn, tmp_path
                            {}, "different users"),
            "not results": ([tmp_path / "runs"], {}, "not a readable results file"),
            "no records": ([write("e.json", None)], {}, "not a bench/dynamic.py results file"),
+           "bare records": ([write("f.json", [{"variant": "static", "seed": 0}])], {}, "not a bench/dynamic.py"),
            "no tuned seed": ([f0], {"sasrec_from": write("t.json", tuned[1:])}, "seeds [0]")}
     for name, (files, kw, says) in bad.items():
         seeds = [0, 1] if name == "missing seed" else [0]
