@@ -146,6 +146,12 @@ VARIANTS = {
                                     "tokenizer.cf_erase_popularity=true", "eval.user_ids=history"],
     "static-cb-w256-erase-uid": ["dynamic.static_index=true", "llm.sid_init=codebook", "llm.tiny_hidden=256",
                                  "tokenizer.cf_erase_popularity=true", "eval.user_ids=history"],   # ... its static arm
+    # ... at twice its LLM epochs (4; with --steps 4800, 4,800 steps), the question Scientific's -e12 arms asked: does
+    # the static index overfit Beauty at 2x, and do rounds (plain or gated) undo it?
+    **{f"{arm}-w256-erase-uid-e4": [*pre, "llm.sid_init=codebook", "llm.tiny_hidden=256",
+                                    "tokenizer.cf_erase_popularity=true", "eval.user_ids=history", "llm.epochs=4"]
+       for arm, pre in (("static-cb", ["dynamic.static_index=true"]), ("fresh-cb", []),
+                        ("fresh-cb-llm", ["dynamic.accept=llm"]))},
     # ... and the IDs proposed by the frozen LLM's own likelihood, not by the refined tower (dynamic.reindex=llm)
     "llmid-cb": ["llm.sid_init=codebook", "dynamic.reindex=llm", "dynamic.accept=llm"],
     # the LLM's guidance at 10x the preset's strength: 8x the scored prompts, 2.5x the tower epochs, 10x the weights
