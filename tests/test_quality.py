@@ -204,7 +204,8 @@ def test_every_bench_variant_is_a_valid_config(dyn):
                 assert cfg.to_dict() != base.to_dict(), name
     for dataset in ("beauty", "yelp"):                           # beauty_tiny sets eval.user_ids=history
         preset = dyn.Q.PRESETS["cpu-fast"].overrides(dataset)
-        assert load_config(REPO / "configs/beauty_tiny.yaml", [*preset]).eval.user_ids == "training", dataset
+        pinned = load_config(REPO / "configs/beauty_tiny.yaml", [*preset])
+        assert pinned.eval.user_ids == "training" and pinned.llm.epochs == 2, dataset     # beauty_tiny sets 4 epochs
     q = load_config(REPO / "configs/quickstart.yaml", dyn.VARIANTS["no-co_interaction"])
     assert q.tasks.weights.co_interaction == 0 and q.tasks.weights.item2id > 0
     assert load_config(REPO / "configs/quickstart.yaml", dyn.VARIANTS["no-dist-grain"]).tokenizer.alpha_dist == 0
