@@ -116,6 +116,9 @@ class Preset:
 # the cpu-fast tables of docs/RESULTS.md stay reproducible and comparable across datasets
 _CPU_COMMON = ("eval.max_users=300", "ray.num_workers=1", "ray.torch_threads=1", "llm.tiny_hidden=128")
 _CPU_DYNAMIC = ("dynamic.guide_samples=256", "dynamic.tokenizer_epochs=2")
+#: Beauty and Yelp (LETTER protocol), both on configs/beauty_tiny.yaml
+_CPU_LETTER = ("cf.epochs=10", "tokenizer.epochs=30", "llm.max_steps=600", *_CPU_DYNAMIC, "eval.user_ids=training",
+               "llm.epochs=2")
 PRESETS = {
     "smoke": Preset(
         "harness check only: a few steps of everything, 60 users; the numbers mean nothing",
@@ -139,10 +142,7 @@ PRESETS = {
                         "tasks.seqrec_user_ids=sequence"),
          # eval.user_ids=training and llm.epochs=2: the stored user IDs and the LLM epochs as when these tables were
          # measured (beauty_tiny, which Yelp shares here, changed both; the -e4 variants of bench/dynamic.py set 4)
-         "beauty": ("cf.epochs=10", "tokenizer.epochs=30", "llm.max_steps=600", *_CPU_DYNAMIC, "eval.user_ids=training",
-                    "llm.epochs=2"),
-         "yelp": ("cf.epochs=10", "tokenizer.epochs=30", "llm.max_steps=600", *_CPU_DYNAMIC, "eval.user_ids=training",
-                  "llm.epochs=2")},
+         "beauty": _CPU_LETTER, "yelp": _CPU_LETTER},
         {"epochs": 3, "patience": 1, "valid_users": 300}),
     "full": Preset(
         "the dataset configs' own budgets (LLM epochs, SASRec and tower epochs), every user evaluated; sized for "
