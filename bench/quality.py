@@ -118,7 +118,7 @@ _CPU_COMMON = ("eval.max_users=300", "ray.num_workers=1", "ray.torch_threads=1",
 _CPU_DYNAMIC = ("dynamic.guide_samples=256", "dynamic.tokenizer_epochs=2")
 #: Beauty and Yelp (LETTER protocol), both on configs/beauty_tiny.yaml
 _CPU_LETTER = ("cf.epochs=10", "tokenizer.epochs=30", "llm.max_steps=600", *_CPU_DYNAMIC, "eval.user_ids=training",
-               "llm.epochs=2")
+               "llm.epochs=2", "tokenizer.cf_erase_popularity=false")
 PRESETS = {
     "smoke": Preset(
         "harness check only: a few steps of everything, 60 users; the numbers mean nothing",
@@ -140,8 +140,9 @@ PRESETS = {
                         "embeddings.max_text_chars=256", "tokenizer.alpha_dist=0.01",
                         "tokenizer.cf_erase_popularity=false", "eval.user_ids=training",
                         "tasks.seqrec_user_ids=sequence"),
-         # eval.user_ids=training and llm.epochs=2: the stored user IDs and the LLM epochs as when these tables were
-         # measured (beauty_tiny, which Yelp shares here, changed both; the -e4 variants of bench/dynamic.py set 4)
+         # eval.user_ids=training, llm.epochs=2 and the SASRec inputs as they are: the stored user IDs, LLM epochs and
+         # tower inputs as when these tables were measured (beauty_tiny, which Yelp shares here, changed all three;
+         # the -e4 variants of bench/dynamic.py set 4 epochs and the erasure)
          "beauty": _CPU_LETTER, "yelp": _CPU_LETTER},
         {"epochs": 3, "patience": 1, "valid_users": 300}),
     "full": Preset(

@@ -206,6 +206,7 @@ def test_every_bench_variant_is_a_valid_config(dyn):
         preset = dyn.Q.PRESETS["cpu-fast"].overrides(dataset)
         pinned = load_config(REPO / "configs/beauty_tiny.yaml", [*preset])
         assert pinned.eval.user_ids == "training" and pinned.llm.epochs == 2, dataset     # beauty_tiny sets 4 epochs
+        assert not pinned.tokenizer.cf_erase_popularity, dataset                          # ... and erases
     q = load_config(REPO / "configs/quickstart.yaml", dyn.VARIANTS["no-co_interaction"])
     assert q.tasks.weights.co_interaction == 0 and q.tasks.weights.item2id > 0
     assert load_config(REPO / "configs/quickstart.yaml", dyn.VARIANTS["no-dist-grain"]).tokenizer.alpha_dist == 0
