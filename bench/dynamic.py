@@ -82,6 +82,9 @@ VARIANTS = {
     "fresh-cb": ["llm.sid_init=codebook"],
     "sticky-m0.2-early1-cb": ["dynamic.reindex=sticky", "dynamic.switch_margin=0.2", "dynamic.rounds=1",
                               "dynamic.final_freeze=0.67", "llm.sid_init=codebook"],
+    # plain rounds followed by N steps (of the same budget) that train only the moved items' new IDs
+    # (dynamic.rewarm_steps): issue 13's "re-warm moved items" direction
+    **{f"fresh-cb-rw{n}": ["llm.sid_init=codebook", f"dynamic.rewarm_steps={n}"] for n in (30, 60)},
     # likelihood-gated rounds: a proposed move is made only where the frozen LLM prefers the new ID (dynamic.accept=llm)
     "fresh-cb-llm": ["llm.sid_init=codebook", "dynamic.accept=llm"],
     "fresh-cb-llm-r4": ["llm.sid_init=codebook", "dynamic.accept=llm", "dynamic.rounds=4"],

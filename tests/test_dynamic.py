@@ -180,3 +180,32 @@ def test_erased_cf_inputs_reach_every_reader_of_the_item_tower_and_retrain_the_t
     assert cfg_on.stage_hash("cf") == cfg.stage_hash("cf")
     _, cf_items = Recommender(cfg_on, run)._load_item_tower()
     np.testing.assert_array_equal(cf_items, on_x["item_c"])
+
+
+def test_rewarm_batches_draw_only_samples_that_learn_a_moved_items_id_and_fall_back_to_all_rows():
+    from ttds_ray.dynamic import moved_items, moved_only_loss, rewarm_batches
+    from ttds_ray.tasks import item_ph
+
+    old = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
+    new = np.array([[0, 0], [1, 2], [1, 0], [2, 1]])
+    moved = moved_items(old, new)
+    assert moved.tolist() == [1, 3]
+    obj = lambda rows: np.array([np.array(r, dtype=np.int64) for r in rows] + [None], dtype=object)[:-1]
+    ids = obj([[5, item_ph(0), 7, item_ph(3)], [item_ph(1), 9, item_ph(0)], [8, item_ph(2)], [item_ph(2), 4], [5],
+               [item_ph(3), 6, item_ph(0), item_ph(1)]])
+    resp = obj([[0, 0, 0, 1], [0, 0, 1], [0, 1], [0, 1], [1], [0, 0, 1, 1]])    # a moved item in the prompt: no
+    with pytest.raises(ValueError, match="loss masks"):
+        rewarm_batches(ids, obj([[0]] * 6), moved, steps=1, batch_size=2, seed=0)
+    batches, pool = rewarm_batches(ids, resp, moved, steps=5, batch_size=2, seed=0)
+    assert pool == 2 and batches.shape == (5, 2)
+    assert set(batches.ravel()) == {0, 5} and all(len(set(b)) == 2 for b in batches)   # no row twice in a batch
+    again, _ = rewarm_batches(ids, resp, moved, steps=5, batch_size=2, seed=0)
+    assert np.array_equal(batches, again)                                      # seeded
+    small, _ = rewarm_batches(ids, resp, moved, steps=1, batch_size=16, seed=0)
+    assert sorted(small[0].tolist()) == [0, 5]                                 # the batch shrinks to the pool
+    none, pool = rewarm_batches(ids, resp, np.array([42]), steps=2, batch_size=3, seed=0)
+    assert pool == 0 and none.shape == (2, 3) and set(none.ravel()) <= set(range(6))   # DDP: same step count
+    assert rewarm_batches(ids, resp, moved, steps=0, batch_size=2, seed=0)[0].size == 0
+    assert moved_only_loss(ids[5], resp[5], moved).tolist() == [0, 0, 0, 1]      # item 0 is not moved
+    assert moved_only_loss(ids[0], resp[0], moved).tolist() == [0, 0, 0, 1]
+    assert moved_only_loss(ids[1], resp[1], moved).tolist() == [0, 0, 0]         # item 1 only in the prompt

@@ -48,9 +48,17 @@ def test_pipeline_and_recipes_import_no_ray():
     assert res.returncode == 0, res.stderr
 
 
-def test_llm_recipe_resumed_from_its_round_checkpoint_ends_like_an_uninterrupted_run(local_run):
-    """state_dict/load_state_dict carry the whole position: weights, item index, tower, step, batch, rounds."""
+@pytest.mark.parametrize("rewarm", [0, 1])
+def test_llm_recipe_resumed_from_its_round_checkpoint_ends_like_an_uninterrupted_run(local_run, rewarm):
+    """state_dict/load_state_dict carry the whole position: weights, item index, tower, step, batch, rounds (and
+    the re-warming steps after the round, dynamic.rewarm_steps, which the round's checkpoint includes)."""
+    from ttds_ray.config import config_from_dict
+
     cfg, run, _ = local_run
+    if rewarm:
+        d = cfg.to_dict()
+        d["dynamic"]["rewarm_steps"] = rewarm
+        cfg = config_from_dict(d)
     torch.set_num_threads(1)
     full: list = []
     llm_recipe(cfg, run, full).fit()
@@ -135,3 +143,34 @@ def test_llm_recipe_runs_a_likelihood_gated_round(local_run, reindex):
     assert g["proposed"] >= g["scored"] > 0 and g["accepted"] > 0         # the gate had moves to judge and g["accepted"] - g["reverted"] == r["changed"] <= g["proposed"]
     assert r["changed"] == int((rec.item_codes != before).any(1).sum())
     assert len(np.unique(rec.item_codes, axis=0)) == len(rec.item_codes)
+
+
+def test_llm_recipe_rewarms_the_moved_items_within_the_step_budget(local_run, monkeypatch):
+    """dynamic.rewarm_steps: right after the round, that many steps train on samples that learn a moved item's ID,
+    with the loss on the moved items' elements only; they are logged with the round, and the run ends at the same
+    step budget."""
+    from ttds_ray.config import config_from_dict
+    from ttds_ray.tasks import item_ph
+
+    cfg, run, _ = local_run
+    d = cfg.to_dict()
+    d["dynamic"].update(rewarm_steps=2, tokenizer_lr=1e-3)        # a larger tower step: items surely move
+    cfg = config_from_dict(d)
+    rec = llm_recipe(cfg, run, [])
+    torch.set_num_threads(1)
+    seen: list = []
+    real = rec.train_step
+    monkeypatch.setattr(rec, "train_step", lambda rows: seen.append((rec.step, rows)) or real(rows))
+    before = rec.item_codes.copy()
+    rec.fit()
+    (r,) = rec.rounds
+    assert r["changed"] > 0 and r["rewarm_steps"] == 2 and r["rewarm_pool"] > 0 and r["rewarm_loss"] > 0
+    assert rec.step == cfg.llm.max_steps == len(rec.losses) == len(seen)        # the budget, not budget + 2
+    assert np.array_equal(rec.moved, np.flatnonzero((rec.item_codes != before).any(1)))
+    moved = {item_ph(i) for i in rec.moved}
+    for step, rows in seen:
+        learnt = [set(np.asarray(x["ids"])[np.asarray(x["resp"], dtype=bool)].tolist()) for x in rows]
+        if r["step"] <= step < r["step"] + 2:                                   # re-warming: moved IDs only
+            assert all(lt and lt <= moved for lt in learnt), step
+        else:                                                                   # ordinary steps: every element
+            assert not all(lt <= moved for lt in learnt), step

@@ -341,6 +341,11 @@ class DynamicConfig(_Section):
                                  "this item) scored per moving item.")
     accept_margin: float = Field(0.0, ge=0, description="accept=llm: a move is made only if the mean log-"
                                  "likelihood gain of the new ID over the old one exceeds this (nats).")
+    rewarm_steps: int = Field(0, ge=0, le=100_000, description="Optimiser steps spent right after each round "
+                              "on the current epoch's training samples that learn the ID of an item the round moved, "
+                              "with the loss on the moved items' IDs only, so the LLM relearns their new IDs first; "
+                              "the steps are part of the LLM step budget (the run ends as many steps earlier in its last "
+                              "epoch); 0 = off (docs/DESIGN-NOTES.md, 'Re-warming moved items').")
 
     @model_validator(mode="after")
     def _check_reindex(self) -> "DynamicConfig":
@@ -350,6 +355,9 @@ class DynamicConfig(_Section):
                 if getattr(self, switch) != on and getattr(self, key) != default:
                     raise ValueError(f"dynamic.{key} applies to dynamic.{switch}={on} only; set "
                                      f"dynamic.{switch}={on} or leave dynamic.{key} at {default}")
+        if self.rewarm_steps and self.is_static:
+            raise ValueError("dynamic.rewarm_steps re-trains the items a round moved and needs rounds; set "
+                             "dynamic.static_index=false and dynamic.rounds >= 1, or leave dynamic.rewarm_steps at 0")
         if self.reindex == "llm" and self.accept != "llm":
             raise ValueError("dynamic.reindex=llm proposes IDs by the LLM's likelihood and needs dynamic.accept=llm")
         return self
@@ -548,7 +556,8 @@ class TTDSConfig(_Section):
 #: belongs here (tests/test_config.py pins the hashes of a default config).
 _HASH_NEUTRAL_WHEN_OFF = (("tokenizer", "cf_erase_popularity", False), ("eval", "popularity_correction", 0.0),
                           ("llm", "distill_cf", 0.0), ("llm", "distill_temperature", 1.0),
-                          ("eval", "user_ids", "training"), ("tasks", "seqrec_user_ids", "sequence"))
+                          ("eval", "user_ids", "training"), ("tasks", "seqrec_user_ids", "sequence"),
+                          ("dynamic", "rewarm_steps", 0))
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

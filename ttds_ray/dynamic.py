@@ -21,7 +21,7 @@ from torch import nn
 
 from . import llm, towers
 from .config import DynamicConfig, TokenizerConfig
-from .tasks import prefix_row
+from .tasks import item_ph, prefix_row
 
 
 def reindex_steps(total_steps: int, cfg: DynamicConfig) -> list[int]:
@@ -141,6 +141,56 @@ def accept_moves(old: np.ndarray, proposed: np.ndarray, accepted: np.ndarray) ->
             return codes, reverted
         codes[clash], live[clash] = old[clash], False
         reverted += int(clash.sum())
+
+
+def moved_items(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """int64 ``(M,)`` indices of the items whose ID differs between the ``(N, L)`` tables ``old`` and ``new``."""
+    return np.flatnonzero((np.asarray(old) != np.asarray(new)).any(1)).astype(np.int64)
+
+
+def rewarm_batches(ids: np.ndarray, resp: np.ndarray, moved: np.ndarray, *, steps: int, batch_size: int,
+                   seed: int) -> tuple[np.ndarray, int]:
+    """Row batches for re-warming after a round (``dynamic.rewarm_steps``, docs/DESIGN-NOTES.md 'Re-warming
+    moved items'): ``steps`` batches of ``batch_size`` rows drawn (seeded, without replacement within a batch
+    where the pool allows) from the epoch's samples with one of the ``moved`` items (``tasks.item_ph``) among
+    their loss-bearing elements: the samples that train the LLM to generate a moved item's new ID (seqrec targets,
+    item2id, user2items, co-interaction). Prompts are not matched: nearly every history holds some moved item
+    after a plain round, so the pool would be the whole epoch. Every worker must run the same number of steps
+    (DDP), so a worker whose shard holds no such sample draws from all its rows instead.
+
+    Args:
+        ids / resp: object arrays ``(R,)`` of per-sample element lists (the epoch's ``ids`` column: token ids and
+            placeholders) and their 0/1 loss masks (``resp``, same lengths; ``tasks._sample``).
+        moved: int ``(M,)`` item indices the round moved (:func:`moved_items`).
+
+    Returns:
+        int64 ``(steps, min(batch_size, pool))`` row indices, and the pool size (rows carrying a moved item).
+    """
+    if steps <= 0 or len(ids) == 0:
+        return np.zeros((0, 0), dtype=np.int64), 0
+    ph = np.array([item_ph(i) for i in np.asarray(moved, dtype=np.int64)], dtype=np.int64)
+    lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.concatenate([np.asarray(x, dtype=np.int64).ravel() for x in ids])
+    mask = np.concatenate([np.asarray(x, dtype=bool).ravel() for x in resp])
+    if len(mask) != len(flat):
+        raise ValueError(f"rewarm_batches: the loss masks hold {len(mask)} elements, the samples {len(flat)}")
+    carries = np.zeros(len(ids), dtype=bool)           # (R,) a loss-bearing element is a moved item's placeholder
+    carries[np.repeat(np.arange(len(ids)), lens)[np.isin(flat, ph) & mask]] = True
+    pool = np.flatnonzero(carries)
+    n_pool = len(pool)
+    if n_pool == 0:
+        pool = np.arange(len(ids))
+    rng = np.random.default_rng([seed, 8111])
+    k = min(batch_size, len(pool))
+    return np.stack([rng.choice(pool, size=k, replace=False) for _ in range(steps)]).astype(np.int64), n_pool
+
+
+def moved_only_loss(ids: np.ndarray, resp: np.ndarray, moved: np.ndarray) -> np.ndarray:
+    """The 0/1 loss mask ``resp`` of one sample ``(E,)`` kept only on the elements of ``ids`` ``(E,)`` that are a
+    ``moved`` item's placeholder: a re-warming step (``dynamic.rewarm_steps``) trains the new IDs of the moved
+    items and nothing else (the prompt and the other items stay as context)."""
+    ph = np.array([item_ph(i) for i in np.asarray(moved, dtype=np.int64)], dtype=np.int64)
+    return (np.asarray(resp, dtype=bool) & np.isin(np.asarray(ids, dtype=np.int64), ph)).astype(np.int8)
 
 
 @dataclass

@@ -462,6 +462,7 @@ class LLMRecipe:
         self.opt, self.sched = llm.make_optimizer(self.base, cfg.llm, total_steps)
         self.reindex_at = dynamic.reindex_steps(total_steps, cfg.dynamic)
         self.tower, self.x = None, None
+        self.moved = np.zeros(0, dtype=np.int64)    # items the last round moved (dynamic.rewarm_steps)
         if self.reindex_at:
             self.x = tower_inputs(run, cfg.tokenizer)
             self.tower = towers.load_tower(run.require("tokenizer") / Files.ITEM_TOWER)
@@ -561,11 +562,28 @@ class LLMRecipe:
                                 level1_token_ids=self.vocab.item_token_ids[0], item_s=self.x["item_s"],
                                 item_c=self.x["item_c"], tok_cfg=cfg.tokenizer, dyn_cfg=cfg.dynamic,
                                 seed=cfg.seed + r, item_names=self.item_names, gate=gate)
+        old_codes = self.item_codes
         self.tower, self.item_codes = res.tower, broadcast_from_rank0(res.table.codes)
         self.item_tok = self.vocab.item_tokens(self.item_codes)
+        self.moved = dynamic.moved_items(old_codes, self.item_codes)
         stats = {"round": r + 1, "step": self.step, "attempt": len(self.resumed_at), **res.stats}
         self.rounds.append(stats)
         return stats
+
+    def rewarm(self, ids: np.ndarray, resp: np.ndarray) -> dict:
+        """``dynamic.rewarm_steps`` optimiser steps, right after a round, on the epoch's samples whose response carries
+        an item the round moved (:func:`dynamic.rewarm_batches`), with the loss on the moved items' IDs only
+        (:func:`dynamic.moved_only_loss`); they count toward the step budget. Returns
+        ``{"rewarm_steps", "rewarm_pool", "rewarm_loss"}`` for the round's log (``{}`` when off or nothing moved)."""
+        n = min(self.cfg.dynamic.rewarm_steps, self.total - self.step)
+        if n <= 0 or len(self.moved) == 0:
+            return {}
+        batches, pool = dynamic.rewarm_batches(ids, resp, self.moved, steps=n, batch_size=self.bs,
+                                               seed=self.cfg.seed + 1000 * len(self.rounds) + self.env.rank)
+        losses = [self.train_step([{"ids": ids[j], "resp": dynamic.moved_only_loss(ids[j], resp[j], self.moved)}
+                                   for j in idx]) for idx in batches]
+        return {"rewarm_steps": len(losses), "rewarm_pool": pool,
+                "rewarm_loss": round(float(np.mean(losses)), 4) if losses else None}
 
     @torch.inference_mode()
     def validate(self) -> dict[str, float]:
@@ -641,8 +659,11 @@ class LLMRecipe:
                 self.batch = i
                 if self.round_due():
                     st = self.reindex_round()
+                    st.update(self.rewarm(ids, resp))     # the same dict as the round log's entry
                     self.env.show("llm/reindex", {k: st[k] for k in ("round", "step", "changed", "wall_s")})
                     self._checkpoint(False, {"epoch": epoch, "step": self.step, "round": st["round"]})
+                if self.step >= self.total:              # re-warming after a round may have spent the budget
+                    break
                 ep_losses.append(self.train_step([{"ids": ids[j], "resp": resp[j]} for j in idx]))
                 if self.step % 50 == 0:
                     self.env.show("llm", {"epoch": epoch, "step": f"{self.step}/{self.total}",
