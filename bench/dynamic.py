@@ -176,16 +176,18 @@ WINDOW = 20          # steps either side of a round for the loss jump
 
 
 def loss_jumps(losses: list[float], rounds: list[dict], window: int = WINDOW) -> list[float]:
-    """Per round: mean LLM loss of the ``window`` steps after the round minus the ``window`` steps before.
+    """Per round: mean LLM loss of the ``window`` ordinary steps after the round (after its re-warming steps,
+    ``dynamic.rewarm_steps``, whose loss is on the moved items only) minus the ``window`` steps before.
 
     Args:
         losses: loss per optimiser step (nats/token), step s at index s-1.
-        rounds: the LLM stage's ``rounds.json`` (each with ``step``: steps done when the round ran).
+        rounds: the LLM stage's ``rounds.json`` (each with ``step``: steps done when the round ran, and
+            ``rewarm_steps`` when it re-warmed).
     """
     out = []
     for r in rounds:
-        s = int(r["step"])
-        before, after = losses[max(0, s - window):s], losses[s:s + window]
+        s, rw = int(r["step"]), int(r.get("rewarm_steps", 0))
+        before, after = losses[max(0, s - window):s], losses[s + rw:s + rw + window]
         out.append(float(np.mean(after) - np.mean(before)) if before and after else float("nan"))
     return out
 
@@ -193,10 +195,13 @@ def loss_jumps(losses: list[float], rounds: list[dict], window: int = WINDOW) ->
 def excess_loss(rec: dict, static: dict, window: int = WINDOW) -> list[float]:
     """Per round of ``rec``: its mean loss over the ``window`` steps after the round minus the static run's over
     the same steps (same seed, same sample order, so before the first round the two curves are identical);
-    the damage a round does, free of the downward trend that :func:`loss_jumps` includes."""
+    the damage a round does, free of the downward trend that :func:`loss_jumps` includes. After a round that
+    re-warmed for ``rw`` steps, ``rec``'s ordinary steps from ``s + rw`` on train the batches the static run
+    trained from ``s`` on, so those are compared (same batches, ``rw`` more updates in ``rec``)."""
     a, b = rec["losses"], static["losses"]
-    return [float(np.mean(a[s:s + window]) - np.mean(b[s:s + window])) for s in rec["round_steps"]
-            if s + window <= min(len(a), len(b))]
+    rws = rec.get("rewarm_steps") or [0] * len(rec["round_steps"])
+    return [float(np.mean(a[s + rw:s + rw + window]) - np.mean(b[s:s + window]))
+            for s, rw in zip(rec["round_steps"], rws) if s + rw + window <= len(a) and s + window <= len(b)]
 
 
 def quality_run(dataset: str, seed: int, *, preset: str, runs_dir: Path, data_root: Path):
@@ -299,6 +304,7 @@ def run_variant(dataset: str, seed: int, variant: str, steps: int, *, preset: st
             "changed_per_round": [r["changed"] for r in rounds],
             "changed_per_level": [r.get("changed_per_level") for r in rounds],
             "round_steps": [r["step"] for r in rounds], "loss_jumps": loss_jumps(losses, rounds),
+            "rewarm_steps": [int(r.get("rewarm_steps", 0)) for r in rounds],
             "final_loss": float(np.mean(losses[-WINDOW:])), "losses": losses, "wall_s": walls,
             "n_items": test["n_items"], "n_users_evaluated": test["n_users_evaluated"]}
 

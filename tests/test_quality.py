@@ -164,6 +164,13 @@ def test_dynamic_bench_loss_measures_and_summary(dyn):
     assert dyn.excess_loss(rec, static, window=10) == pytest.approx([0.5])
     summary = dyn.summarise([static, rec], ["static", "fresh"], n_resamples=200)
     assert summary["fresh"]["excess_loss_vs_static"] == [pytest.approx([0.5])]
+    # a round that re-warmed 5 steps (dynamic.rewarm_steps, loss on the moved items only, here 9 nats): the
+    # measures skip them and compare rec's ordinary steps from 45 on with the static run's same batches from 40 on
+    rewarmed = falling[:40] + [9.0] * 5 + [x + 0.25 for x in falling[40:95]]
+    assert dyn.loss_jumps(rewarmed, [{"step": 40, "rewarm_steps": 5}], window=10)[0] == pytest.approx(
+        0.25 - 10 * 2.0 / 99, abs=1e-9)
+    rw = {**_dyn_record("fresh-rw", 0, rewarmed, [40], [1, 0, 3]), "rewarm_steps": [5]}
+    assert dyn.excess_loss(rw, static, window=10) == pytest.approx([0.25])
     ndcg = lambda r: np.mean([1 / np.log2(x + 1) if 1 <= x <= 10 else 0.0 for x in r])   # noqa: E731
     assert summary["fresh"]["vs_static"]["diff"] == pytest.approx(ndcg([1, 0, 3]) - ndcg([2, 1, 0]))
     assert "vs_static" not in summary["static"]
