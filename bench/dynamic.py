@@ -85,6 +85,10 @@ VARIANTS = {
     # plain rounds followed by N steps (of the same budget) that train only the moved items' new IDs
     # (dynamic.rewarm_steps): issue 13's "re-warm moved items" direction
     **{f"fresh-cb-rw{n}": ["llm.sid_init=codebook", f"dynamic.rewarm_steps={n}"] for n in (30, 60)},
+    # the LLM pulled toward the item tower's latents at every step (llm.align_psa, ETEGRec's generator-side PSA),
+    # on the static index and with plain rounds
+    "static-cb-psa0.1": ["dynamic.static_index=true", "llm.sid_init=codebook", "llm.align_psa=0.1"],
+    "fresh-cb-psa0.1": ["llm.sid_init=codebook", "llm.align_psa=0.1"],
     # likelihood-gated rounds: a proposed move is made only where the frozen LLM prefers the new ID (dynamic.accept=llm)
     "fresh-cb-llm": ["llm.sid_init=codebook", "dynamic.accept=llm"],
     "fresh-cb-llm-r4": ["llm.sid_init=codebook", "dynamic.accept=llm", "dynamic.rounds=4"],

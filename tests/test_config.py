@@ -195,7 +195,8 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
     d["dynamic"] = {k: v for k, v in d["dynamic"].items() if k not in ("reindex", "switch_margin", "max_changed",
                                                                       "accept", "accept_contexts", "accept_margin",
                                                                       "rewarm_steps")}
-    d["llm"] = {k: v for k, v in d["llm"].items() if k not in ("sid_init", "pack", "distill_cf", "distill_temperature")}
+    d["llm"] = {k: v for k, v in d["llm"].items() if k not in ("sid_init", "pack", "distill_cf", "distill_temperature",
+                                                              "align_psa", "align_tau")}
     d["tokenizer"] = {k: v for k, v in d["tokenizer"].items() if k != "cf_erase_popularity"}
     d["tasks"] = {k: v for k, v in d["tasks"].items() if k != "seqrec_user_ids"}
     keys = ["seed", "data", "embeddings", "cf", "tokenizer", "llm", "tasks", "dynamic"]
@@ -227,6 +228,9 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
     ("data: {path: x}\n", "tasks.seqrec_user_ids=prefix", "llm", "tokenizer", "tasks.seqrec_user_ids=sequence",
      [(["tasks.seqrec_user_ids=prefix", "tasks.use_user_sid=false"], "tasks.seqrec_user_ids"),
       (["tasks.seqrec_user_ids=window"], "tasks.seqrec_user_ids")]),
+    ("data: {path: x}\nllm: {loss_vocab: sid}\n", "llm.align_psa=0.1", "llm", "tokenizer", "llm.align_psa=0",
+     [(["llm.align_psa=0.1", "llm.loss_vocab=full"], "llm.loss_vocab"), (["llm.align_tau=0.2"], "llm.align_tau"),
+      (["llm.align_psa=-1"], "llm.align_psa")]),
     ("data: {path: x}\n", "dynamic.rewarm_steps=20", "llm", "tokenizer", "dynamic.rewarm_steps=0",
      [(["dynamic.rewarm_steps=20", "dynamic.static_index=true"], "dynamic.rewarm_steps"),
       (["dynamic.rewarm_steps=20", "dynamic.rounds=0"], "dynamic.rewarm_steps"),
@@ -234,7 +238,7 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
 ])
 def test_a_new_switch_changes_only_its_stages_hash_keeps_it_when_off_and_refuses_bad_combinations(
         tmp_path, yaml_text, on, stage, upstream, off, bad):
-    """llm.distill_cf / llm.distill_temperature, eval.user_ids, tasks.seqrec_user_ids and dynamic.rewarm_steps: on, the switch retrains (re-evaluates) its own
+    """llm.distill_cf / llm.distill_temperature, eval.user_ids, tasks.seqrec_user_ids, dynamic.rewarm_steps and llm.align_psa: on, the switch retrains (re-evaluates) its own
     stage only; at its off value the hash is that of a config without the key; a wrong combination names the key."""
     p = _write(tmp_path, yaml_text)
     base = load_config(p)

@@ -530,3 +530,52 @@ def test_packing_is_refused_before_training_for_attention_without_4d_masks(tok_a
         llm.check_packing(model, _cfg("full", pack=True))
     with pytest.raises(ValueError, match="4D mask"):                  # and lm_loss refuses a packed batch
         llm.model_attention_mask(model, torch.ones(1, 1, 3, 3, dtype=torch.bool))
+
+
+def _alignment(weight=1.0, tau=0.1, dim=4):
+    ids = torch.tensor([[10, 11, 12], [13, 14, 15]])                 # L = 2 levels, K = 3 codes
+    codes = np.array([[0, 1], [2, 0], [1, 1]])
+    latents = torch.randn(3, dim, generator=torch.Generator().manual_seed(0))
+    return llm.IDAlignment(ids, codes, latents, weight=weight, tau=tau), latents
+
+
+def test_id_alignment_finds_whole_known_item_ids_in_the_labels():
+    align, _ = _alignment()
+    # text 5; item 0 = (10, 14); item 1 = (12, 13); a lone level-2 token; item 2 = (11, 14); (10, 13) = codes (0, 0)
+    # is no item's ID; a truncated ID at the end
+    y = torch.tensor([5, 10, 14, 12, 13, 13, 11, 14, 10, 13, 10])
+    starts, items = align.items_in(y)
+    assert starts.tolist() == [1, 3, 6] and items.tolist() == [0, 1, 2]
+    assert align.items_in(torch.tensor([5, 6, 7]))[0].numel() == 0 and align.items_in(torch.tensor([10]))[0].numel() == 0
+
+
+def test_id_alignment_is_an_infonce_toward_the_named_items_latents_and_reaches_only_their_states():
+    align, latents = _alignment(weight=0.5)
+    y = torch.tensor([5, 10, 14, 12, 13, 11, 14])                    # items 0, 1, 2 start at 1, 3, 5
+    aligned = torch.randn(7, 4, generator=torch.Generator().manual_seed(1))
+    aligned[[1, 3, 5]] = latents * 3                                   # scale does not matter: cosine
+    swapped = aligned.clone()
+    swapped[[1, 3, 5]] = latents[[1, 2, 0]]
+    good, bad = align(aligned, y), align(swapped, y)
+    z = F.normalize(latents, dim=-1)
+    want = 0.5 * F.cross_entropy(z @ z.T / 0.1, torch.arange(3))
+    assert float(good) == pytest.approx(float(want), rel=1e-5) and float(bad) > float(good)
+    h = aligned.clone().requires_grad_(True)
+    align(h, y).backward()
+    assert h.grad[[1, 3, 5]].abs().sum() > 0 and h.grad[[0, 2, 4, 6]].abs().sum() == 0
+    none = torch.randn(3, 4, requires_grad=True)
+    out = align(none, torch.tensor([5, 6, 7]))
+    out.backward()
+    assert float(out.detach()) == 0.0 and none.grad is not None
+
+
+def test_id_alignment_refuses_bad_tables_and_settings():
+    align, latents = _alignment()
+    with pytest.raises(ValueError, match="not unique"):
+        align.update(np.array([[0, 1], [0, 1], [1, 1]]), latents)
+    with pytest.raises(ValueError, match="do not match"):
+        align.update(np.array([[0, 1], [2, 0]]), latents)
+    with pytest.raises(ValueError, match="weight > 0"):
+        _alignment(weight=0.0)
+    with pytest.raises(ValueError, match="sid_ids"):
+        llm.LMLoss(torch.nn.Linear(2, 2), None, 0.0, align)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ttds_ray import pipeline, recipes
 from ttds_ray.artifacts import STAGES, Files, RunDir
@@ -48,16 +49,17 @@ def test_pipeline_and_recipes_import_no_ray():
     assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.parametrize("rewarm", [0, 1])
-def test_llm_recipe_resumed_from_its_round_checkpoint_ends_like_an_uninterrupted_run(local_run, rewarm):
+@pytest.mark.parametrize("switch", [None, ("dynamic", "rewarm_steps", 1), ("llm", "align_psa", 0.5)])
+def test_llm_recipe_resumed_from_its_round_checkpoint_ends_like_an_uninterrupted_run(local_run, switch):
     """state_dict/load_state_dict carry the whole position: weights, item index, tower, step, batch, rounds (and
-    the re-warming steps after the round, dynamic.rewarm_steps, which the round's checkpoint includes)."""
+    the re-warming steps after the round, dynamic.rewarm_steps, which the round's checkpoint includes; the
+    alignment's latents, llm.align_psa, which follow the restored tower)."""
     from ttds_ray.config import config_from_dict
 
     cfg, run, _ = local_run
-    if rewarm:
+    if switch:
         d = cfg.to_dict()
-        d["dynamic"]["rewarm_steps"] = rewarm
+        d[switch[0]][switch[1]] = switch[2]
         cfg = config_from_dict(d)
     torch.set_num_threads(1)
     full: list = []
@@ -174,3 +176,30 @@ def test_llm_recipe_rewarms_the_moved_items_within_the_step_budget(local_run, mo
             assert all(lt and lt <= moved for lt in learnt), step
         else:                                                                   # ordinary steps: every element
             assert not all(lt <= moved for lt in learnt), step
+
+
+def test_llm_recipe_aligns_the_llm_to_the_towers_latents_and_follows_the_round(local_run):
+    """llm.align_psa: the term is in every step's loss (the trained weights differ from a run without it), and
+    after the round the alignment holds the refined tower's latents and the new ID table."""
+    from ttds_ray import llm
+    from ttds_ray.config import config_from_dict
+
+    cfg, run, _ = local_run
+    d = cfg.to_dict()
+    d["llm"]["align_psa"] = 0.5
+    d["dynamic"]["tokenizer_lr"] = 1e-3                          # a larger tower step: the latents surely move
+    torch.set_num_threads(1)
+    rec = llm_recipe(config_from_dict(d), run, [])
+    before = rec.align.latents.clone()
+    assert torch.allclose(before, F.normalize(rec._mapped_latents(), dim=-1))
+    rec.fit()
+    d["llm"]["align_psa"] = 0.0
+    plain = llm_recipe(config_from_dict(d), run, [])
+    assert plain.align is None
+    plain.fit()
+    assert rec.rounds[0]["changed"] > 0 and not torch.allclose(rec.align.latents, before)
+    assert torch.allclose(rec.align.latents, F.normalize(rec._mapped_latents(), dim=-1))
+    starts, items = rec.align.items_in(torch.as_tensor(rec.item_tok[[3, 7]].reshape(-1)))
+    assert items.tolist() == [3, 7]                                # the table it reads is the new one
+    # the LM loss reported is the LM loss alone (step 1: same weights, same loss); the term then changes the training
+    assert rec.losses[0] == pytest.approx(plain.losses[0], rel=1e-6) and rec.losses[1] != pytest.approx(plain.losses[1])

@@ -300,6 +300,13 @@ class LLMConfig(_Section):
                               "'Distilling SASRec into the generator').")
     distill_temperature: float = Field(1.0, gt=0, description="Temperature of the SASRec teacher's softmax "
                                        "(llm.distill_cf); > 1 = softer targets.")
+    align_psa: float = Field(0.0, ge=0, description="Weight of the generator-side preference-semantic alignment "
+                             "(ETEGRec's PSA): InfoNCE between the LLM's last hidden state where it predicts an "
+                             "item's first semantic-ID token and the item's tower latent (mapped to the LLM width by "
+                             "the fixed orthonormal map of llm.sid_init=codebook), the batch's other target items the "
+                             "negatives, added to the LM loss; latents follow the item tower through the rounds; "
+                             "0 = off. Needs llm.loss_vocab=sid (docs/DESIGN-NOTES.md, 'Generator-side alignment').")
+    align_tau: float = Field(0.1, gt=0, description="Temperature of llm.align_psa's InfoNCE.")
 
 
 class DynamicConfig(_Section):
@@ -498,6 +505,11 @@ class TTDSConfig(_Section):
             raise ValueError("eval.user_ids=history needs tasks.use_user_sid=true (the prompts have no user ID)")
         if self.tasks.seqrec_user_ids == "prefix" and not self.tasks.use_user_sid:
             raise ValueError("tasks.seqrec_user_ids=prefix needs tasks.use_user_sid=true (the prompts have no user ID)")
+        if self.llm.align_psa > 0 and self.llm.loss_vocab != "sid":
+            raise ValueError("llm.align_psa > 0 needs llm.loss_vocab=sid (the alignment reads the hidden states the "
+                             "semantic-ID loss computes)")
+        if self.llm.align_psa == 0 and self.llm.align_tau != 0.1:
+            raise ValueError("llm.align_tau is set but llm.align_psa=0 (the alignment is off)")
         if self.llm.distill_cf == 0 and self.llm.distill_temperature != 1.0:
             raise ValueError("llm.distill_temperature is set but llm.distill_cf=0 (distillation off)")
         if self.llm.tiny_hidden % self.llm.tiny_heads:
@@ -557,7 +569,7 @@ class TTDSConfig(_Section):
 _HASH_NEUTRAL_WHEN_OFF = (("tokenizer", "cf_erase_popularity", False), ("eval", "popularity_correction", 0.0),
                           ("llm", "distill_cf", 0.0), ("llm", "distill_temperature", 1.0),
                           ("eval", "user_ids", "training"), ("tasks", "seqrec_user_ids", "sequence"),
-                          ("dynamic", "rewarm_steps", 0))
+                          ("dynamic", "rewarm_steps", 0), ("llm", "align_psa", 0.0), ("llm", "align_tau", 0.1))
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

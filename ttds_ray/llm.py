@@ -219,6 +219,15 @@ def init_sid_rows(model: nn.Module, tok, vocab: SIDVocab, item_codes: np.ndarray
         out.weight[vocab.new_token_ids] = emb[vocab.new_token_ids]
 
 
+def latent_map(d_z: int, dim: int, *, seed: int) -> torch.Tensor:
+    """The fixed, seeded map from a tower's latent space to the LLM's width: float32 ``(D, d_z)`` with orthonormal
+    columns when ``D >= d_z`` (orthonormal rows otherwise), so ``z @ map.T`` keeps distances and angles. Shared by
+    :func:`codebook_rows` (``llm.sid_init=codebook``) and :class:`IDAlignment` (``llm.align_psa``)."""
+    g = torch.Generator().manual_seed(int(seed))
+    q, _ = torch.linalg.qr(torch.randn(max(dim, d_z), min(dim, d_z), generator=g))   # orthonormal columns
+    return q if dim >= d_z else q.T
+
+
 def codebook_rows(codebooks: torch.Tensor, dim: int, rms: float, *, seed: int) -> torch.Tensor:
     """Token rows that carry a tower's codebook geometry: each level's code vectors mapped by one fixed,
     seeded map with orthonormal columns (distances and angles kept exactly when ``dim >= d_z``) and scaled
@@ -239,10 +248,7 @@ def codebook_rows(codebooks: torch.Tensor, dim: int, rms: float, *, seed: int) -
     if codebooks.dim() != 3 or dim < 1 or not rms > 0:
         raise ValueError(f"need (L, K, d_z) codebooks, dim >= 1 and rms > 0; got {tuple(codebooks.shape)}, "
                          f"{dim}, {rms}")
-    d_z = codebooks.shape[-1]
-    g = torch.Generator().manual_seed(int(seed))
-    q, _ = torch.linalg.qr(torch.randn(max(dim, d_z), min(dim, d_z), generator=g))   # orthonormal columns
-    proj = q if dim >= d_z else q.T                                                  # (D, d_z)
+    proj = latent_map(codebooks.shape[-1], dim, seed=seed)                        # (D, d_z)
     rows = codebooks.detach().float().cpu() @ proj.T                                 # (L, K, D)
     level_rms = rows.pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-12)
     return rows * (rms / level_rms)
@@ -471,7 +477,7 @@ def model_attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
 
 
 def lm_loss(model: nn.Module, batch: dict, *, sid_ids: torch.Tensor | None = None,
-            distill: float = 0.0) -> torch.Tensor:
+            distill: float = 0.0, states: dict | None = None) -> torch.Tensor:
     """Next-token NLL on labelled (response) positions only.
 
     With ``sid_ids`` (``llm.loss_vocab=sid``) the loss is *mixed*: a position whose label is a
@@ -492,6 +498,8 @@ def lm_loss(model: nn.Module, batch: dict, *, sid_ids: torch.Tensor | None = Non
             ``teacher`` float ``(m, K)`` per label, -1 = none; :mod:`ttds_ray.distill`), the loss at that label is
             ``(1 - lambda) * NLL + lambda * cross-entropy(teacher row, the model's distribution over the label's
             level)``; the teacher row spreads over the K codes of the label's level.
+        states: a dict that receives ``h`` ``(n, D)``, the last hidden states that predict the batch's labelled
+            tokens, and ``y`` ``(n,)``, those labels, in batch order (``sid_ids`` path only; :class:`IDAlignment`).
 
     Returns:
         Scalar mean loss (nats per labelled token, SID and text positions weighted alike).
@@ -514,6 +522,8 @@ def lm_loss(model: nn.Module, batch: dict, *, sid_ids: torch.Tensor | None = Non
     if not bool(sel.any()):
         raise ValueError("lm_loss: the batch has no labelled position (all labels are -100)")
     h, y = hidden[:, :-1][sel], tgt[sel]                         # (n, D) states that predict label y (n,)
+    if states is not None:
+        states.update(h=h, y=y)
     sid_ids = sid_ids.to(y.device)
     lookup = torch.full((int(max(sid_ids.max(), y.max())) + 1,), -1, dtype=torch.long, device=y.device)
     lookup[sid_ids] = torch.arange(len(sid_ids), device=y.device)
@@ -770,15 +780,106 @@ class LMLoss(nn.Module):
     whole loss computation: DDP only synchronises gradients of a forward that runs through it, and
     the SID-restricted loss calls the decoder directly. ``forward(batch) -> scalar``."""
 
-    def __init__(self, model: nn.Module, sid_ids: torch.Tensor | None = None, distill: float = 0.0):
+    def __init__(self, model: nn.Module, sid_ids: torch.Tensor | None = None, distill: float = 0.0,
+                 align: "IDAlignment | None" = None):
         super().__init__()
-        self.model, self.sid_ids, self.distill = model, sid_ids, distill
+        self.model, self.sid_ids, self.distill, self.align = model, sid_ids, distill, align
+        if align is not None and sid_ids is None:
+            raise ValueError("LMLoss: the ID alignment (llm.align_psa) needs the semantic-ID loss (sid_ids)")
 
     def forward(self, batch: dict, aux_loss: Callable[[], torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(lm loss, aux_loss() or None)``; the aux term runs inside the (DDP) forward too."""
-        return (lm_loss(self.model, batch, sid_ids=self.sid_ids, distill=self.distill),
-                aux_loss() if aux_loss is not None else None)
+        """``(lm loss, aux_loss() + alignment term, or None)``; the extra terms run inside the (DDP) forward too."""
+        states: dict | None = {} if self.align is not None else None
+        loss = lm_loss(self.model, batch, sid_ids=self.sid_ids, distill=self.distill, states=states)
+        aux = aux_loss() if aux_loss is not None else None
+        if self.align is not None:
+            a = self.align(states["h"], states["y"])
+            aux = a if aux is None else aux + a
+        return loss, aux
+
+
+class IDAlignment:
+    """Generator-side preference-semantic alignment (ETEGRec's PSA, issue 13's "end-to-end tokenizer/generator
+    alignment" direction; docs/DESIGN-NOTES.md, 'Generator-side alignment'): ``weight`` x InfoNCE between the LLM's
+    last hidden state at the position that predicts an item's first semantic-ID token and that item's tower latent
+    mapped to the LLM width (:func:`latent_map`), with the other distinct target items of the batch as negatives,
+    cosine similarity over temperature ``tau``. The rounds' guided InfoNCE (``dynamic.gamma_nce``) pulls the tower
+    toward the LLM; this pulls the LLM toward the tower, so both sides of a round speak one latent space.
+
+    An item is recognised in the labels as ``L`` consecutive labelled tokens ``<i1_.>..<iL_.>`` whose codes are an
+    ID of the current table; other labels (text, user tokens, a truncated ID) are skipped.
+
+    Args:
+        item_token_ids: int64 ``(L, K)`` vocab ids of the item tokens (``SIDVocab.item_token_ids``).
+        codes: int ``(N, L)`` the current unique item ID table; latents: float ``(N, D)`` mapped latents
+            (:meth:`update` after a round).
+    """
+
+    def __init__(self, item_token_ids: torch.Tensor, codes: np.ndarray, latents: torch.Tensor, *, weight: float,
+                 tau: float):
+        if not weight > 0 or not tau > 0:
+            raise ValueError(f"IDAlignment needs weight > 0 and tau > 0, got {weight}, {tau}")
+        ids = torch.as_tensor(item_token_ids, dtype=torch.long)
+        self.L, self.K = ids.shape
+        self.weight, self.tau = float(weight), float(tau)
+        n = int(ids.max()) + 1
+        self.level = torch.full((n,), -1, dtype=torch.long)
+        self.code = torch.full((n,), -1, dtype=torch.long)
+        self.level[ids.flatten()] = torch.arange(self.L).repeat_interleave(self.K)
+        self.code[ids.flatten()] = torch.arange(self.K).repeat(self.L)
+        self.update(codes, latents)
+
+    def _keys(self, codes: torch.Tensor) -> torch.Tensor:
+        return (codes * self.K ** torch.arange(self.L - 1, -1, -1, device=codes.device)).sum(-1)
+
+    def update(self, codes: np.ndarray, latents: torch.Tensor) -> None:
+        """Take a new ID table ``(N, L)`` and its items' mapped latents ``(N, D)`` (after a round).
+
+        Raises:
+            ValueError: shapes disagree or the table is not unique.
+        """
+        codes = torch.as_tensor(np.asarray(codes), dtype=torch.long)
+        if codes.ndim != 2 or codes.shape[1] != self.L or latents.shape[0] != codes.shape[0]:
+            raise ValueError(f"IDAlignment: codes {tuple(codes.shape)} and latents {tuple(latents.shape)} do not "
+                             f"match {self.L} levels and one latent per item")
+        keys = self._keys(codes)
+        self.sorted_keys, self.order = torch.sort(keys)
+        if bool((self.sorted_keys[1:] == self.sorted_keys[:-1]).any()):
+            raise ValueError("IDAlignment: the item ID table is not unique")
+        self.latents = F.normalize(latents.detach().float(), dim=-1)
+
+    def items_in(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(starts (m,), items (m,))``: positions in the labels ``y`` ``(n,)`` where a whole item ID starts, and
+        the item it names."""
+        dev = y.device
+        level, code = self.level.to(dev), self.code.to(dev)
+        inside = y < len(level)
+        lv = torch.where(inside, level[y.clamp(max=len(level) - 1)], torch.full_like(y, -1))
+        n = len(y)
+        if n < self.L:
+            return y.new_zeros(0), y.new_zeros(0)
+        span = torch.arange(self.L, device=dev)
+        starts = torch.arange(n - self.L + 1, device=dev)
+        whole = (lv[starts[:, None] + span] == span).all(1)
+        starts = starts[whole]
+        codes = code[y[starts[:, None] + span]]                                   # (m, L)
+        keys = self._keys(codes)
+        sk = self.sorted_keys.to(dev)
+        at = torch.searchsorted(sk, keys).clamp(max=len(sk) - 1)
+        known = sk[at] == keys
+        return starts[known], self.order.to(dev)[at[known]]
+
+    def __call__(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The weighted InfoNCE (scalar; 0 with a graph when the batch names no item) from the states ``h``
+        ``(n, D)`` and labels ``y`` ``(n,)`` of :func:`lm_loss`."""
+        starts, items = self.items_in(y)
+        if len(items) == 0:
+            return h.sum() * 0.0
+        uniq, target = torch.unique(items, return_inverse=True)
+        z = self.latents.to(h.device)[uniq]                                       # (u, D) unit rows
+        logits = F.normalize(h[starts].float(), dim=-1) @ z.T / self.tau           # (m, u)
+        return self.weight * F.cross_entropy(logits, target)
 
 
 def train_step(model: nn.Module, opt, sched, batch: dict, *, sid_ids: torch.Tensor | None = None,

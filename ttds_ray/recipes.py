@@ -463,13 +463,17 @@ class LLMRecipe:
         self.reindex_at = dynamic.reindex_steps(total_steps, cfg.dynamic)
         self.tower, self.x = None, None
         self.moved = np.zeros(0, dtype=np.int64)    # items the last round moved (dynamic.rewarm_steps)
-        if self.reindex_at:
+        if self.reindex_at or cfg.llm.align_psa > 0:
             self.x = tower_inputs(run, cfg.tokenizer)
             self.tower = towers.load_tower(run.require("tokenizer") / Files.ITEM_TOWER)
+        self.align = None                            # llm.align_psa: the LLM pulled toward the tower's latents
+        if cfg.llm.align_psa > 0:
+            self.align = llm.IDAlignment(self.vocab.item_token_ids, self.item_codes, self._mapped_latents(),
+                                         weight=cfg.llm.align_psa, tau=cfg.llm.align_tau)
         self.title_vecs = (llm.title_vectors(self.base, self.tok, prepared.items["title"].tolist())
                            if cfg.llm.alpha_tok > 0 else None)
         sid_ids = self.vocab.item_token_ids.flatten() if cfg.llm.loss_vocab == "sid" else None
-        self.model = env.wrap_model(llm.LMLoss(self.base, sid_ids, cfg.llm.distill_cf))   # DDP wraps the loss
+        self.model = env.wrap_model(llm.LMLoss(self.base, sid_ids, cfg.llm.distill_cf, self.align))  # DDP wraps the loss
         self.teacher = (distill.CFTeacher(cf.load_sasrec(run.require("cf")).to(env.device),
                                           cfg.llm.distill_temperature) if cfg.llm.distill_cf > 0 else None)
         self.pieces = tasks.PromptPieces.build(self.tok)
@@ -522,7 +526,16 @@ class LLMRecipe:
         self.item_tok = self.vocab.item_tokens(self.item_codes)
         if self.tower is not None and Files.ITEM_TOWER in files:
             self.tower.load_state_dict(load_state(files[Files.ITEM_TOWER]))
+        if self.align is not None:
+            self.align.update(self.item_codes, self._mapped_latents())
         load_optimizer(self.opt, files, self.sched)
+
+    def _mapped_latents(self) -> torch.Tensor:
+        """float32 ``(N, D)``: the current item tower's latents μ of every item through :func:`llm.latent_map`
+        (the map of ``llm.sid_init=codebook``, same seed), for :class:`llm.IDAlignment`."""
+        z = self.tower.latent(torch.as_tensor(self.x["item_s"]), torch.as_tensor(self.x["item_c"])).float()
+        dim = self.base.get_input_embeddings().weight.shape[1]
+        return z @ llm.latent_map(z.shape[1], dim, seed=self.cfg.seed).T
 
     def _checkpoint(self, final: bool, metrics: dict) -> None:
         self.env.report(metrics, self.state_dict(final=final))
@@ -566,6 +579,8 @@ class LLMRecipe:
         self.tower, self.item_codes = res.tower, broadcast_from_rank0(res.table.codes)
         self.item_tok = self.vocab.item_tokens(self.item_codes)
         self.moved = dynamic.moved_items(old_codes, self.item_codes)
+        if self.align is not None:
+            self.align.update(self.item_codes, self._mapped_latents())
         stats = {"round": r + 1, "step": self.step, "attempt": len(self.resumed_at), **res.stats}
         self.rounds.append(stats)
         return stats
