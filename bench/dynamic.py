@@ -87,8 +87,9 @@ VARIANTS = {
     **{f"fresh-cb-rw{n}": ["llm.sid_init=codebook", f"dynamic.rewarm_steps={n}"] for n in (30, 60)},
     # the LLM pulled toward the item tower's latents at every step (llm.align_psa, ETEGRec's generator-side PSA),
     # on the static index and with plain rounds
-    "static-cb-psa0.1": ["dynamic.static_index=true", "llm.sid_init=codebook", "llm.align_psa=0.1"],
-    "fresh-cb-psa0.1": ["llm.sid_init=codebook", "llm.align_psa=0.1"],
+    **{f"static-cb-psa{w}": ["dynamic.static_index=true", "llm.sid_init=codebook", f"llm.align_psa={w}"]
+       for w in (0.1, 0.01)},
+    **{f"fresh-cb-psa{w}": ["llm.sid_init=codebook", f"llm.align_psa={w}"] for w in (0.1, 0.01)},
     # likelihood-gated rounds: a proposed move is made only where the frozen LLM prefers the new ID (dynamic.accept=llm)
     "fresh-cb-llm": ["llm.sid_init=codebook", "dynamic.accept=llm"],
     "fresh-cb-llm-r4": ["llm.sid_init=codebook", "dynamic.accept=llm", "dynamic.rounds=4"],
