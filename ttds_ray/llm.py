@@ -849,11 +849,18 @@ class IDAlignment:
             raise ValueError("IDAlignment: the item ID table is not unique")
         self.latents = F.normalize(latents.detach().float(), dim=-1)
 
+    def _to(self, dev: torch.device) -> None:
+        """Keep the lookup tables and latents on the training device (moved once, not every step)."""
+        if self.latents.device != dev:
+            for name in ("level", "code", "sorted_keys", "order", "latents"):
+                setattr(self, name, getattr(self, name).to(dev))
+
     def items_in(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(starts (m,), items (m,))``: positions in the labels ``y`` ``(n,)`` where a whole item ID starts, and
         the item it names."""
         dev = y.device
-        level, code = self.level.to(dev), self.code.to(dev)
+        self._to(dev)
+        level, code = self.level, self.code
         inside = y < len(level)
         lv = torch.where(inside, level[y.clamp(max=len(level) - 1)], torch.full_like(y, -1))
         n = len(y)
@@ -865,10 +872,10 @@ class IDAlignment:
         starts = starts[whole]
         codes = code[y[starts[:, None] + span]]                                   # (m, L)
         keys = self._keys(codes)
-        sk = self.sorted_keys.to(dev)
+        sk = self.sorted_keys
         at = torch.searchsorted(sk, keys).clamp(max=len(sk) - 1)
         known = sk[at] == keys
-        return starts[known], self.order.to(dev)[at[known]]
+        return starts[known], self.order[at[known]]
 
     def __call__(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The weighted InfoNCE (scalar; 0 with a graph when the batch names no item) from the states ``h``
@@ -877,7 +884,7 @@ class IDAlignment:
         if len(items) == 0:
             return h.sum() * 0.0
         uniq, target = torch.unique(items, return_inverse=True)
-        z = self.latents.to(h.device)[uniq]                                       # (u, D) unit rows
+        z = self.latents[uniq]                                                    # (u, D) unit rows (on h's device)
         logits = F.normalize(h[starts].float(), dim=-1) @ z.T / self.tau           # (m, u)
         return self.weight * F.cross_entropy(logits, target)
 

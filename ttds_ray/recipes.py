@@ -586,7 +586,7 @@ class LLMRecipe:
         return stats
 
     def rewarm(self, ids: np.ndarray, resp: np.ndarray) -> dict:
-        """``dynamic.rewarm_steps`` optimiser steps, right after a round, on the epoch's samples whose response carries
+        """``dynamic.rewarm_steps`` optimiser steps, right after a round, on the epoch's samples that learn the ID of
         an item the round moved (:func:`dynamic.rewarm_batches`), with the loss on the moved items' IDs only
         (:func:`dynamic.moved_only_loss`); they count toward the step budget. Returns
         ``{"rewarm_steps", "rewarm_pool", "rewarm_loss"}`` for the round's log (``{}`` when off or nothing moved)."""
