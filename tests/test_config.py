@@ -232,9 +232,7 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
      [(["llm.align_psa=0.1", "llm.loss_vocab=full"], "llm.loss_vocab"), (["llm.align_tau=0.2"], "llm.align_tau"),
       (["llm.align_psa=-1"], "llm.align_psa")]),
     ("data: {path: x}\n", "dynamic.rewarm_steps=20", "llm", "tokenizer", "dynamic.rewarm_steps=0",
-     [(["dynamic.rewarm_steps=20", "dynamic.static_index=true"], "dynamic.rewarm_steps"),
-      (["dynamic.rewarm_steps=20", "dynamic.rounds=0"], "dynamic.rewarm_steps"),
-      (["dynamic.rewarm_steps=-1"], "dynamic.rewarm_steps")]),
+     [(["dynamic.rewarm_steps=-1"], "dynamic.rewarm_steps"), (["dynamic.rewarm_steps=1.5"], "dynamic.rewarm_steps")]),
 ])
 def test_a_new_switch_changes_only_its_stages_hash_keeps_it_when_off_and_refuses_bad_combinations(
         tmp_path, yaml_text, on, stage, upstream, off, bad):
@@ -249,3 +247,11 @@ def test_a_new_switch_changes_only_its_stages_hash_keeps_it_when_off_and_refuses
     for overrides, key in bad:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(p, overrides)
+
+
+def test_static_index_ablation_of_a_rewarming_config_is_allowed(tmp_path):
+    """--static-index ablates any dynamic config: dynamic.rewarm_steps, like the gate's keys, simply has no round to
+    follow on a static index."""
+    p = _write(tmp_path, "data: {path: x}\ndynamic: {rewarm_steps: 20, accept: llm}\n")
+    cfg = load_config(p, ["dynamic.static_index=true"])
+    assert cfg.dynamic.is_static and cfg.dynamic.rewarm_steps == 20

@@ -352,7 +352,9 @@ class DynamicConfig(_Section):
                               "on the current epoch's training samples that learn the ID of an item the round moved, "
                               "with the loss on the moved items' IDs only, so the LLM relearns their new IDs first; "
                               "the steps are part of the LLM step budget (the run ends as many steps earlier in its last "
-                              "epoch); 0 = off (docs/DESIGN-NOTES.md, 'Re-warming moved items').")
+                              "epoch); no effect on a static index (no round moves an item, so --static-index ablates "
+                              "a re-warming config as any other); 0 = off (docs/DESIGN-NOTES.md, 'Re-warming moved "
+                              "items').")
 
     @model_validator(mode="after")
     def _check_reindex(self) -> "DynamicConfig":
@@ -362,9 +364,6 @@ class DynamicConfig(_Section):
                 if getattr(self, switch) != on and getattr(self, key) != default:
                     raise ValueError(f"dynamic.{key} applies to dynamic.{switch}={on} only; set "
                                      f"dynamic.{switch}={on} or leave dynamic.{key} at {default}")
-        if self.rewarm_steps and self.is_static:
-            raise ValueError("dynamic.rewarm_steps re-trains the items a round moved and needs rounds; set "
-                             "dynamic.static_index=false and dynamic.rounds >= 1, or leave dynamic.rewarm_steps at 0")
         if self.reindex == "llm" and self.accept != "llm":
             raise ValueError("dynamic.reindex=llm proposes IDs by the LLM's likelihood and needs dynamic.accept=llm")
         return self
