@@ -21,7 +21,7 @@ from torch import nn
 
 from . import llm, towers
 from .config import DynamicConfig, TokenizerConfig
-from .tasks import item_ph, prefix_row
+from .tasks import item_phs, prefix_row
 
 
 def reindex_steps(total_steps: int, cfg: DynamicConfig) -> list[int]:
@@ -152,7 +152,7 @@ def rewarm_batches(ids: np.ndarray, resp: np.ndarray, moved: np.ndarray, *, step
                    seed: int) -> tuple[np.ndarray, int]:
     """Row batches for re-warming after a round (``dynamic.rewarm_steps``, docs/DESIGN-NOTES.md 'Re-warming
     moved items'): ``steps`` batches of ``batch_size`` rows drawn (seeded, without replacement within a batch
-    where the pool allows) from the epoch's samples with one of the ``moved`` items (``tasks.item_ph``) among
+    where the pool allows) from the epoch's samples with one of the ``moved`` items (``tasks.item_phs``) among
     their loss-bearing elements: the samples that train the LLM to generate a moved item's new ID (seqrec targets,
     item2id, user2items, co-interaction). Prompts are not matched: nearly every history holds some moved item
     after a plain round, so the pool would be the whole epoch. Every worker must run the same number of steps
@@ -168,7 +168,7 @@ def rewarm_batches(ids: np.ndarray, resp: np.ndarray, moved: np.ndarray, *, step
     """
     if steps <= 0 or len(ids) == 0:
         return np.zeros((0, 0), dtype=np.int64), 0
-    ph = np.array([item_ph(i) for i in np.asarray(moved, dtype=np.int64)], dtype=np.int64)
+    ph = item_phs(moved)
     lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     flat = np.concatenate([np.asarray(x, dtype=np.int64).ravel() for x in ids])
     mask = np.concatenate([np.asarray(x, dtype=bool).ravel() for x in resp])
@@ -189,7 +189,7 @@ def moved_only_loss(ids: np.ndarray, resp: np.ndarray, moved: np.ndarray) -> np.
     """The 0/1 loss mask ``resp`` of one sample ``(E,)`` kept only on the elements of ``ids`` ``(E,)`` that are a
     ``moved`` item's placeholder: a re-warming step (``dynamic.rewarm_steps``) trains the new IDs of the moved
     items and nothing else (the prompt and the other items stay as context)."""
-    ph = np.array([item_ph(i) for i in np.asarray(moved, dtype=np.int64)], dtype=np.int64)
+    ph = item_phs(moved)
     return (np.asarray(resp, dtype=bool) & np.isin(np.asarray(ids, dtype=np.int64), ph)).astype(np.int8)
 
 

@@ -64,6 +64,11 @@ def item_ph(i: int) -> int:
     return -1 - 2 * int(i)
 
 
+def item_phs(items: np.ndarray) -> np.ndarray:
+    """:func:`item_ph` of every item in ``items`` at once: int64 ``(M,)``."""
+    return -1 - 2 * np.asarray(items, dtype=np.int64)
+
+
 def user_ph(u: int) -> int:
     """Placeholder of user ``u`` in a sample's ``ids``."""
     return -2 - 2 * int(u)
