@@ -90,6 +90,10 @@ VARIANTS = {
     **{f"static-cb-psa{w}": ["dynamic.static_index=true", "llm.sid_init=codebook", f"llm.align_psa={w}"]
        for w in (0.1, 0.01)},
     **{f"fresh-cb-psa{w}": ["llm.sid_init=codebook", f"llm.align_psa={w}"] for w in (0.1, 0.01)},
+    # deeper levels only: every item keeps its first N codes in a round, the deeper codes follow the refined tower
+    # (dynamic.keep_levels; sticky re-indexing with no margin and no cap otherwise): issue 13's "deeper levels first"
+    **{f"sticky-cb-keep{n}": ["llm.sid_init=codebook", "dynamic.reindex=sticky", f"dynamic.keep_levels={n}"]
+       for n in (1, 2)},
     # likelihood-gated rounds: a proposed move is made only where the frozen LLM prefers the new ID (dynamic.accept=llm)
     "fresh-cb-llm": ["llm.sid_init=codebook", "dynamic.accept=llm"],
     "fresh-cb-llm-r4": ["llm.sid_init=codebook", "dynamic.accept=llm", "dynamic.rounds=4"],

@@ -194,7 +194,7 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
     d = base.to_dict()
     d["dynamic"] = {k: v for k, v in d["dynamic"].items() if k not in ("reindex", "switch_margin", "max_changed",
                                                                       "accept", "accept_contexts", "accept_margin",
-                                                                      "rewarm_steps")}
+                                                                      "rewarm_steps", "keep_levels")}
     d["llm"] = {k: v for k, v in d["llm"].items() if k not in ("sid_init", "pack", "distill_cf", "distill_temperature",
                                                               "align_psa", "align_tau")}
     d["tokenizer"] = {k: v for k, v in d["tokenizer"].items() if k != "cf_erase_popularity"}
@@ -231,6 +231,10 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
     ("data: {path: x}\nllm: {loss_vocab: sid}\n", "llm.align_psa=0.1", "llm", "tokenizer", "llm.align_psa=0",
      [(["llm.align_psa=0.1", "llm.loss_vocab=full"], "llm.loss_vocab"), (["llm.align_tau=0.2"], "llm.align_tau"),
       (["llm.align_psa=-1"], "llm.align_psa")]),
+    ("data: {path: x}\ndynamic: {reindex: sticky}\n", "dynamic.keep_levels=1", "llm", "tokenizer",
+     "dynamic.keep_levels=0",
+     [(["dynamic.keep_levels=1", "dynamic.reindex=fresh"], "dynamic.keep_levels"),
+      (["dynamic.keep_levels=4"], "dynamic.keep_levels"), (["dynamic.keep_levels=-1"], "dynamic.keep_levels")]),
     ("data: {path: x}\n", "dynamic.rewarm_steps=20", "llm", "tokenizer", "dynamic.rewarm_steps=0",
      [(["dynamic.rewarm_steps=-1"], "dynamic.rewarm_steps"), (["dynamic.rewarm_steps=1.5"], "dynamic.rewarm_steps")]),
 ])

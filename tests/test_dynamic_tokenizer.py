@@ -203,6 +203,21 @@ def test_sticky_reindex_keeps_ids_unique_obeys_the_margin_and_the_cap(items16):
     assert np.array_equal(capped.codes[~changed_capped], old[~changed_capped])
 
 
+def test_sticky_reindex_with_kept_levels_moves_only_the_deeper_codes(items16):
+    s, c, tower = items16
+    old = export_item_sids(tower, s, c, CFG)[0].codes
+    moved = _perturbed(tower, 0.002)
+    free, _ = sticky_item_sids(moved, s, c, old, margin=0.0, max_changed=1.0)
+    assert (free.codes[:, 0] != old[:, 0]).any()                      # without it, some level-1 codes move
+    for keep in (1, 2):
+        kept, st = sticky_item_sids(moved, s, c, old, margin=0.0, max_changed=1.0, keep_levels=keep)
+        assert np.array_equal(kept.codes[:, :keep], old[:, :keep]) and st["collisions_final"] == 0
+        assert len(np.unique(kept.codes, axis=0)) == len(s)
+        assert (kept.codes[:, keep:] != old[:, keep:]).any()            # the deeper levels still follow the tower
+    with pytest.raises(ValueError, match="keep_levels"):
+        sticky_item_sids(moved, s, c, old, margin=0.0, max_changed=1.0, keep_levels=3)
+
+
 def test_sticky_reindex_with_an_unchanged_tower_moves_only_items_the_export_put_off_their_greedy_code(items16):
     s, c, tower = items16
     old, _ = export_item_sids(tower, s, c, CFG)

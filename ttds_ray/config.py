@@ -337,6 +337,10 @@ class DynamicConfig(_Section):
                                  "code's squared residual distance < (1 - margin) x the old code's.")
     max_changed: float = Field(1.0, gt=0, le=1, description="reindex=sticky: cap on the share of items whose "
                                "ID changes in one round.")
+    keep_levels: int = Field(0, ge=0, le=16, description="reindex=sticky: leading levels of every item's ID that a "
+                             "round never changes (an item keeps its prefix; the deeper codes follow the refined "
+                             "tower under it); 0 = every level may change (docs/DESIGN-NOTES.md, 'Deeper levels "
+                             "only').")
     accept: Literal["all", "llm", "guided"] = Field(
         "all", description="Which of the round's proposed moves are made: 'all' = every item whose ID the "
         "re-index changed; 'llm' = only items whose new ID the frozen LLM finds more likely than the old one, by "
@@ -358,7 +362,7 @@ class DynamicConfig(_Section):
 
     @model_validator(mode="after")
     def _check_reindex(self) -> "DynamicConfig":
-        for switch, on, keys in (("reindex", "sticky", (("switch_margin", 0.0), ("max_changed", 1.0))),
+        for switch, on, keys in (("reindex", "sticky", (("switch_margin", 0.0), ("max_changed", 1.0), ("keep_levels", 0))),
                                  ("accept", "llm", (("accept_contexts", 8), ("accept_margin", 0.0)))):
             for key, default in keys:
                 if getattr(self, switch) != on and getattr(self, key) != default:
@@ -507,6 +511,10 @@ class TTDSConfig(_Section):
         if self.llm.align_psa > 0 and self.llm.loss_vocab != "sid":
             raise ValueError("llm.align_psa > 0 needs llm.loss_vocab=sid (the alignment reads the hidden states the "
                              "semantic-ID loss computes)")
+        if self.dynamic.keep_levels >= self.tokenizer.item.n_levels:
+            raise ValueError(f"dynamic.keep_levels={self.dynamic.keep_levels} keeps every level of the item ID "
+                             f"(tokenizer.item.n_levels={self.tokenizer.item.n_levels}): no item could move; use "
+                             "dynamic.static_index=true for that")
         if self.llm.align_psa == 0 and self.llm.align_tau != 0.1:
             raise ValueError("llm.align_tau is set but llm.align_psa=0 (the alignment is off)")
         if self.llm.distill_cf == 0 and self.llm.distill_temperature != 1.0:
@@ -568,7 +576,8 @@ class TTDSConfig(_Section):
 _HASH_NEUTRAL_WHEN_OFF = (("tokenizer", "cf_erase_popularity", False), ("eval", "popularity_correction", 0.0),
                           ("llm", "distill_cf", 0.0), ("llm", "distill_temperature", 1.0),
                           ("eval", "user_ids", "training"), ("tasks", "seqrec_user_ids", "sequence"),
-                          ("dynamic", "rewarm_steps", 0), ("llm", "align_psa", 0.0), ("llm", "align_tau", 0.1))
+                          ("dynamic", "rewarm_steps", 0), ("llm", "align_psa", 0.0), ("llm", "align_tau", 0.1),
+                          ("dynamic", "keep_levels", 0))
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -367,7 +367,8 @@ def run_round(model: nn.Module, tower: towers.Tower, table: towers.SIDTable, *, 
         new_table, stats = towers.SIDTable(codes, table.codebook_size), propose_stats
     elif dyn_cfg.reindex == "sticky":
         new_table, stats = towers.sticky_item_sids(new_tower, item_s, item_c, table.codes,
-                                                   margin=dyn_cfg.switch_margin, max_changed=dyn_cfg.max_changed)
+                                                   margin=dyn_cfg.switch_margin, max_changed=dyn_cfg.max_changed,
+                                                   keep_levels=dyn_cfg.keep_levels)
     else:
         new_table, stats = towers.export_item_sids(new_tower, item_s, item_c, tok_cfg, item_names=item_names)
     gate_stats = guided_stats = None

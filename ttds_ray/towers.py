@@ -422,13 +422,14 @@ def export_item_sids(tower: Tower, s: np.ndarray, c: np.ndarray, cfg: TokenizerC
 
 @torch.no_grad()
 def sticky_item_sids(tower: Tower, s: np.ndarray, c: np.ndarray, old_codes: np.ndarray, *, margin: float,
-                     max_changed: float) -> tuple[SIDTable, dict]:
+                     max_changed: float, keep_levels: int = 0) -> tuple[SIDTable, dict]:
     """Re-index items with a switching cost (docs/DESIGN-NOTES.md, 'Sticky re-indexing'; issue-13 direction
     "an item moves only when the objective improves by a margin; a cap per round").
 
     Level by level on the refined tower's float64 latent ``z``: an item keeps its old code ``o`` at level
     l unless the greedy code ``g`` of its current residual satisfies ``d(g) < (1 - margin) · d(o)``
-    (squared distances). If more than ``max_changed · N`` items would change, only those with the largest
+    (squared distances); at the first ``keep_levels`` levels it always keeps ``o`` (issue-13 direction "deeper
+    levels first": the item keeps its prefix, and the deeper codes follow the residual under that prefix). If more than ``max_changed · N`` items would change, only those with the largest
     quantisation gain ``|z - q(old)|² - |z - q(new)|²`` (ties by item index) move; the others keep their
     old ID. Unchanged IDs are never re-assigned to resolve a collision: a moving item whose new ID is
     held takes the nearest free last-level code under its new prefix, or keeps its old ID if the prefix
@@ -439,6 +440,7 @@ def sticky_item_sids(tower: Tower, s: np.ndarray, c: np.ndarray, old_codes: np.n
             refinement fine-tunes in place, so code k keeps its neighbourhood).
         margin: in ``[0, 1)``; 0 = move whenever the greedy code is strictly closer.
         max_changed: in ``(0, 1]``; share of items allowed to change.
+        keep_levels: in ``[0, L)``; leading levels no item changes (0 = every level may change).
 
     Returns:
         ``(SIDTable, stats)``; stats: ``wanted`` (items whose sticky code differs before the cap),
@@ -446,7 +448,8 @@ def sticky_item_sids(tower: Tower, s: np.ndarray, c: np.ndarray, old_codes: np.n
         ``collisions_greedy`` (rows sharing an ID before resolution), ``collisions_final`` (0), code usage.
 
     Raises:
-        ValueError: ``old_codes`` has the wrong shape or repeats an ID, or margin/max_changed out of range.
+        ValueError: ``old_codes`` has the wrong shape or repeats an ID, or margin/max_changed/keep_levels out of
+            range.
     """
     old = np.asarray(old_codes, dtype=np.int64)
     n, n_levels, k = len(s), tower.rq.n_levels, tower.rq.codebook_size
@@ -456,6 +459,8 @@ def sticky_item_sids(tower: Tower, s: np.ndarray, c: np.ndarray, old_codes: np.n
         raise ValueError("old_codes repeat a semantic ID: sticky re-indexing needs a unique table")
     if not (0 <= margin < 1 and 0 < max_changed <= 1):
         raise ValueError(f"margin must be in [0, 1) and max_changed in (0, 1]; got {margin}, {max_changed}")
+    if not 0 <= keep_levels < n_levels:
+        raise ValueError(f"keep_levels must be in [0, {n_levels}) (the tower's levels); got {keep_levels}")
     t64 = copy.deepcopy(tower).double().eval()
     z = t64.latent(torch.as_tensor(s, dtype=torch.float64), torch.as_tensor(c, dtype=torch.float64))
     books = t64.rq.codebooks                                                   # (L, K, D)
@@ -464,7 +469,7 @@ def sticky_item_sids(tower: Tower, s: np.ndarray, c: np.ndarray, old_codes: np.n
     for lvl in range(n_levels):
         d = torch.cdist(r, books[lvl]).pow(2)                                  # (N, K)
         g = d.argmin(1)
-        move = d[rows, g] < (1.0 - margin) * d[rows, old_t[:, lvl]]
+        move = d[rows, g] < (1.0 - margin) * d[rows, old_t[:, lvl]] if lvl >= keep_levels else torch.zeros_like(g, dtype=torch.bool)
         codes[:, lvl] = torch.where(move, g, old_t[:, lvl])
         r = r - books[lvl][codes[:, lvl]]
     last_cost = d.numpy()                                                      # last level, under the new prefix
