@@ -94,6 +94,10 @@ VARIANTS = {
     # (dynamic.keep_levels; sticky re-indexing with no margin and no cap otherwise): issue 13's "deeper levels first"
     **{f"sticky-cb-keep{n}": ["llm.sid_init=codebook", "dynamic.reindex=sticky", f"dynamic.keep_levels={n}"]
        for n in (1, 2)},
+    # the item ID token rows a learned map of the tower's code vectors through training, re-mapped after each round
+    # (llm.sid_tie): issue 13's "tie the semantic-ID token embeddings to the codebook vectors"
+    "static-cb-tie": ["dynamic.static_index=true", "llm.sid_init=codebook", "llm.sid_tie=true"],
+    "fresh-cb-tie": ["llm.sid_init=codebook", "llm.sid_tie=true"],
     # likelihood-gated rounds: a proposed move is made only where the frozen LLM prefers the new ID (dynamic.accept=llm)
     "fresh-cb-llm": ["llm.sid_init=codebook", "dynamic.accept=llm"],
     "fresh-cb-llm-r4": ["llm.sid_init=codebook", "dynamic.accept=llm", "dynamic.rounds=4"],

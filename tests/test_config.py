@@ -196,7 +196,7 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
                                                                       "accept", "accept_contexts", "accept_margin",
                                                                       "rewarm_steps", "keep_levels")}
     d["llm"] = {k: v for k, v in d["llm"].items() if k not in ("sid_init", "pack", "distill_cf", "distill_temperature",
-                                                              "align_psa", "align_tau")}
+                                                              "align_psa", "align_tau", "sid_tie")}
     d["tokenizer"] = {k: v for k, v in d["tokenizer"].items() if k != "cf_erase_popularity"}
     d["tasks"] = {k: v for k, v in d["tasks"].items() if k != "seqrec_user_ids"}
     keys = ["seed", "data", "embeddings", "cf", "tokenizer", "llm", "tasks", "dynamic"]
@@ -231,6 +231,8 @@ def test_sticky_reindex_keys_need_reindex_sticky_and_fresh_or_title_keeps_the_ol
     ("data: {path: x}\nllm: {loss_vocab: sid}\n", "llm.align_psa=0.1", "llm", "tokenizer", "llm.align_psa=0",
      [(["llm.align_psa=0.1", "llm.loss_vocab=full"], "llm.loss_vocab"), (["llm.align_tau=0.2"], "llm.align_tau"),
       (["llm.align_psa=-1"], "llm.align_psa")]),
+    ("data: {path: x}\nllm: {sid_init: codebook}\n", "llm.sid_tie=true", "llm", "tokenizer", "llm.sid_tie=false",
+     [(["llm.sid_tie=true", "llm.sid_init=title"], "llm.sid_tie"), (["llm.sid_tie=maybe"], "llm.sid_tie")]),
     ("data: {path: x}\ndynamic: {reindex: sticky}\n", "dynamic.keep_levels=1", "llm", "tokenizer",
      "dynamic.keep_levels=0",
      [(["dynamic.keep_levels=1", "dynamic.reindex=fresh"], "dynamic.keep_levels"),

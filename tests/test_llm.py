@@ -254,6 +254,80 @@ def test_codebook_init_keeps_each_levels_geometry_at_the_text_rows_scale(tok_and
         llm.init_sid_rows_from_codebooks(model, vocab, item_books[:, :K - 1], user_books, seed=0)
 
 
+def _tied_model(tok_and_vocab, finetune: str, dtype=torch.float32):
+    tok, vocab, base = tok_and_vocab
+    cfg = _cfg(finetune, loss_vocab="sid")
+    model = llm.build_backbone(cfg, base, seed=0)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    g = torch.Generator().manual_seed(1)
+    item_books = torch.randn(LEVELS, K, 6, generator=g) * (10.0 ** -torch.arange(LEVELS))[:, None, None]
+    llm.init_sid_rows_from_codebooks(model, vocab, item_books, torch.randn(USER_LEVELS, USER_K, 5, generator=g), seed=0)
+    model = llm.wrap_for_training(model, cfg, vocab.new_token_ids).to(dtype)
+    return cfg, model, llm.TiedIDRows(model, vocab.item_token_ids, item_books, seed=0).to(dtype), item_books
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_tied_id_rows_start_at_the_codebook_init_and_stay_the_map_of_the_code_vectors(tok_and_vocab, finetune):
+    tok, vocab, base = tok_and_vocab
+    cfg, model, tie, books = _tied_model(tok_and_vocab, finetune)
+    items, users = vocab.item_token_ids.flatten(), vocab.user_token_ids.flatten()
+    w0 = _effective_rows(model, len(tok))[0]
+    assert torch.allclose(w0[items], tie.rows().detach(), atol=1e-6)
+    opt, sched = llm.make_optimizer(model, cfg, 10, tuple(tie.parameters()))
+    proj0 = tie.proj.detach().clone()
+    for _ in range(3):
+        llm.train_step(llm.LMLoss(model, items), opt, sched, _batch(vocab), tie=tie)
+    inp, out = _effective_rows(model, len(tok))
+    assert torch.allclose(inp[items], tie.rows().detach(), atol=1e-6) and torch.allclose(out[items], inp[items])
+    assert not torch.allclose(inp[items], w0[items], atol=1e-4) and not torch.allclose(tie.proj.detach(), proj0)
+    # every level's rows are one affine map of that level's code vectors: rows - b_l = scale_l * books_l @ P^T
+    r = (inp[items].reshape(LEVELS, K, -1) - tie.bias.detach()[:, None]) / tie.scale.detach()[:, None, None]
+    assert torch.allclose(r, books @ tie.proj.detach().T, atol=1e-5)
+    new_books = books + 0.1
+    tie.set_codebooks(new_books)
+    assert torch.allclose(_effective_rows(model, len(tok))[0][items], tie.rows().detach(), atol=1e-6)
+    with pytest.raises(ValueError, match="differ"):
+        tie.set_codebooks(books[:, :K - 1])
+
+
+def test_tied_id_rows_gradient_is_the_chain_rule_of_the_rows_gradient(tok_and_vocab):
+    """pull_grad's gradient of the map's bias equals the finite-difference derivative of the loss (float64)."""
+    tok, vocab, base = tok_and_vocab
+    cfg, model, tie, _ = _tied_model(tok_and_vocab, "full", torch.float64)
+    model.eval()
+    items = vocab.item_token_ids.flatten()
+    b = _batch(vocab)
+
+    def loss() -> torch.Tensor:
+        return llm.lm_loss(model, b, sid_ids=items)
+    loss().backward()
+    tie.pull_grad()
+    delta = llm._token_layer(model.get_input_embeddings()).trainable_tokens_delta["default"]
+    assert torch.all(delta.grad[tie.rows_at] == 0)                    # the rows themselves are not stepped
+    v = torch.randn(tie.bias.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    eps, f = 1e-4, []          # small (the loss is curved at this scale), not tiny (lm_loss takes logits to float32)
+    with torch.no_grad():
+        for sign in (1, -1):
+            tie.bias += sign * eps * v
+            tie.write()
+            f.append(float(loss()))
+            tie.bias -= sign * eps * v
+    assert (f[0] - f[1]) / (2 * eps) == pytest.approx(float((tie.bias.grad * v).sum()), rel=2e-3)
+    assert tie.proj.grad is not None and tie.proj.grad.abs().sum() > 0
+
+
+def test_tied_id_rows_refuse_a_model_without_trainable_item_rows(tok_and_vocab):
+    tok, vocab, base = tok_and_vocab
+    plain = llm.build_backbone(_cfg("full"), base, seed=0)
+    plain.resize_token_embeddings(len(tok), mean_resizing=False)
+    books = torch.randn(LEVELS, K, 6)
+    with pytest.raises(ValueError, match="trainable tokens"):
+        llm.TiedIDRows(plain, vocab.item_token_ids, books, seed=0)
+    _, model, _, _ = _tied_model(tok_and_vocab, "full")
+    with pytest.raises(ValueError, match="item codebooks are"):
+        llm.TiedIDRows(model, vocab.item_token_ids, books[:, :K - 1], seed=0)
+
+
 def test_token_alignment_loss_trains_the_sid_rows_under_lora(tok_and_vocab):
     tok, vocab, base = tok_and_vocab
     cfg = _cfg("lora")

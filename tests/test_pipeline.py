@@ -49,17 +49,19 @@ def test_pipeline_and_recipes_import_no_ray():
     assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.parametrize("switch", [None, ("dynamic", "rewarm_steps", 1), ("llm", "align_psa", 0.5)])
+@pytest.mark.parametrize("switch", [None, {"dynamic": {"rewarm_steps": 1}}, {"llm": {"align_psa": 0.5}},
+                                    {"llm": {"sid_init": "codebook", "sid_tie": True}}])
 def test_llm_recipe_resumed_from_its_round_checkpoint_ends_like_an_uninterrupted_run(local_run, switch):
     """state_dict/load_state_dict carry the whole position: weights, item index, tower, step, batch, rounds (and
     the re-warming steps after the round, dynamic.rewarm_steps, which the round's checkpoint includes; the
-    alignment's latents, llm.align_psa, which follow the restored tower)."""
+    alignment's latents, llm.align_psa, which follow the restored tower; the tied rows' map, llm.sid_tie)."""
     from ttds_ray.config import config_from_dict
 
     cfg, run, _ = local_run
     if switch:
         d = cfg.to_dict()
-        d[switch[0]][switch[1]] = switch[2]
+        for section, keys in switch.items():
+            d[section].update(keys)
         cfg = config_from_dict(d)
     torch.set_num_threads(1)
     full: list = []
@@ -176,6 +178,31 @@ def test_llm_recipe_rewarms_the_moved_items_within_the_step_budget(local_run, mo
             assert all(lt and lt <= moved for lt in learnt), step
         else:                                                                   # ordinary steps: every element
             assert not all(lt <= moved for lt in learnt), step
+
+
+def test_llm_recipe_keeps_the_item_rows_tied_to_the_towers_code_vectors_through_the_round(local_run):
+    """llm.sid_tie: after training (a round included) every item ID token row is the map of the refined tower's
+    code vector, the map was trained, and the user rows stayed free."""
+    from ttds_ray import llm
+    from ttds_ray.config import config_from_dict
+
+    cfg, run, _ = local_run
+    d = cfg.to_dict()
+    d["llm"].update(sid_init="codebook", sid_tie=True)
+    d["dynamic"]["tokenizer_lr"] = 1e-3                          # a larger tower step: the code vectors surely move
+    torch.set_num_threads(1)
+    rec = llm_recipe(config_from_dict(d), run, [])
+    books0 = rec.tie.books.clone()
+    proj0 = rec.tie.proj.detach().clone()
+    item_ids, user_ids = rec.vocab.item_token_ids.flatten(), rec.vocab.user_token_ids.flatten()
+    w0 = llm._input_weight(rec.base).detach().clone()
+    assert torch.allclose(w0[item_ids], rec.tie.rows().detach(), atol=1e-5)   # step 0: the codebook init
+    rec.fit()
+    assert rec.rounds[0]["changed"] > 0
+    w = llm._input_weight(rec.base).detach()
+    assert torch.allclose(rec.tie.books, rec.tower.rq.codebooks.detach()) and not torch.allclose(rec.tie.books, books0)
+    assert torch.allclose(w[item_ids], rec.tie.rows().detach(), atol=1e-6)
+    assert not torch.allclose(rec.tie.proj.detach(), proj0) and not torch.allclose(w[user_ids], w0[user_ids])
 
 
 def test_llm_recipe_aligns_the_llm_to_the_towers_latents_and_follows_the_round(local_run):

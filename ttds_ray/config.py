@@ -307,6 +307,11 @@ class LLMConfig(_Section):
                              "negatives, added to the LM loss; latents follow the item tower through the rounds; "
                              "0 = off. Needs llm.loss_vocab=sid (docs/DESIGN-NOTES.md, 'Generator-side alignment').")
     align_tau: float = Field(0.1, gt=0, description="Temperature of llm.align_psa's InfoNCE.")
+    sid_tie: bool = Field(False, description="Tie the item ID token rows to the item tower's code vectors through "
+                          "training: row(l, k) = scale_l * P e_lk + b_l with P, scale and b trained (P starts as the "
+                          "map of llm.sid_init=codebook) and e_lk the current tower's code vector, re-mapped after "
+                          "each round; the rows are not free parameters. Needs llm.sid_init=codebook "
+                          "(docs/DESIGN-NOTES.md, 'Tied ID-token rows').")
 
 
 class DynamicConfig(_Section):
@@ -515,6 +520,9 @@ class TTDSConfig(_Section):
             raise ValueError(f"dynamic.keep_levels={self.dynamic.keep_levels} keeps every level of the item ID "
                              f"(tokenizer.item.n_levels={self.tokenizer.item.n_levels}): no item could move; use "
                              "dynamic.static_index=true for that")
+        if self.llm.sid_tie and self.llm.sid_init != "codebook":
+            raise ValueError("llm.sid_tie=true maps the tower's code vectors to the ID token rows and needs "
+                             "llm.sid_init=codebook (the rows it starts from)")
         if self.llm.align_psa == 0 and self.llm.align_tau != 0.1:
             raise ValueError("llm.align_tau is set but llm.align_psa=0 (the alignment is off)")
         if self.llm.distill_cf == 0 and self.llm.distill_temperature != 1.0:
@@ -577,7 +585,7 @@ _HASH_NEUTRAL_WHEN_OFF = (("tokenizer", "cf_erase_popularity", False), ("eval", 
                           ("llm", "distill_cf", 0.0), ("llm", "distill_temperature", 1.0),
                           ("eval", "user_ids", "training"), ("tasks", "seqrec_user_ids", "sequence"),
                           ("dynamic", "rewarm_steps", 0), ("llm", "align_psa", 0.0), ("llm", "align_tau", 0.1),
-                          ("dynamic", "keep_levels", 0))
+                          ("dynamic", "keep_levels", 0), ("llm", "sid_tie", False))
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

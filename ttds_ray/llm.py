@@ -283,6 +283,91 @@ def init_sid_rows_from_codebooks(model: nn.Module, vocab: SIDVocab, item_codeboo
         out.weight[vocab.new_token_ids] = emb[vocab.new_token_ids]
 
 
+class TiedIDRows(nn.Module):
+    """``llm.sid_tie``: the item semantic-ID token rows as a learned map of the item tower's code vectors, through
+    training (issue-13 direction "tie or map the LLM's semantic-ID token embeddings to the item tower's codebook
+    vectors", so a code's token means the same before and after a round; docs/DESIGN-NOTES.md, 'Tied ID-token rows').
+
+    Row of token (l, k) = ``scale_l · P e_{l,k} + b_l`` with the code vector ``e_{l,k}`` (``d_z``) of the current
+    item tower, ``P`` ``(D, d_z)`` initialised to :func:`latent_map` and ``scale_l`` to :func:`codebook_rows`'s
+    level scale (so at step 0 the rows are those of ``llm.sid_init=codebook``), ``b_l`` ``(D,)`` zero. ``P``,
+    ``scale`` and ``b`` are trained; the rows themselves are not free parameters. The model keeps reading the rows
+    from peft's trainable-token parameter: after each backward :meth:`pull_grad` moves the gradient of those rows
+    onto ``P``, ``scale`` and ``b`` by the chain rule (and zeroes it there), and after each optimiser step
+    :meth:`write` puts the mapped rows back, so saving, decoding and serving see ordinary rows. Under DDP the
+    rows' gradient is already averaged when :meth:`pull_grad` runs, so every worker makes the same update.
+    User ID tokens stay free rows.
+
+    Args:
+        model: the peft-wrapped LM (:func:`wrap_for_training`), whose item token rows are trainable tokens.
+        item_token_ids: int ``(L, K)`` vocab ids of ``<i{l}_{k}>``.
+        codebooks: float ``(L, K, d_z)`` item-tower codebooks (``Tower.rq.codebooks``).
+        seed: the seed of :func:`init_sid_rows_from_codebooks` (the same map).
+
+    Raises:
+        ValueError: the model has no trainable-token rows for every item token, or the codebooks' (levels, codes)
+            are not ``item_token_ids``'s.
+    """
+
+    def __init__(self, model: nn.Module, item_token_ids: torch.Tensor, codebooks: torch.Tensor, *, seed: int):
+        super().__init__()
+        layer = _token_layer(model.get_input_embeddings())
+        if layer is None or not layer.active_adapters:
+            raise ValueError("llm.sid_tie needs the item ID tokens as peft trainable tokens (llm.wrap_for_training)")
+        if tuple(codebooks.shape[:2]) != tuple(item_token_ids.shape):
+            raise ValueError(f"item codebooks are {tuple(codebooks.shape[:2])} (levels, codes), the vocabulary has "
+                             f"{tuple(item_token_ids.shape)}")
+        adapter = layer.active_adapters[0]
+        self._delta = [layer.trainable_tokens_delta[adapter]]        # a list: not registered as this module's
+        pos = {int(v): i for i, v in enumerate(layer.token_indices[adapter])}
+        missing = [int(v) for v in item_token_ids.flatten() if int(v) not in pos]
+        if missing:
+            raise ValueError(f"{len(missing)} item ID tokens are not trainable tokens of the model (e.g. {missing[0]})")
+        self.register_buffer("rows_at", torch.tensor([pos[int(v)] for v in item_token_ids.flatten()]))
+        w = _input_weight(model)
+        text_rms = float(w[:min(pos)].detach().pow(2).mean().sqrt())
+        books = codebooks.detach().float().cpu()
+        proj = latent_map(books.shape[-1], w.shape[1], seed=seed)                      # (D, d_z)
+        level_rms = (books @ proj.T).pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-12)   # (L,)
+        self.register_buffer("books", books)
+        self.proj = nn.Parameter(proj)
+        self.scale = nn.Parameter(text_rms / level_rms)
+        self.bias = nn.Parameter(torch.zeros(books.shape[0], w.shape[1]))
+        self.to(w.device)
+
+    def rows(self) -> torch.Tensor:
+        """float32 ``(L·K, D)``: the item token rows (level-major, as ``item_token_ids.flatten()``)."""
+        r = self.scale[:, None, None] * (self.books @ self.proj.T) + self.bias[:, None, :]
+        return r.reshape(-1, r.shape[-1])
+
+    @torch.no_grad()
+    def write(self) -> None:
+        """Put :meth:`rows` into the model's trainable-token rows (after every optimiser step and round)."""
+        delta = self._delta[0]
+        delta[self.rows_at] = self.rows().to(delta)
+
+    def pull_grad(self) -> None:
+        """Chain rule from the rows' gradient to ``P``, ``scale`` and ``b`` (accumulated into their ``.grad``); the
+        rows' own gradient is zeroed, so the optimiser does not move them (:meth:`write` sets them anyway)."""
+        g = self._delta[0].grad
+        if g is None:
+            return
+        torch.autograd.backward(self.rows(), g[self.rows_at].to(self.proj))
+        g[self.rows_at] = 0
+
+    @torch.no_grad()
+    def set_codebooks(self, codebooks: torch.Tensor) -> None:
+        """A round refined the item tower: map its new code vectors ``(L, K, d_z)`` and write the rows.
+
+        Raises:
+            ValueError: the shape differs from the tower the rows were tied to.
+        """
+        if tuple(codebooks.shape) != tuple(self.books.shape):
+            raise ValueError(f"codebooks {tuple(codebooks.shape)} differ from the tied ones {tuple(self.books.shape)}")
+        self.books.copy_(codebooks.detach().to(self.books))
+        self.write()
+
+
 def wrap_for_training(model: nn.Module, cfg: LLMConfig, new_token_ids: list[int]) -> nn.Module:
     """Make the right parameters trainable.
 
@@ -751,9 +836,10 @@ def load_llm(llm_dir: Path, cfg: LLMConfig) -> tuple[nn.Module, object, dict]:
     return model, tok, meta
 
 
-def make_optimizer(model: nn.Module, cfg: LLMConfig, total_steps: int):
-    """AdamW over trainable parameters + linear warm-up then linear decay to 10 %."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: nn.Module, cfg: LLMConfig, total_steps: int, extra: tuple[nn.Parameter, ...] = ()):
+    """AdamW over trainable parameters (and ``extra`` ones outside the model, e.g. :class:`TiedIDRows`'s) + linear
+    warm-up then linear decay to 10 %."""
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def factor(step: int) -> float:
@@ -890,7 +976,8 @@ class IDAlignment:
 
 
 def train_step(model: nn.Module, opt, sched, batch: dict, *, sid_ids: torch.Tensor | None = None,
-               max_grad_norm: float = 1.0, aux_loss: Callable[[], torch.Tensor] | None = None) -> float:
+               max_grad_norm: float = 1.0, aux_loss: Callable[[], torch.Tensor] | None = None,
+               tie: TiedIDRows | None = None) -> float:
     """One optimiser step of :func:`lm_loss` on a collated batch.
 
     Args:
@@ -898,6 +985,8 @@ def train_step(model: nn.Module, opt, sched, batch: dict, *, sid_ids: torch.Tens
             (``sid_ids`` is then ignored).
         aux_loss: optional zero-argument callable returning an extra scalar term (already weighted,
             e.g. ``alpha_tok * token_alignment_loss(...)``), added to the loss before backward.
+        tie: ``llm.sid_tie``'s :class:`TiedIDRows` (its parameters in ``opt``): the item rows' gradient goes to
+            the map before clipping, the mapped rows are written after the step.
 
     Returns:
         The LM loss alone (nats/token), without ``aux_loss``.
@@ -914,9 +1003,15 @@ def train_step(model: nn.Module, opt, sched, batch: dict, *, sid_ids: torch.Tens
     total = loss if aux is None else loss + aux
     opt.zero_grad(set_to_none=True)
     total.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tie is not None:
+        tie.pull_grad()
+        params += list(tie.parameters())
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     opt.step()
     sched.step()
+    if tie is not None:
+        tie.write()
     return float(loss.detach())
 
 

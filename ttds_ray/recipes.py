@@ -38,6 +38,7 @@ Files_ = dict[str, bytes]
 STATE = "state.json"
 WEIGHTS = "model.safetensors"
 TRAINABLE = "trainable.safetensors"
+TIED = "tied_rows.safetensors"
 ITEM_CODES = "item_codes.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
@@ -459,13 +460,17 @@ class LLMRecipe:
         self.train_seqs = [s.tolist() for s in splits.train_items]
         self.prompt_user_tok = prompt_user_tokens(cfg, run, self.vocab, user_t.codes, self.train_seqs,
                                                   len(prepared.items))
-        self.opt, self.sched = llm.make_optimizer(self.base, cfg.llm, total_steps)
         self.reindex_at = dynamic.reindex_steps(total_steps, cfg.dynamic)
         self.tower, self.x = None, None
         self.moved = np.zeros(0, dtype=np.int64)    # items the last round moved (dynamic.rewarm_steps)
-        if self.reindex_at or cfg.llm.align_psa > 0:
+        if self.reindex_at or cfg.llm.align_psa > 0 or cfg.llm.sid_tie:
             self.x = tower_inputs(run, cfg.tokenizer)
             self.tower = towers.load_tower(run.require("tokenizer") / Files.ITEM_TOWER)
+        self.tie = None                              # llm.sid_tie: item ID rows = a learned map of the code vectors
+        if cfg.llm.sid_tie:
+            self.tie = llm.TiedIDRows(self.base, self.vocab.item_token_ids, self.tower.rq.codebooks, seed=cfg.seed)
+        self.opt, self.sched = llm.make_optimizer(self.base, cfg.llm, total_steps,
+                                                  tuple(self.tie.parameters()) if self.tie is not None else ())
         self.align = None                            # llm.align_psa: the LLM pulled toward the tower's latents
         if cfg.llm.align_psa > 0:
             self.align = llm.IDAlignment(self.vocab.item_token_ids, self.item_codes, self._mapped_latents(),
@@ -498,6 +503,8 @@ class LLMRecipe:
                **optimizer_files(self.opt, self.sched)}
         if self.tower is not None:
             out[Files.ITEM_TOWER] = towers.tower_bytes(self.tower)
+        if self.tie is not None:
+            out[TIED] = state_bytes(self.tie.state_dict())
         if final:
             with tempfile.TemporaryDirectory() as d:
                 llm.save_llm(self.base, self.tok, Path(d), self.meta)
@@ -528,6 +535,8 @@ class LLMRecipe:
             self.tower.load_state_dict(load_state(files[Files.ITEM_TOWER]))
         if self.align is not None:
             self.align.update(self.item_codes, self._mapped_latents())
+        if self.tie is not None:
+            self.tie.load_state_dict(load_state(files[TIED]))
         load_optimizer(self.opt, files, self.sched)
 
     def _mapped_latents(self) -> torch.Tensor:
@@ -581,6 +590,8 @@ class LLMRecipe:
         self.moved = dynamic.moved_items(old_codes, self.item_codes)
         if self.align is not None:
             self.align.update(self.item_codes, self._mapped_latents())
+        if self.tie is not None:
+            self.tie.set_codebooks(self.tower.rq.codebooks)
         stats = {"round": r + 1, "step": self.step, "attempt": len(self.resumed_at), **res.stats}
         self.rounds.append(stats)
         return stats
@@ -651,7 +662,7 @@ class LLMRecipe:
         b = to_batch(rendered, self.tok.pad_token_id, self.cfg.llm.max_length)
         if teacher is not None:
             b["teacher"] = teacher
-        loss = llm.train_step(self.model, self.opt, self.sched, b, aux_loss=self._aux_loss())
+        loss = llm.train_step(self.model, self.opt, self.sched, b, aux_loss=self._aux_loss(), tie=self.tie)
         self.losses.append(loss)
         self.step += 1
         return loss
