@@ -93,11 +93,15 @@ VARIANTS = {
     # deeper levels only: every item keeps its first N codes in a round, the deeper codes follow the refined tower
     # (dynamic.keep_levels; sticky re-indexing with no margin and no cap otherwise): issue 13's "deeper levels first"
     **{f"sticky-cb-keep{n}": ["llm.sid_init=codebook", "dynamic.reindex=sticky", f"dynamic.keep_levels={n}"]
-       for n in (1, 2)},
+       for n in (1, 2, 3)},
+    "sticky-cb-keep2-m0.2": ["llm.sid_init=codebook", "dynamic.reindex=sticky", "dynamic.keep_levels=2",
+                             "dynamic.switch_margin=0.2"],
     # the item ID token rows a learned map of the tower's code vectors through training, re-mapped after each round
     # (llm.sid_tie): issue 13's "tie the semantic-ID token embeddings to the codebook vectors"
     "static-cb-tie": ["dynamic.static_index=true", "llm.sid_init=codebook", "llm.sid_tie=true"],
     "fresh-cb-tie": ["llm.sid_init=codebook", "llm.sid_tie=true"],
+    "sticky-cb-keep2-tie": ["llm.sid_init=codebook", "llm.sid_tie=true", "dynamic.reindex=sticky",
+                            "dynamic.keep_levels=2"],
     # likelihood-gated rounds: a proposed move is made only where the frozen LLM prefers the new ID (dynamic.accept=llm)
     "fresh-cb-llm": ["llm.sid_init=codebook", "dynamic.accept=llm"],
     "fresh-cb-llm-r4": ["llm.sid_init=codebook", "dynamic.accept=llm", "dynamic.rounds=4"],
