@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 
 from ttds_ray.artifacts import Files, atomic_write_bytes, read_json, write_json  # noqa: E402
 from ttds_ray.config import TaskWeights  # noqa: E402
+from ttds_ray.errors import ConfigError  # noqa: E402
 
 log = logging.getLogger("dynamic")
 
@@ -57,6 +58,9 @@ _STRONG_GUIDANCE = ["dynamic.guide_samples=2048", "dynamic.tokenizer_epochs=5", 
 #: training user IDs, current user IDs at test).
 _SCI_CONFIG = ["llm.sid_init=codebook", "tokenizer.alpha_dist=0", "llm.tiny_hidden=256",
                "tokenizer.cf_erase_popularity=true", "eval.user_ids=history", "tasks.seqrec_user_ids=prefix"]
+#: Variants that only some datasets' configs accept: ``keep_levels=3`` needs 4-level item IDs (configs/beauty_tiny.yaml);
+#: on another dataset the variant's config is refused before any run (the error names ``dynamic.keep_levels``).
+ONLY_ON = {"sticky-cb-keep3": ("beauty",)}
 #: Applied before every variant's overrides, so that a variant means the same whatever a config's own choice is
 #: (configs/scientific_tiny.yaml gates its rounds, ``dynamic.accept: llm``; the variants name the gate when they use it).
 VARIANT_BASE = ["dynamic.accept=all"]
@@ -620,7 +624,6 @@ def main(argv: list[str] | None = None) -> int:
     extra = (*extra, *args.set)
     if args.set:                                     # a wrong key or value is an error before any run
         from ttds_ray.config import load_config
-        from ttds_ray.errors import ConfigError
         try:
             load_config(Q.REPO / Q.DATASETS[args.dataset].config, list(extra))
         except ConfigError as e:                     # its message names the key
@@ -632,8 +635,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 check_run_dir(variant_configs(args.dataset, seed, v, args.steps, preset=args.preset,
                                               runs_dir=args.runs_dir, data_root=args.data_root, extra=extra)[1])
-            except RuntimeError as e:
-                p.error(str(e))
+            except (RuntimeError, ConfigError) as e:
+                p.error(f"variant {v} on {args.dataset}: {e}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0, records, tuned = time.time(), [], {}
     stem = args.results_dir / f"{args.out}-{args.dataset}-{args.steps}"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from ttds_ray.errors import DataError
+from ttds_ray.errors import ConfigError, DataError
 from ttds_ray.metrics import hr_ndcg
 
 
@@ -206,12 +206,18 @@ def test_every_bench_variant_is_a_valid_config(dyn):
         assert base.eval.user_ids == "training", cfg_file        # ... and the stored user IDs
         assert base.tasks.seqrec_user_ids == "sequence", cfg_file  # ... in training too
         for name, overrides in dyn.VARIANTS.items():
+            if dataset not in dyn.ONLY_ON.get(name, (dataset,)):      # refused on this dataset's config, by name
+                with pytest.raises(ConfigError, match="dynamic.keep_levels"):
+                    load_config(REPO / cfg_file, [*preset, *dyn.VARIANT_BASE, *overrides])
+                continue
             cfg = load_config(REPO / cfg_file, [*preset, *dyn.VARIANT_BASE, *overrides])
             if name in dyn.ABLATIONS:
                 assert cfg.to_dict() != base.to_dict(), name
     for dataset in ("beauty", "yelp"):                           # beauty_tiny sets eval.user_ids=history
         preset = dyn.Q.PRESETS["cpu-fast"].overrides(dataset)
         pinned = load_config(REPO / "configs/beauty_tiny.yaml", [*preset])
+        for name in (n for n, on in dyn.ONLY_ON.items() if dataset in on):
+            load_config(REPO / "configs/beauty_tiny.yaml", [*preset, *dyn.VARIANT_BASE, *dyn.VARIANTS[name]])
         assert pinned.eval.user_ids == "training" and pinned.llm.epochs == 2, dataset     # beauty_tiny sets 4 epochs
         assert not pinned.tokenizer.cf_erase_popularity, dataset                          # ... and erases
     q = load_config(REPO / "configs/quickstart.yaml", dyn.VARIANTS["no-co_interaction"])
