@@ -97,6 +97,7 @@ def test_llm_recipe_resumed_from_its_round_checkpoint_ends_like_an_uninterrupted
 
 
 def test_llm_recipe_refuses_a_checkpoint_of_another_model(local_run):
+    from ttds_ray.config import config_from_dict
     from ttds_ray.errors import ArtifactError
     cfg, run, _ = local_run
     rec = llm_recipe(cfg, run, [])
@@ -104,6 +105,13 @@ def test_llm_recipe_refuses_a_checkpoint_of_another_model(local_run):
     files[recipes.TRAINABLE] = recipes.state_bytes({"not.a.parameter": torch.zeros(1)})
     with pytest.raises(ArtifactError, match="trainable parameters"):
         rec.load_state_dict(files)
+    d = cfg.to_dict()
+    d["llm"].update(sid_init="codebook", sid_tie=True)
+    tied = llm_recipe(config_from_dict(d), run, [])
+    untied = tied.state_dict()
+    del untied[recipes.TIED]                               # a checkpoint of the same model without llm.sid_tie
+    with pytest.raises(ArtifactError, match="sid_tie"):
+        tied.load_state_dict(untied)
 
 
 def test_llm_recipe_round_with_guided_only_moves_moves_only_guidance_targets(local_run):

@@ -250,8 +250,13 @@ def codebook_rows(codebooks: torch.Tensor, dim: int, rms: float, *, seed: int) -
                          f"{dim}, {rms}")
     proj = latent_map(codebooks.shape[-1], dim, seed=seed)                        # (D, d_z)
     rows = codebooks.detach().float().cpu() @ proj.T                                 # (L, K, D)
-    level_rms = rows.pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-12)
-    return rows * (rms / level_rms)
+    return rows * level_scales(rows, rms)[:, None, None]
+
+
+def level_scales(rows: torch.Tensor, rms: float) -> torch.Tensor:
+    """float ``(L,)``: per level, the factor that gives the mapped code vectors ``rows`` ``(L, K, D)`` the per-element
+    root mean square ``rms`` (:func:`codebook_rows`; :class:`TiedIDRows` starts its trained scales here)."""
+    return rms / rows.pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -328,10 +333,9 @@ class TiedIDRows(nn.Module):
         text_rms = float(w[:min(pos)].detach().pow(2).mean().sqrt())
         books = codebooks.detach().float().cpu()
         proj = latent_map(books.shape[-1], w.shape[1], seed=seed)                      # (D, d_z)
-        level_rms = (books @ proj.T).pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-12)   # (L,)
         self.register_buffer("books", books)
         self.proj = nn.Parameter(proj)
-        self.scale = nn.Parameter(text_rms / level_rms)
+        self.scale = nn.Parameter(level_scales(books @ proj.T, text_rms))            # (L,)
         self.bias = nn.Parameter(torch.zeros(books.shape[0], w.shape[1]))
         self.to(w.device)
 

@@ -515,7 +515,8 @@ class LLMRecipe:
         """Restore a checkpoint of :meth:`state_dict` (``{}``: start from scratch).
 
         Raises:
-            ArtifactError: the checkpoint's trainable parameters are not this model's.
+            ArtifactError: the checkpoint's trainable parameters are not this model's, or it lacks the tied rows
+                of llm.sid_tie.
         """
         if not files:
             return
@@ -536,6 +537,9 @@ class LLMRecipe:
         if self.align is not None:
             self.align.update(self.item_codes, self._mapped_latents())
         if self.tie is not None:
+            if TIED not in files:
+                raise ArtifactError(f"LLM checkpoint has no {TIED}: it was written without llm.sid_tie, this run "
+                                    "ties the ID rows; resume with the config that wrote it or start afresh")
             self.tie.load_state_dict(load_state(files[TIED]))
         load_optimizer(self.opt, files, self.sched)
 
